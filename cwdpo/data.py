@@ -1,0 +1,176 @@
+"""Datasets: the Karpathy-format loader (COCO, Flickr30k, `shapes`), stage splits and preference pairs I/O.
+
+Karpathy format (`dataset_coco.json`): {"images": [{"filename", "filepath"?, "split", "imgid", "cocoid"?,
+"sentences": [{"raw", "tokens"}]}]}. Flickr30k's file has no `filepath`; the image path is then
+`image_root/filename`. Extra fields (`attributes` of `shapes`, `domain` of NoCaps-style files) are kept.
+
+No torch import: the data rules stay light.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file and the line or image id."""
+
+
+@dataclass
+class ImageRecord:
+    image_id: str
+    path: str
+    split: str
+    captions: list
+    attributes: dict | None = None
+    domain: str | None = None
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class BadInputLog:
+    """Items skipped under `on_bad_input: skip`, counted per reason for the run summary."""
+
+    skipped: list = field(default_factory=list)
+
+    def add(self, where: str, reason: str):
+        self.skipped.append({"where": where, "reason": reason})
+
+    def summary(self) -> dict:
+        counts: dict = {}
+        for item in self.skipped:
+            counts[item["reason"]] = counts.get(item["reason"], 0) + 1
+        return {"skipped": len(self.skipped), "by_reason": counts, "items": self.skipped[:50]}
+
+
+def _fail_or_skip(on_bad_input: str, log: BadInputLog | None, where: str, reason: str):
+    if on_bad_input == "skip":
+        if log is not None:
+            log.add(where, reason)
+        return
+    raise DataError(f"{where}: {reason}")
+
+
+def load_karpathy(json_path: str, image_root: str | None = None, splits=None, on_bad_input: str = "error",
+                  bad_log: BadInputLog | None = None, check_files: bool = True) -> list[ImageRecord]:
+    """Read a Karpathy-format caption file; return the images of `splits` (all when None), in file order.
+
+    Every image needs `filename`, `split` and a non-empty `sentences` list of non-empty `raw` captions;
+    with `check_files` the image file must exist. A violation raises `DataError` naming the file and the
+    image (index and id), or with `on_bad_input='skip'` the image is skipped and logged in `bad_log`.
+    """
+    image_root = image_root if image_root is not None else os.path.dirname(os.path.abspath(json_path))
+    try:
+        with open(json_path) as f:
+            doc = json.load(f)
+    except FileNotFoundError:
+        raise DataError(f"{json_path}: caption file not found") from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"{json_path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("images"), list):
+        raise DataError(f"{json_path}: top level must be an object with an 'images' list (Karpathy format)")
+    wanted = None if splits is None else set([splits] if isinstance(splits, str) else splits)
+    out = []
+    for idx, img in enumerate(doc["images"]):
+        ident = img.get("cocoid", img.get("imgid", idx)) if isinstance(img, dict) else idx
+        where = f"{json_path}: images[{idx}] (id {ident})"
+        if not isinstance(img, dict):
+            _fail_or_skip(on_bad_input, bad_log, where, "entry is not an object")
+            continue
+        missing = [k for k in ("filename", "split", "sentences") if k not in img]
+        if missing:
+            _fail_or_skip(on_bad_input, bad_log, where, f"missing field(s) {', '.join(missing)}")
+            continue
+        if wanted is not None and img["split"] not in wanted:
+            continue
+        sentences = img["sentences"]
+        if not isinstance(sentences, list) or not sentences:
+            _fail_or_skip(on_bad_input, bad_log, where, "no sentences")
+            continue
+        captions = []
+        bad = None
+        for j, s in enumerate(sentences):
+            raw = s.get("raw") if isinstance(s, dict) else None
+            if not isinstance(raw, str) or not raw.strip():
+                bad = f"sentences[{j}] has an empty or missing 'raw' caption"
+                break
+            captions.append(raw.strip())
+        if bad:
+            _fail_or_skip(on_bad_input, bad_log, where, bad)
+            continue
+        path = os.path.join(image_root, img.get("filepath", ""), img["filename"])
+        if check_files and not os.path.isfile(path):
+            _fail_or_skip(on_bad_input, bad_log, where, f"image file not found: {path}")
+            continue
+        extra = {k: v for k, v in img.items() if k not in
+                 ("filename", "filepath", "split", "sentences", "attributes", "domain", "sentids")}
+        if all(isinstance(s, dict) and "template" in s for s in sentences):
+            extra["sentence_meta"] = [{"template": s["template"], "slots": s["slots"]} for s in sentences]
+        out.append(ImageRecord(image_id=str(ident), path=path, split=img["split"], captions=captions,
+                               attributes=img.get("attributes"), domain=img.get("domain"), extra=extra))
+    return out
+
+
+def stable_fraction(key: str, salt: str) -> float:
+    """A deterministic number in [0, 1) from a string key (independent of Python's hash seed)."""
+    digest = hashlib.sha256(f"{salt}:{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2 ** 64
+
+
+def stage_split(records: list, stage1_fraction: float, salt: str = "stage-split") -> tuple[list, list]:
+    """Split the finetune images into Stage 1 (`stage1_fraction`, default 75%) and Stage 2 (the rest).
+
+    The assignment orders images by a keyed hash of their id, so it is deterministic and does not depend on
+    the file order. Returns (stage1_records, stage2_records), each in file order.
+    """
+    ranked = sorted(records, key=lambda r: stable_fraction(r.image_id, salt))
+    n1 = int(round(stage1_fraction * len(ranked)))
+    first = {r.image_id for r in ranked[:n1]}
+    return [r for r in records if r.image_id in first], [r for r in records if r.image_id not in first]
+
+
+def most_frequent_caption(records: list) -> str:
+    """The most frequent reference caption (ties: the lexicographically first) — the trivial baseline."""
+    counts: dict = {}
+    for r in records:
+        for c in r.captions:
+            key = c.lower().strip()
+            counts[key] = counts.get(key, 0) + 1
+    return min(counts.items(), key=lambda kv: (-kv[1], kv[0]))[0]
+
+
+def file_sha256(path: str, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(chunk)
+            if not b:
+                break
+            h.update(b)
+    return h.hexdigest()
+
+
+def write_json(path: str, obj, indent: int | None = 1):
+    """Write JSON atomically (temp file + rename) with sorted keys, so reruns give identical bytes."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=indent, sort_keys=True, allow_nan=True)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def write_text(path: str, text: str):
+    """Write a text file atomically (temp file + rename)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def read_json(path: str):
+    with open(path) as f:
+        return json.load(f)

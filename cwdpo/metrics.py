@@ -1,0 +1,235 @@
+"""Caption metrics: BLEU-4, METEOR, ROUGE-L, CIDEr-D and SPICE through pycocoevalcap, and a corpus-df CIDEr-D.
+
+- Tokenization is pycocoevalcap's PTB tokenizer (Stanford CoreNLP 3.4.1, Java), run with its temporary
+  file in a writable temp folder instead of inside the installed package (read-only in containers).
+- `CiderD` is CIDEr-D (Vedantam et al. 2015; clipped tf-idf n-gram cosine, Gaussian length penalty
+  σ = 6, n = 1..4, ×10) — the formula pycocoevalcap reports as "CIDEr" — with document frequencies taken
+  from a *fixed reference corpus*. With the corpus = the evaluated set it equals pycocoevalcap's `Cider`
+  exactly; with the whole reference corpus it gives a caption the same score alone or in a batch
+  (needed to rank on-policy samples, PAPER.md § Negatives).
+- SPICE needs Stanford CoreNLP 3.6.0 jars that pycocoevalcap downloads on first use; when they are
+  absent (no network) SPICE is reported as `None` with the reason — never a made-up number.
+
+No torch import here.
+"""
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import subprocess
+import tempfile
+from collections import defaultdict
+
+import numpy as np
+
+PUNCTUATIONS = {"''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-", ".", "?", "!", ",", ":", "-", "--",
+                "...", ";"}
+METRIC_NAMES = ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "SPICE")
+
+
+def _pkg_dir() -> str:
+    import importlib.util
+    spec = importlib.util.find_spec("pycocoevalcap")  # a namespace package: no __file__
+    return os.path.abspath(list(spec.submodule_search_locations)[0])
+
+
+def ptb_tokenize(captions: dict) -> dict:
+    """PTB-tokenize {key: [caption, ...]} → {key: [tokenized lower-case caption, ...]} (punctuation removed).
+
+    Same command and post-processing as `pycocoevalcap.tokenizer.PTBTokenizer`, but the input file lives
+    in the system temp folder, so it works from a read-only installation.
+    """
+    jar = os.path.join(_pkg_dir(), "tokenizer", "stanford-corenlp-3.4.1.jar")
+    keys = [k for k, caps in captions.items() for _ in caps]
+    sentences = "\n".join(c.replace("\n", " ") for caps in captions.values() for c in caps)
+    with tempfile.NamedTemporaryFile("w", delete=False, suffix=".txt") as f:
+        f.write(sentences)
+        path = f.name
+    try:
+        out = subprocess.run(["java", "-cp", jar, "edu.stanford.nlp.process.PTBTokenizer", "-preserveLines",
+                              "-lowerCase", path], capture_output=True, check=True).stdout.decode()
+    finally:
+        os.remove(path)
+    lines = out.split("\n")
+    result: dict = {}
+    for k, line in zip(keys, lines):
+        result.setdefault(k, []).append(" ".join(w for w in line.rstrip().split(" ") if w not in PUNCTUATIONS))
+    for k in captions:  # keys whose captions were all empty
+        result.setdefault(k, [""] * len(captions[k]))
+    return result
+
+
+def simple_tokenize(text: str) -> str:
+    """Java-free tokenization for cheap scoring (on-policy ranking): lower case, punctuation stripped."""
+    import re
+    return " ".join(re.findall(r"[a-z0-9]+", text.lower()))
+
+
+def _ngrams(sentence: str, n: int = 4) -> dict:
+    words = sentence.split()
+    counts: dict = defaultdict(int)
+    for k in range(1, n + 1):
+        for i in range(len(words) - k + 1):
+            counts[tuple(words[i:i + k])] += 1
+    return counts
+
+
+class CiderD:
+    """CIDEr-D with document frequencies from a fixed corpus of reference sets (one set per image).
+
+    score = 10/|R| · Σ_r mean_n [ Σ_g min(v_h, v_r)·v_r / (|v_h||v_r|) ] · exp(-(len_h - len_r)² / (2σ²)),
+    v = tf · (log N - log max(1, df)), N = number of images in the corpus. Inputs are tokenized strings.
+    """
+
+    def __init__(self, corpus_refs: list, n: int = 4, sigma: float = 6.0):
+        self.n, self.sigma = n, sigma
+        self.df: dict = defaultdict(float)
+        for refs in corpus_refs:
+            for ngram in {g for ref in refs for g in _ngrams(ref, n)}:
+                self.df[ngram] += 1
+        self.ref_len = math.log(float(len(corpus_refs)))
+
+    def _vec(self, counts: dict):
+        vec = [defaultdict(float) for _ in range(self.n)]
+        norm = [0.0] * self.n
+        length = 0
+        for ngram, tf in counts.items():
+            k = len(ngram) - 1
+            v = float(tf) * (self.ref_len - math.log(max(1.0, self.df.get(ngram, 0.0))))
+            vec[k][ngram] = v
+            norm[k] += v * v
+            if k == 1:  # pycocoevalcap's quirk: length counts bigrams (words - 1)
+                length += tf
+        return vec, [math.sqrt(x) for x in norm], length
+
+    def _sim(self, h, r) -> float:
+        (vh, nh, lh), (vr, nr, lr) = h, r
+        penalty = math.exp(-((lh - lr) ** 2) / (2 * self.sigma ** 2))
+        total = 0.0
+        for k in range(self.n):
+            val = sum(min(v, vr[k].get(g, 0.0)) * vr[k].get(g, 0.0) for g, v in vh[k].items())
+            if nh[k] != 0 and nr[k] != 0:
+                val /= nh[k] * nr[k]
+            total += val * penalty
+        return total / self.n
+
+    def score_one(self, candidate: str, refs: list) -> float:
+        h = self._vec(_ngrams(candidate, self.n))
+        return 10.0 * sum(self._sim(h, self._vec(_ngrams(r, self.n))) for r in refs) / len(refs)
+
+    def score(self, candidates: list, refs: list) -> np.ndarray:
+        """Per-item CIDEr-D of candidates[i] against refs[i] (tokenized strings)."""
+        return np.array([self.score_one(c, r) for c, r in zip(candidates, refs)], dtype=np.float64)
+
+
+def spice_status() -> tuple[bool, str]:
+    """(available, reason): SPICE needs Java and the CoreNLP 3.6.0 jars in pycocoevalcap/spice/lib."""
+    lib = os.environ.get("CWDPO_SPICE_LIB") or os.path.join(_pkg_dir(), "spice", "lib")
+    needed = ["stanford-corenlp-3.6.0.jar", "stanford-corenlp-3.6.0-models.jar"]
+    missing = [j for j in needed if not os.path.isfile(os.path.join(lib, j))]
+    if shutil.which("java") is None:
+        return False, "java not found on PATH"
+    if missing:
+        return False, (f"SPICE needs {', '.join(missing)} in {lib} (Stanford CoreNLP 3.6.0, downloaded by "
+                       "pycocoevalcap on first use; no network here). Build the container image to get them.")
+    return True, "ok"
+
+
+def java_major() -> int:
+    try:
+        out = subprocess.run(["java", "-version"], capture_output=True, text=True).stderr
+        v = out.split('"')[1]
+        return int(v.split(".")[1]) if v.startswith("1.") else int(v.split(".")[0])
+    except Exception:
+        return 0
+
+
+def run_spice(gts_tok: dict, res_tok: dict) -> tuple[float, dict]:
+    """SPICE F-score (corpus mean, per image) via spice-1.0.jar; temp files outside the package.
+
+    Java ≥ 16 breaks SPICE's LMDB/FST parse cache (InaccessibleObjectException), so the cache is used only
+    on Java ≤ 15.
+    """
+    import json
+    spice_dir = os.path.join(_pkg_dir(), "spice")
+    with tempfile.TemporaryDirectory() as tmp:
+        inp = [{"image_id": k, "test": res_tok[k][0], "refs": gts_tok[k]} for k in gts_tok]
+        in_path, out_path = os.path.join(tmp, "in.json"), os.path.join(tmp, "out.json")
+        with open(in_path, "w") as f:
+            json.dump(inp, f)
+        cmd = ["java", "-jar", "-Xmx8G", os.path.join(spice_dir, "spice-1.0.jar"), in_path, "-out", out_path,
+               "-subset", "-silent"]
+        if java_major() <= 15:
+            cmd[5:5] = ["-cache", os.path.join(tmp, "cache")]
+        subprocess.run(cmd, cwd=spice_dir, check=True, capture_output=True)
+        with open(out_path) as f:
+            results = json.load(f)
+    per = {str(r["image_id"]): float(r["scores"]["All"]["f"]) for r in results}
+    return float(np.mean(list(per.values()))), per
+
+
+class MeteorPool:
+    """One METEOR JVM for many scoring calls: it loads its paraphrase tables once (~10 s)."""
+
+    def __init__(self):
+        self._meteor = None
+
+    def get(self):
+        if self._meteor is None:
+            from pycocoevalcap.meteor.meteor import Meteor
+            self._meteor = Meteor()
+        return self._meteor
+
+
+def score_captions(gts: dict, res: dict, metrics=METRIC_NAMES, tokenize: bool = True,
+                   meteor: MeteorPool | None = None) -> dict:
+    """Corpus and per-image caption metrics of `res` {id: caption} against `gts` {id: [references]}.
+
+    Returns {"corpus": {metric: value or None}, "per_image": {metric: {id: value}}, "na_reasons":
+    {metric: reason}}. CIDEr is CIDEr-D with df from the evaluated references (the COCO convention).
+    """
+    ids = sorted(gts, key=str)
+    if set(ids) != set(res):
+        raise ValueError("captions and references cover different image ids")
+    if tokenize:
+        tok = ptb_tokenize({**{f"g{k}": gts[k] for k in ids}, **{f"r{k}": [res[k]] for k in ids}})
+        g = {k: tok[f"g{k}"] for k in ids}
+        r = {k: tok[f"r{k}"] for k in ids}
+    else:
+        g = {k: [simple_tokenize(c) for c in gts[k]] for k in ids}
+        r = {k: [simple_tokenize(res[k])] for k in ids}
+    corpus, per, na = {}, {}, {}
+    if "BLEU-4" in metrics:
+        from pycocoevalcap.bleu.bleu import Bleu
+        score, scores = Bleu(4).compute_score(g, r, verbose=0)
+        corpus["BLEU-4"] = float(score[3])
+        per["BLEU-4"] = {str(k): float(s) for k, s in zip(ids, scores[3])}
+    if "METEOR" in metrics:
+        if shutil.which("java") is None:
+            corpus["METEOR"], na["METEOR"] = None, "java not found on PATH"
+        else:
+            score, scores = (meteor or MeteorPool()).get().compute_score(g, r)
+            corpus["METEOR"] = float(score)
+            per["METEOR"] = {str(k): float(s) for k, s in zip(ids, scores)}
+    if "ROUGE-L" in metrics:
+        from pycocoevalcap.rouge.rouge import Rouge
+        score, scores = Rouge().compute_score(g, r)
+        corpus["ROUGE-L"] = float(score)
+        per["ROUGE-L"] = {str(k): float(s) for k, s in zip(ids, scores)}
+    if "CIDEr" in metrics:
+        scorer = CiderD([g[k] for k in ids])
+        scores = scorer.score([r[k][0] for k in ids], [g[k] for k in ids])
+        corpus["CIDEr"] = float(scores.mean())
+        per["CIDEr"] = {str(k): float(s) for k, s in zip(ids, scores)}
+    if "SPICE" in metrics:
+        ok, reason = spice_status()
+        if ok:
+            try:
+                corpus["SPICE"], spice_per = run_spice(g, r)
+                per["SPICE"] = {str(k): v for k, v in spice_per.items()}
+            except (subprocess.CalledProcessError, OSError, ValueError) as e:
+                corpus["SPICE"], na["SPICE"] = None, f"spice-1.0.jar failed: {e}"
+        else:
+            corpus["SPICE"], na["SPICE"] = None, reason
+    return {"corpus": corpus, "per_image": per, "na_reasons": na}

@@ -1,0 +1,250 @@
+"""Loading a Qwen2.5-VL-architecture VLM + processor, LoRA via peft, and building the tiny model offline.
+
+The tiny model is the real `Qwen2_5_VLForConditionalGeneration` class at small sizes with a byte-level
+BPE tokenizer trained offline on the training captions, so every line that trains, samples and scores
+the 72B model also runs on a CPU. Models are saved with `save_pretrained` (safetensors) and reload with
+`AutoModelForImageTextToText` / `AutoProcessor` under `HF_HUB_OFFLINE=1`.
+
+A model folder holds either full weights (`model.safetensors*`) or a peft LoRA adapter
+(`adapter_config.json`) on top of the configured base model; see `load_model`.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+QWEN_SPECIAL_TOKENS = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+    "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
+]
+
+# Qwen2.5-VL's chat template, minus the injected default system prompt (it would triple the tiny
+# model's sequence length). A system turn given explicitly is still rendered.
+TINY_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n{% else %}"
+    "{% for content in message['content'] %}{% if content['type'] == 'image' %}"
+    "<|vision_start|><|image_pad|><|vision_end|>{% elif content['type'] == 'video' %}"
+    "<|vision_start|><|video_pad|><|vision_end|>{% elif content['type'] == 'text' %}{{ content['text'] }}"
+    "{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+_SHIM_REGISTERED = False
+
+
+def has_torchvision() -> bool:
+    """True when torchvision imports (False on CPU machines where only a CUDA wheel exists)."""
+    try:
+        import torchvision  # noqa: F401
+        return True
+    except Exception:
+        return False
+
+
+def processor_class():
+    """The processor class to build and register: the stock one, or the image-only shim without torchvision.
+
+    transformers 5.x validates a video processor inside `Qwen2_5_VLProcessor.__init__`, and every video
+    processor needs torchvision. The shim drops `video_processor` from the signature (which is how
+    transformers discovers sub-processors) and is registered for `Qwen2_5_VLConfig` with AutoProcessor.
+    """
+    global _SHIM_REGISTERED
+    from transformers import AutoProcessor, Qwen2_5_VLConfig, Qwen2_5_VLProcessor
+    if has_torchvision():
+        return Qwen2_5_VLProcessor
+    from transformers.processing_utils import ProcessorMixin
+
+    class Qwen2_5_VLImageOnlyProcessor(Qwen2_5_VLProcessor):
+        """Qwen2.5-VL processor for images only (no video processor, no torchvision)."""
+
+        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+            self.image_token = getattr(tokenizer, "image_token", None) or "<|image_pad|>"
+            self.video_token = getattr(tokenizer, "video_token", None) or "<|video_pad|>"
+            self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+            self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
+            ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+
+    if not _SHIM_REGISTERED:
+        AutoProcessor.register(Qwen2_5_VLConfig, Qwen2_5_VLImageOnlyProcessor, exist_ok=True)
+        _SHIM_REGISTERED = True
+        processor_class.shim = Qwen2_5_VLImageOnlyProcessor
+    return processor_class.shim
+
+
+def image_processor_class():
+    from transformers import Qwen2VLImageProcessorPil
+    if has_torchvision():
+        from transformers import Qwen2VLImageProcessor
+        return Qwen2VLImageProcessor
+    return Qwen2VLImageProcessorPil
+
+
+def load_processor(path: str, min_pixels: int | None = None, max_pixels: int | None = None,
+                   trust_remote_code: bool = False):
+    """AutoProcessor for a local folder or hub id; asserts it is a full processor (not just a tokenizer).
+
+    Without the shim registered, `AutoProcessor` silently returns only the tokenizer for Qwen2.5-VL when
+    torchvision is missing; we fail loudly instead. `min_pixels`/`max_pixels` override the image
+    processor's resize bounds (they set the number of image tokens; keep them equal in training,
+    sampling and evaluation).
+    """
+    from transformers import AutoProcessor
+    from transformers.processing_utils import ProcessorMixin
+    processor_class()
+    kwargs = {}
+    if min_pixels is not None:
+        kwargs["min_pixels"] = int(min_pixels)
+    if max_pixels is not None:
+        kwargs["max_pixels"] = int(max_pixels)
+    proc = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
+    if not isinstance(proc, ProcessorMixin) or getattr(proc, "image_processor", None) is None:
+        raise TypeError(f"{path}: AutoProcessor returned {type(proc).__name__}, not a multimodal processor "
+                        "with an image processor (is the processor shim registered?)")
+    if min_pixels is not None or max_pixels is not None:
+        ip = proc.image_processor
+        size = dict(getattr(ip, "size", None) or {})
+        if min_pixels is not None:
+            size["shortest_edge"] = int(min_pixels)
+            ip.min_pixels = int(min_pixels)
+        if max_pixels is not None:
+            size["longest_edge"] = int(max_pixels)
+            ip.max_pixels = int(max_pixels)
+        ip.size = size
+    return proc
+
+
+def torch_dtype(name: str):
+    import torch
+    return {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
+            "float16": torch.float16}[name]
+
+
+def is_adapter_dir(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "adapter_config.json"))
+
+
+def load_model(path: str, *, base: str | None = None, dtype: str = "float32", trainable: bool = False,
+               lora: dict | None = None, trust_remote_code: bool = False, attn_implementation: str | None = None):
+    """Load a VLM for training or inference.
+
+    - `path` with full weights: loaded directly (safetensors only).
+    - `path` holding a peft adapter: the `base` model is loaded and the adapter applied on top
+      (trainable when `trainable`), so every stage of a LoRA recipe is "base + one adapter" — the form
+      vLLM's `LoRARequest` serves.
+    - `lora` (a dict of LoraConfig fields) given and `path` full weights: a fresh adapter is added.
+    """
+    from transformers import AutoModelForImageTextToText
+    kwargs = dict(dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code, use_safetensors=True)
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    if is_adapter_dir(path):
+        from peft import PeftModel
+        if base is None:
+            with open(os.path.join(path, "adapter_config.json")) as f:
+                base = json.load(f).get("base_model_name_or_path")
+        model = AutoModelForImageTextToText.from_pretrained(base, **kwargs)
+        model = PeftModel.from_pretrained(model, path, is_trainable=trainable)
+    else:
+        model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
+        if lora:
+            from peft import LoraConfig, get_peft_model
+            model = get_peft_model(model, LoraConfig(**lora))
+    if not trainable:
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+    return model
+
+
+def unwrap(model):
+    """The `...ForConditionalGeneration` module under peft / DeepSpeed / DDP wrappers."""
+    m = model
+    for _ in range(4):
+        if hasattr(m, "module") and not hasattr(m, "lm_head"):
+            m = m.module
+        if hasattr(m, "get_base_model"):
+            m = m.get_base_model()
+    return m
+
+
+def model_fingerprint(path: str) -> str:
+    """A content hash of a model folder's weights and configs (for cache keys of reference log-probs)."""
+    import hashlib
+    h = hashlib.sha256()
+    for name in sorted(os.listdir(path)):
+        if name.endswith((".safetensors", ".json")) and not name.startswith("trainer_state"):
+            h.update(name.encode())
+            with open(os.path.join(path, name), "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+    return h.hexdigest()
+
+
+def build_tiny(out_dir: str, corpus: list, spec: dict, prompt: str, seed: int = 0) -> dict:
+    """Build a random-init Qwen2.5-VL-architecture model + tokenizer + processor offline; save to `out_dir`.
+
+    The tokenizer is a byte-level BPE (Qwen style) trained on `corpus` (the training captions and the
+    prompt) with the Qwen special tokens; the image processor uses 14-px patches merged 2x2 and
+    `min_pixels`/`max_pixels` from `spec`. Returns a summary (parameter counts, vocabulary size).
+    """
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(vocab_size=int(spec["vocab_size"]), special_tokens=QWEN_SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(list(corpus) + [prompt, "system user assistant"], trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                        additional_special_tokens=QWEN_SPECIAL_TOKENS[1:], model_max_length=4096)
+    tokenizer.padding_side = "right"
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
+
+    image_processor = image_processor_class()(
+        min_pixels=int(spec["min_pixels"]), max_pixels=int(spec["max_pixels"]), patch_size=14, merge_size=2,
+        temporal_patch_size=2)
+    processor = processor_class()(image_processor=image_processor, tokenizer=tokenizer,
+                                  chat_template=TINY_CHAT_TEMPLATE)
+
+    hidden, heads = int(spec["hidden_size"]), int(spec["num_attention_heads"])
+    head_dim = hidden // heads
+    half = head_dim // 2
+    # mRoPE sections (temporal, height, width) must sum to head_dim / 2; Qwen2.5-VL uses [16, 24, 24] of 64.
+    t_sec = half // 4
+    h_sec = (half - t_sec) // 2
+    mrope = [t_sec, h_sec, half - t_sec - h_sec]
+    vdepth = int(spec["vision_depth"])
+    config = Qwen2_5_VLConfig(
+        text_config=dict(
+            vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=int(spec["intermediate_size"]),
+            num_hidden_layers=int(spec["num_hidden_layers"]), num_attention_heads=heads,
+            num_key_value_heads=int(spec["num_key_value_heads"]), max_position_embeddings=4096,
+            rope_parameters={"rope_type": "default", "rope_theta": float(spec.get("rope_theta", 1e4)),
+                             "mrope_section": mrope},
+            bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+            tie_word_embeddings=True),
+        vision_config=dict(
+            depth=vdepth, hidden_size=int(spec["vision_hidden_size"]),
+            intermediate_size=int(spec["vision_intermediate_size"]), num_heads=int(spec["vision_num_heads"]),
+            patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=int(spec.get("window_size", 112)),
+            out_hidden_size=hidden, fullatt_block_indexes=list(range(vdepth))),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=True,
+    )
+    model = Qwen2_5_VLForConditionalGeneration(config)
+    model.generation_config.eos_token_id = ids["<|im_end|>"]
+    model.generation_config.pad_token_id = ids["<|endoftext|>"]
+    model.generation_config.bos_token_id = ids["<|endoftext|>"]
+    os.makedirs(out_dir, exist_ok=True)
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    n_vision = sum(p.numel() for p in model.model.visual.parameters())
+    return {"parameters": sum(p.numel() for p in model.parameters()), "vision_parameters": n_vision,
+            "vocab_size": len(tokenizer), "mrope_section": mrope}

@@ -1,0 +1,236 @@
+"""The experiment plan: from a validated config to output paths, the runs each table needs, and the JSON
+specs that the Snakemake rules hand to the `cwdpo` CLI. Pure Python (no torch): the Snakefile imports it
+at parse time, which must stay fast.
+
+Model keys name every model a table row can evaluate:
+  base                              the base VLM (tiny: built + pretrained by the DAG; else a hub id/folder)
+  stage1/{stage1}/s{seed}           a Stage-1 recipe (sft, sft_c, sft_c_hard, ...) from the base
+  stage2/{stage1}/s{seed}/{stage2}  a Stage-2 recipe (dpo, focal_dpo, cw_dpo, ...) from that Stage-1 model
+                                    ({stage1} = base: Stage 2 straight from the base model)
+"""
+from __future__ import annotations
+
+import copy
+import json
+import re
+
+STAGE1_METHODS = ("sft", "sft_c")
+STAGE2_METHODS = ("dpo", "focal_dpo", "cw_dpo")
+NAME_RE = r"[A-Za-z0-9][A-Za-z0-9_.-]*"
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names the key."""
+
+
+def deep_merge(base: dict, override: dict | None) -> dict:
+    """`base` updated recursively with `override` (a new dict; inputs untouched)."""
+    out = copy.deepcopy(base)
+    for k, v in (override or {}).items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def dumps(obj) -> str:
+    """Canonical JSON for specs: Snakemake reruns a job when its spec (a params value) changes."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"))
+
+
+class Plan:
+    def __init__(self, config: dict):
+        self.c = config
+        self.out = f"results/{config['experiment']}"
+        self.check()
+
+    # ---- validation beyond the JSON schema ----
+    def check(self):
+        c = self.c
+        s1 = c["stage1"]["recipes"]
+        s2 = c["stage2"]["recipes"]
+        for name, r in s1.items():
+            if not re.fullmatch(NAME_RE, name) or name == "base":
+                raise ConfigError(f"stage1.recipes: invalid recipe name {name!r}")
+            if r["method"] not in STAGE1_METHODS:
+                raise ConfigError(f"stage1.recipes.{name}.method: {r['method']!r} is not one of "
+                                  f"{', '.join(STAGE1_METHODS)}")
+        for name, r in s2.items():
+            if not re.fullmatch(NAME_RE, name):
+                raise ConfigError(f"stage2.recipes: invalid recipe name {name!r}")
+            if r["method"] not in STAGE2_METHODS:
+                raise ConfigError(f"stage2.recipes.{name}.method: {r['method']!r} is not one of "
+                                  f"{', '.join(STAGE2_METHODS)}")
+        for tname, table in c["tables"].items():
+            for i, row in enumerate(table.get("rows", [])):
+                where = f"tables.{tname}.rows[{i}]"
+                if row.get("trivial"):
+                    continue
+                st1 = row.get("stage1", "base")
+                if st1 != "base" and st1 not in s1:
+                    raise ConfigError(f"{where}.stage1: unknown Stage-1 recipe {st1!r}; known: base, "
+                                      f"{', '.join(s1)}")
+                st2 = row.get("stage2")
+                if st2 is not None and st2 not in s2:
+                    raise ConfigError(f"{where}.stage2: unknown Stage-2 recipe {st2!r}; known: {', '.join(s2)}")
+        if c["data"]["source"] == "karpathy" and not c["data"]["karpathy"].get("json"):
+            raise ConfigError("data.karpathy.json: required when data.source is 'karpathy'")
+        if c["model"]["source"] != "tiny" and c["pretrain"]["enabled"]:
+            raise ConfigError("pretrain.enabled: only the tiny model is pretrained by the pipeline; set it to "
+                              "false for a hub or local model")
+
+    # ---- data ----
+    @property
+    def is_shapes(self) -> bool:
+        return self.c["data"]["source"] == "shapes"
+
+    def data_json(self) -> str:
+        if self.is_shapes:
+            return f"{self.out}/data/dataset_shapes.json"
+        return self.c["data"]["karpathy"]["json"]
+
+    def image_root(self):
+        return None if self.is_shapes else self.c["data"]["karpathy"].get("image_root")
+
+    def data_spec(self, splits_key: str, stage: str | None = None) -> dict:
+        d = self.c["data"]
+        spec = {"json": self.data_json(), "image_root": self.image_root(), "splits": d["splits"][splits_key],
+                "on_bad_input": d["on_bad_input"]}
+        if stage:
+            spec["stage"] = stage
+            spec["stage1_fraction"] = self.c["stage1"]["fraction"]
+        return spec
+
+    def shapes_spec(self) -> dict:
+        return self.c["data"]["shapes"]
+
+    # ---- models ----
+    @property
+    def tiny(self) -> bool:
+        return self.c["model"]["source"] == "tiny"
+
+    def base_init_dir(self) -> str:
+        return f"{self.out}/base/init"
+
+    def base_model(self) -> str:
+        """Folder (or hub id) of the base VLM."""
+        if self.tiny:
+            return f"{self.out}/base/pretrain/model" if self.c["pretrain"]["enabled"] else self.base_init_dir()
+        return self.c["model"]["source"]
+
+    def base_is_output(self) -> bool:
+        return self.tiny
+
+    def model_dir(self, key: str) -> str:
+        if key == "base":
+            return self.base_model()
+        parts = key.split("/")
+        if parts[0] == "stage1":
+            return f"{self.out}/stage1/{parts[1]}/{parts[2]}/model"
+        if parts[0] == "stage2":
+            return f"{self.out}/stage2/{parts[1]}/{parts[2]}/{parts[3]}/model"
+        raise ConfigError(f"unknown model key {key!r}")
+
+    def model_inputs(self, key: str) -> list:
+        """Snakemake inputs for a model key: its folder when the DAG makes it, else nothing."""
+        if key == "base" and not self.base_is_output():
+            return []
+        return [self.model_dir(key)]
+
+    def stage1_init(self) -> str:
+        return self.base_model()
+
+    def stage_init(self, stage1: str, seed) -> str:
+        """The model Stage 2 starts from and is referenced to (its frozen copy)."""
+        return self.base_model() if stage1 == "base" else self.model_dir(f"stage1/{stage1}/s{seed}")
+
+    # ---- runs ----
+    def row_keys(self, row: dict) -> list:
+        """Model keys of a table row, one per seed (the base model has no seed)."""
+        if row.get("trivial"):
+            return []
+        st1, st2 = row.get("stage1", "base"), row.get("stage2")
+        seeds = row.get("seeds", self.c["seeds"])
+        if st2 is None:
+            return ["base"] if st1 == "base" else [f"stage1/{st1}/s{s}" for s in seeds]
+        return [f"stage2/{st1}/s{s}/{st2}" for s in seeds]
+
+    def enabled_tables(self) -> dict:
+        return {k: t for k, t in self.c["tables"].items() if t.get("enabled", True)}
+
+    def eval_keys(self) -> list:
+        keys = []
+        for table in self.enabled_tables().values():
+            for row in table.get("rows", []):
+                for k in self.row_keys(row):
+                    if k not in keys:
+                        keys.append(k)
+        return keys
+
+    def eval_dir(self, key: str) -> str:
+        return f"{self.out}/eval/{key}"
+
+    def final_outputs(self) -> list:
+        return [f"{self.out}/tables/{name}.md" for name in self.enabled_tables()]
+
+    # ---- specs for the CLI ----
+    def common_model_spec(self) -> dict:
+        m = self.c["model"]
+        return {"prompt": self.c["prompt"], "min_pixels": m["min_pixels"], "max_pixels": m["max_pixels"],
+                "dtype": m["dtype"], "max_response_tokens": m["max_response_tokens"],
+                "trust_remote_code": m["trust_remote_code"],
+                "base": None if self.tiny else self.c["model"]["source"]}
+
+    def train_settings(self, threads: int) -> dict:
+        return {**self.c["train"], "threads": threads}
+
+    def pretrain_spec(self, threads: int) -> dict:
+        hp = {k: v for k, v in self.c["pretrain"].items() if k != "enabled"}
+        return {**self.common_model_spec(), "method": "sft", "init": self.base_init_dir(), "seed": self.c["pretrain_seed"],
+                "data": self.data_spec("pretrain"), "hparams": hp, "train": self.train_settings(threads),
+                "lora": None}
+
+    def stage1_spec(self, recipe: str, seed: int, threads: int) -> dict:
+        r = deep_merge(self.c["stage1"]["defaults"], self.c["stage1"]["recipes"][recipe])
+        method = r.pop("method")
+        spec = {**self.common_model_spec(), "method": method, "init": self.stage1_init(), "seed": int(seed),
+                "data": self.data_spec("finetune", stage="stage1"), "hparams": r,
+                "train": self.train_settings(threads), "lora": self.c["model"]["lora"]}
+        if method == "sft_c":  # only SFT-C reads negatives: other recipes do not rerun when they change
+            spec["negatives"] = self.c["negatives"]
+            spec["data_seed"] = self.c["data"]["shapes"]["seed"]
+        return spec
+
+    def eval_spec(self, key: str, threads: int) -> dict:
+        e = self.c["evaluate"]
+        return {**self.common_model_spec(), "model": self.model_dir(key), "data": self.data_spec("test"),
+                "num_beams": e["num_beams"], "max_new_tokens": e["max_new_tokens"], "batch_size": e["batch_size"],
+                "threads": threads}
+
+    def trivial_spec(self) -> dict:
+        return {"train": self.data_spec("pretrain" if self.c["pretrain"]["enabled"] else "finetune"),
+                "test": self.data_spec("test")}
+
+    def build_model_spec(self) -> dict:
+        return {"data": self.data_spec("pretrain"), "tiny": self.c["model"]["tiny"], "prompt": self.c["prompt"],
+                "min_pixels": self.c["model"]["min_pixels"], "max_pixels": self.c["model"]["max_pixels"],
+                "seed": self.c["pretrain_seed"]}
+
+    def table_inputs(self, name: str) -> list:
+        keys = []
+        for row in self.enabled_tables()[name]["rows"]:
+            keys += ["trivial"] if row.get("trivial") else self.row_keys(row)
+        return [f"{self.out}/eval/{k}/scores.json" for k in keys]
+
+    def table_spec(self, name: str) -> dict:
+        t = self.enabled_tables()[name]
+        rows = []
+        for row in t["rows"]:
+            entry = {"name": row["name"], "keys": self.row_keys(row)}
+            if row.get("trivial"):
+                entry["trivial"] = True
+            rows.append(entry)
+        return {"name": name, "rows": rows, "metrics": self.c["evaluate"]["metrics"],
+                "scale": self.c["evaluate"]["scale"], "eval_root": f"{self.out}/eval",
+                "trivial_scores": f"{self.out}/eval/trivial/scores.json"}

@@ -1,0 +1,402 @@
+"""One `transformers.Trainer` subclass for every method: pretraining/SFT, SFT-C, DPO, Focal-DPO, CW-DPO.
+
+The trainer owns batching (a `cwdpo.logprobs.Encoder` collator) and loss dispatch; the parent class keeps
+everything else: optimizer, schedule, gradient accumulation, clipping, DeepSpeed, checkpoints and resume.
+Stage 2 reads its reference log-probs from a cache file computed once per (reference model, pairs file)
+by `reference_logps` — never recomputed per step (TRL recomputes them per step for vision data).
+"""
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import math
+import os
+import random
+import re
+import time
+from collections import defaultdict
+
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from . import losses as L
+from .data import file_sha256, load_karpathy, read_json, stage_split, write_json, write_text
+from .logprobs import Encoder, SeqBatch, completion_logps
+from .models import load_model, load_processor, model_fingerprint
+
+STAGE1_METHODS = ("sft", "sft_c")
+STAGE2_METHODS = ("dpo", "focal_dpo", "cw_dpo")
+METHODS = STAGE1_METHODS + STAGE2_METHODS
+
+
+class TrainingDiverged(RuntimeError):
+    """A NaN/inf loss or gradient; the message names the step and the method."""
+
+
+class ListDataset(torch.utils.data.Dataset):
+    def __init__(self, items: list):
+        self.items = items
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+class Collator:
+    """Turns dataset items into one `SeqBatch` of rows sharing each image once.
+
+    kinds: "sft" items {image, response}; "sft_c" items {image, positive, negative} → rows [pos; neg];
+    "pair" items {image, chosen, rejected, ref_*} → rows [chosen; rejected].
+    """
+
+    def __init__(self, encoder: Encoder, kind: str):
+        self.encoder, self.kind = encoder, kind
+
+    def __call__(self, items: list) -> dict:
+        images, index = [], {}
+        for it in items:
+            if it["image"] not in index:
+                index[it["image"]] = len(images)
+                images.append(it["image"])
+        idx = [index[it["image"]] for it in items]
+        if self.kind == "sft":
+            rows = [(i, it["response"]) for i, it in zip(idx, items)]
+        elif self.kind == "sft_c":
+            rows = [(i, it["positive"]) for i, it in zip(idx, items)] + \
+                   [(i, it["negative"]) for i, it in zip(idx, items)]
+        elif self.kind == "pair":
+            rows = [(i, it["chosen"]) for i, it in zip(idx, items)] + \
+                   [(i, it["rejected"]) for i, it in zip(idx, items)]
+        else:
+            raise ValueError(self.kind)
+        out = {"batch": self.encoder.build(images, rows).as_dict(), "n": torch.tensor(len(items))}
+        if self.kind == "pair":
+            for key in ("ref_chosen_logps", "ref_rejected_logps"):
+                if key in items[0]:
+                    out[key] = torch.tensor([float(it[key]) for it in items], dtype=torch.float64)
+            out["pair_index"] = torch.tensor([int(it["pair_index"]) for it in items])
+        return out
+
+
+class CWDPOTrainer(Trainer):
+    """`Trainer` with the paper's losses. `method` ∈ METHODS; `hparams` holds β, γ, τ, ℓ_floor, C, λ, filter."""
+
+    def __init__(self, *args, method: str, hparams: dict, encoder: Encoder, ref_model=None, **kwargs):
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; allowed: {', '.join(METHODS)}")
+        self.method, self.hparams, self.encoder = method, hparams, encoder
+        self.ref_model = ref_model  # only for ref_mode="recompute" (benchmarks): a frozen reference model
+        self._stash: dict = defaultdict(list)
+        self.ref_forward_calls = 0
+        super().__init__(*args, **kwargs)
+        self.loss_is_scaled_for_ga = False  # our losses are per-batch means
+
+    # ---- losses ----
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        batch = SeqBatch.from_dict(inputs["batch"])
+        n = int(inputs["n"])
+        out = completion_logps(model, batch, self.encoder.image_token_id)
+        hp = self.hparams
+        if self.method == "sft":
+            loss, info = L.sft_loss(-out.means)
+        elif self.method == "sft_c":
+            lam = float(hp.get("hard_lam", 100.0)) if hp.get("hard") else float(hp["lam"])
+            neg = -out.means[n:]
+            frac = float(hp.get("penalty_fraction", 1.0))
+            if frac < 1.0:  # cheaper Stage 1: the penalty sees a random subset of the negatives
+                g = torch.Generator().manual_seed(int(self.args.seed) * 1_000_003 + int(self.state.global_step))
+                k = max(1, int(round(frac * n)))
+                neg = neg[torch.randperm(n, generator=g)[:k].to(neg.device)]
+            loss, info = L.sft_c_loss(-out.means[:n], neg, margin=float(hp["margin"]), lam=lam)
+        else:
+            pc, pr = out.sums[:n], out.sums[n:]
+            avg_r = out.means[n:]
+            if "ref_chosen_logps" in inputs:
+                rc = inputs["ref_chosen_logps"].to(pc.dtype)
+                rr = inputs["ref_rejected_logps"].to(pc.dtype)
+            else:  # recompute the reference each step (benchmark baseline only)
+                with torch.no_grad():
+                    self.ref_forward_calls += 1
+                    ref = completion_logps(self.ref_model, batch, self.encoder.image_token_id)
+                rc, rr = ref.sums[:n].to(pc.dtype), ref.sums[n:].to(pc.dtype)
+            beta = float(hp["beta"])
+            if self.method == "dpo":
+                losses, info = L.dpo_loss(pc, pr, rc, rr, beta=beta)
+            elif self.method == "focal_dpo":
+                losses, info = L.focal_dpo_loss(pc, pr, rc, rr, beta=beta, gamma=float(hp["gamma"]))
+            else:
+                if hp.get("cooling", True):
+                    losses, info = L.cw_dpo_loss(pc, pr, rc, rr, avg_r, beta=beta, l_floor=float(hp["l_floor"]),
+                                                 tau=float(hp["tau"]))
+                else:  # ablation "w/o cooling weight": w_c ≡ 1, everything else as CW-DPO
+                    losses, info = L.dpo_loss(pc, pr, rc, rr, beta=beta)
+                    info["w_c"] = torch.ones_like(avg_r)
+            filt = hp.get("filter") or {}
+            if filt.get("enabled"):
+                keep = L.negative_filter_keep(avg_r, l_floor=float(hp["l_floor"]), tau=float(hp["tau"]),
+                                              k=float(filt.get("k", 2.0))).to(losses.dtype)
+            else:
+                keep = torch.ones_like(losses)
+            loss = (losses * keep).sum() / keep.sum().clamp(min=1.0)
+            info = dict(info)
+            info["filtered_frac"] = 1.0 - keep.mean()
+            info["logps_chosen"] = pc.detach().mean()
+            info["logps_rejected"] = pr.detach().mean()
+            info["avg_logp_rejected"] = avg_r.detach().mean()
+        if not torch.isfinite(loss):
+            raise TrainingDiverged(f"non-finite loss ({loss.item()}) at step {self.state.global_step + 1} of "
+                                   f"method {self.method}")
+        for key, value in info.items():
+            v = value.float().mean().item() if isinstance(value, torch.Tensor) else float(value)
+            self._stash[key].append(v)
+        return (loss, out) if return_outputs else loss
+
+    def log(self, logs: dict, *args, **kwargs):
+        if self._stash and "loss" in logs:
+            for key, values in self._stash.items():
+                logs[key] = sum(values) / len(values)
+            self._stash.clear()
+        super().log(logs, *args, **kwargs)
+
+
+class NanGuard(TrainerCallback):
+    """Stops training before the optimizer step when any gradient is NaN/inf (one fused norm per step);
+    the error names the step and the method, and the last good checkpoint stays on disk."""
+
+    def __init__(self, method: str):
+        self.method = method
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        grads = [p.grad for p in model.parameters() if p.grad is not None] if model is not None else []
+        if grads and not torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum()):
+            raise TrainingDiverged(f"non-finite gradient at step {state.global_step + 1} of method {self.method}; "
+                                   "the last good checkpoint is kept")
+
+
+class InjectNan(TrainerCallback):
+    """Test hook (config `train.inject_nan_step`): poisons the gradients of one optimizer step."""
+
+    def __init__(self, step: int):
+        self.step = int(step)
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if state.global_step + 1 == self.step:
+            for p in model.parameters():
+                if p.grad is not None:
+                    p.grad.fill_(float("nan"))
+
+
+# ---------------------------------------------------------------------------------------------------
+# datasets of each stage
+
+def sft_items(records: list) -> list:
+    """One item per (image, reference caption)."""
+    return [{"image": r.path, "response": c} for r in records for c in r.captions]
+
+
+def load_pairs(path: str, prompt: str) -> list:
+    """Read a pairs JSONL (TRL vision preference format + image_id/source/score); validate each line."""
+    from .negatives import read_pairs
+    return read_pairs(path, expected_prompt=prompt)
+
+
+def reference_logps(model_dir: str, pairs_path: str, out_path: str, *, base: str | None, dtype: str,
+                    prompt: str, min_pixels, max_pixels, max_response_tokens: int, batch_size: int = 32,
+                    trust_remote_code: bool = False) -> dict:
+    """Summed and token-mean log-probs of every pair's chosen and rejected response under the frozen
+    reference (the Stage-1 model), computed once and cached in `out_path` (JSON, keyed by the reference
+    model's weights hash and the pairs file hash). An existing cache with the same key is reused."""
+    key = {"model": model_fingerprint(model_dir), "pairs": file_sha256(pairs_path), "dtype": dtype,
+           "max_response_tokens": int(max_response_tokens)}
+    if os.path.exists(out_path):
+        cached = read_json(out_path)
+        if cached.get("key") == key:
+            return cached
+    pairs = load_pairs(pairs_path, prompt)
+    processor = load_processor(model_dir, min_pixels, max_pixels, trust_remote_code)
+    encoder = Encoder(processor, prompt, max_response_tokens)
+    model = load_model(model_dir, base=base, dtype=dtype, trust_remote_code=trust_remote_code)
+    result = {k: [] for k in ("ref_chosen_logps", "ref_rejected_logps", "ref_chosen_avg", "ref_rejected_avg")}
+    collate = Collator(encoder, "pair")
+    from tqdm import tqdm
+    with torch.no_grad():
+        for s in tqdm(range(0, len(pairs), batch_size), desc="reference log-probs", mininterval=2.0):
+            chunk = pairs[s:s + batch_size]
+            b = SeqBatch.from_dict(collate(chunk)["batch"])
+            out = completion_logps(model, b, encoder.image_token_id)
+            n = len(chunk)
+            result["ref_chosen_logps"] += out.sums[:n].double().tolist()
+            result["ref_rejected_logps"] += out.sums[n:].double().tolist()
+            result["ref_chosen_avg"] += out.means[:n].double().tolist()
+            result["ref_rejected_avg"] += out.means[n:].double().tolist()
+    doc = {"key": key, "n_pairs": len(pairs), **result}
+    write_json(out_path, doc, indent=None)
+    return doc
+
+
+# ---------------------------------------------------------------------------------------------------
+
+def last_checkpoint(ckpt_dir: str) -> str | None:
+    """The newest complete `checkpoint-N` folder (one with trainer_state.json), or None."""
+    best, best_step = None, -1
+    for path in glob.glob(os.path.join(ckpt_dir, "checkpoint-*")):
+        m = re.search(r"checkpoint-(\d+)$", path)
+        if m and os.path.isfile(os.path.join(path, "trainer_state.json")) and int(m.group(1)) > best_step:
+            best, best_step = path, int(m.group(1))
+    return best
+
+
+def training_arguments(spec: dict, out_dir: str) -> TrainingArguments:
+    hp, tr = spec["hparams"], spec.get("train", {})
+    steps = int(hp["steps"])
+    kwargs = dict(
+        output_dir=os.path.join(out_dir, "checkpoints"),
+        max_steps=steps,
+        per_device_train_batch_size=int(hp["batch_size"]),
+        gradient_accumulation_steps=int(hp.get("grad_accum", 1)),
+        learning_rate=float(hp["lr"]),
+        lr_scheduler_type=hp.get("schedule", "cosine_with_min_lr"),
+        warmup_steps=int(hp.get("warmup_steps", 0)),
+        weight_decay=float(hp.get("weight_decay", 0.0)),
+        adam_beta1=0.9,
+        adam_beta2=float(hp.get("adam_beta2", 0.98)),
+        max_grad_norm=float(hp.get("max_grad_norm", 1.0)),
+        seed=int(spec["seed"]),
+        data_seed=int(spec["seed"]),
+        logging_steps=int(tr.get("logging_steps", 10)),
+        save_strategy="steps",
+        save_steps=int(tr.get("save_steps", max(steps, 1))),
+        save_total_limit=int(tr.get("save_total_limit", 2)),
+        report_to=[],
+        dataloader_num_workers=0,
+        dataloader_drop_last=True,
+        remove_unused_columns=False,
+        disable_tqdm=not tr.get("progress", True),
+        use_cpu=not torch.cuda.is_available(),
+        bf16=bool(tr.get("bf16", False)),
+        gradient_checkpointing=bool(tr.get("gradient_checkpointing", False)),
+    )
+    if kwargs["lr_scheduler_type"] == "cosine_with_min_lr":
+        kwargs["lr_scheduler_kwargs"] = {"min_lr_rate": float(hp.get("min_lr_rate", 0.05))}
+    if tr.get("deepspeed"):
+        kwargs["deepspeed"] = tr["deepspeed"]
+    return TrainingArguments(**kwargs)
+
+
+def build_dataset(spec: dict, encoder: Encoder) -> tuple[list, str, dict]:
+    """(items, collator kind, summary) for the spec's method and data."""
+    method, data = spec["method"], spec["data"]
+    summary: dict = {}
+    if method in STAGE2_METHODS:
+        pairs = load_pairs(spec["pairs"], spec["prompt"])
+        ref = read_json(spec["ref_logps"])
+        if ref.get("key", {}).get("pairs") != file_sha256(spec["pairs"]):
+            raise ValueError(f"{spec['ref_logps']}: reference log-probs were computed for another pairs file; "
+                             "rerun the ref_logps rule")
+        for i, p in enumerate(pairs):
+            p["ref_chosen_logps"] = ref["ref_chosen_logps"][i]
+            p["ref_rejected_logps"] = ref["ref_rejected_logps"][i]
+            p["pair_index"] = i
+        summary["pairs"] = len(pairs)
+        return pairs, "pair", summary
+    records = load_karpathy(data["json"], data.get("image_root"), data["splits"],
+                            on_bad_input=data.get("on_bad_input", "error"))
+    if data.get("stage") == "stage1":
+        records, _ = stage_split(records, float(data["stage1_fraction"]))
+    summary["images"] = len(records)
+    if method == "sft":
+        items = sft_items(records)
+        summary["examples"] = len(items)
+        return items, "sft", summary
+    from .negatives import sft_c_items
+    items = sft_c_items(records, spec.get("negatives", {}), seed=int(spec.get("data_seed", 0)))
+    summary["examples"] = len(items)
+    return items, "sft_c", summary
+
+
+def resolve_l_floor(hp: dict, spec: dict) -> float:
+    """ℓ_floor as a number; "mean" = mean ℓ̄ of the Stage-2 negatives under the Stage-1 (reference) model."""
+    if hp.get("l_floor") == "mean":
+        vals = read_json(spec["ref_logps"])["ref_rejected_avg"]
+        return float(sum(vals) / len(vals))
+    return float(hp["l_floor"])
+
+
+def run_training(spec: dict, out_dir: str) -> dict:
+    """Train one model as `spec` says; write out_dir/{model/, metrics.json, train_log.csv, timing.json}."""
+    t0 = time.time()
+    threads = int(spec.get("train", {}).get("threads", 0))
+    if threads > 0:
+        torch.set_num_threads(threads)
+    random.seed(int(spec["seed"]))
+    torch.manual_seed(int(spec["seed"]))
+    hp = dict(spec["hparams"])
+    if spec["method"] in STAGE2_METHODS:
+        hp["l_floor"] = resolve_l_floor(hp, spec)
+    processor = load_processor(spec["init"], spec.get("min_pixels"), spec.get("max_pixels"),
+                               spec.get("trust_remote_code", False))
+    encoder = Encoder(processor, spec["prompt"], spec.get("max_response_tokens", 64),
+                      pixel_cache_mb=float(spec.get("train", {}).get("pixel_cache_mb", 1024)))
+    items, kind, summary = build_dataset(spec, encoder)
+    model = load_model(spec["init"], base=spec.get("base"), dtype=spec.get("dtype", "float32"), trainable=True,
+                       lora=spec.get("lora"), trust_remote_code=spec.get("trust_remote_code", False))
+    args = training_arguments(spec, out_dir)
+    callbacks = []
+    if spec.get("train", {}).get("inject_nan_step"):
+        callbacks.append(InjectNan(spec["train"]["inject_nan_step"]))
+    callbacks.append(NanGuard(spec["method"]))
+    trainer = CWDPOTrainer(model=model, args=args, train_dataset=ListDataset(items),
+                           data_collator=Collator(encoder, kind), method=spec["method"], hparams=hp, encoder=encoder,
+                           callbacks=callbacks)
+    resume = last_checkpoint(args.output_dir)
+    result = trainer.train(resume_from_checkpoint=resume)
+    model_dir = os.path.join(out_dir, "model")
+    trainer.save_model(model_dir)
+    processor.save_pretrained(model_dir)
+    history = [h for h in trainer.state.log_history if "loss" in h]
+    write_train_log(os.path.join(out_dir, "train_log.csv"), history)
+    last = history[-1] if history else {}
+    metrics = {"method": spec["method"], "steps": int(trainer.state.global_step), "seed": int(spec["seed"]),
+               "final_loss": last.get("loss"), "l_floor": hp.get("l_floor"), "data": summary,
+               "resumed_from": os.path.basename(resume) if resume else None,
+               "parameters": sum(p.numel() for p in model.parameters()),
+               "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+    for key in ("w_c", "accuracies", "filtered_frac", "penalty", "margins"):
+        vals = [h[key] for h in history if key in h]
+        if vals:
+            metrics[f"mean_{key}"] = sum(vals) / len(vals)
+    write_json(os.path.join(out_dir, "metrics.json"), metrics)
+    write_json(os.path.join(out_dir, "timing.json"), {
+        "wall_s": time.time() - t0, "train_runtime_s": result.metrics.get("train_runtime"),
+        "steps_per_s": result.metrics.get("train_steps_per_second")})
+    return metrics
+
+
+def write_train_log(path: str, history: list):
+    """The Trainer's log history (one row per logging step) as CSV; timing fields are left out."""
+    skip = {"train_runtime", "train_samples_per_second", "train_steps_per_second", "total_flos", "epoch"}
+    cols = sorted({k for h in history for k in h if k not in skip} - {"step"})
+    lines = [",".join(["step"] + cols)]
+    for h in history:
+        lines.append(",".join([str(h["step"])] + [_fmt(h.get(c)) for c in cols]))
+    write_text(path, "\n".join(lines) + "\n")
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return "nan" if math.isnan(v) else repr(v)
+    return str(v)
+
+
+def read_train_log(path: str) -> list:
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def save_json_spec(spec: dict) -> str:
+    return json.dumps(spec, sort_keys=True)

@@ -1,0 +1,62 @@
+"""Shared fixtures: a small `shapes` dataset and a tiny Qwen2.5-VL built offline, once per test session."""
+import os
+import sys
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_SPEC = dict(vocab_size=512, min_pixels=112 * 112, max_pixels=112 * 112, hidden_size=64, num_attention_heads=2,
+                 num_key_value_heads=1, intermediate_size=128, num_hidden_layers=2, vision_depth=1,
+                 vision_hidden_size=32, vision_intermediate_size=64, vision_num_heads=1)
+
+
+@pytest.fixture(scope="session")
+def shapes_dir(tmp_path_factory):
+    from cwdpo import shapes
+    out = tmp_path_factory.mktemp("shapes")
+    shapes.generate(str(out), shapes.ShapesSpec(splits={"train": 120, "finetune": 40, "test": 16}, seed=3),
+                    progress=False)
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def shapes_records(shapes_dir):
+    from cwdpo.data import load_karpathy
+    return load_karpathy(os.path.join(shapes_dir, "dataset_shapes.json"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, shapes_records):
+    from cwdpo.models import build_tiny
+    out = tmp_path_factory.mktemp("tiny")
+    corpus = [c for r in shapes_records for c in r.captions]
+    build_tiny(str(out), corpus, TINY_SPEC, "Describe the image.", seed=0)
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def processor(tiny_model_dir):
+    from cwdpo.models import load_processor
+    return load_processor(tiny_model_dir)
+
+
+@pytest.fixture()
+def encoder(processor):
+    from cwdpo.logprobs import Encoder
+    return Encoder(processor, "Describe the image.", max_response_tokens=40)
+
+
+def run(cmd, cwd=None, env=None, timeout=1800):
+    """Run a command, failing the test with its output when it fails."""
+    import subprocess
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"{cmd} failed ({proc.returncode}):\nSTDOUT:\n{proc.stdout[-4000:]}\n"
+                             f"STDERR:\n{proc.stderr[-6000:]}")
+    return proc
+
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

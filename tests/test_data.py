@@ -1,0 +1,88 @@
+"""The Karpathy-format loader, stage splits and the trivial baseline caption."""
+import json
+import os
+
+import pytest
+from PIL import Image
+
+from cwdpo.data import DataError, BadInputLog, load_karpathy, most_frequent_caption, stage_split
+
+
+def _write_karpathy(tmp_path, with_filepath=True):
+    root = tmp_path / "imgs"
+    (root / "val2014").mkdir(parents=True)
+    images = []
+    for i in range(3):
+        name = f"COCO_val2014_{i:012d}.jpg"
+        Image.new("RGB", (64, 48), (i * 40, 10, 10)).save(root / "val2014" / name)
+        entry = {"filename": name, "imgid": i, "cocoid": 1000 + i, "split": ["train", "restval", "test"][i],
+                 "sentids": [2 * i, 2 * i + 1],
+                 "sentences": [{"raw": f"A photo number {i}.", "tokens": ["a", "photo", "number", str(i)],
+                                "imgid": i, "sentid": 2 * i},
+                               {"raw": "Something else.", "tokens": ["something", "else"], "imgid": i,
+                                "sentid": 2 * i + 1}]}
+        if with_filepath:
+            entry["filepath"] = "val2014"
+        else:
+            os.replace(root / "val2014" / name, root / name)
+        images.append(entry)
+    path = tmp_path / "dataset_coco.json"
+    path.write_text(json.dumps({"dataset": "coco", "images": images}))
+    return str(path), str(root)
+
+
+def test_reads_hand_made_karpathy_file(tmp_path):
+    path, root = _write_karpathy(tmp_path)
+    recs = load_karpathy(path, root)
+    assert [r.image_id for r in recs] == ["1000", "1001", "1002"]
+    assert recs[0].path == os.path.join(root, "val2014", "COCO_val2014_000000000000.jpg")
+    assert recs[2].captions == ["A photo number 2.", "Something else."]
+    assert [r.split for r in recs] == ["train", "restval", "test"]
+    assert [r.image_id for r in load_karpathy(path, root, splits=["train", "restval"])] == ["1000", "1001"]
+
+
+def test_reads_flickr_style_file_without_filepath(tmp_path):
+    path, root = _write_karpathy(tmp_path, with_filepath=False)
+    recs = load_karpathy(path, root, splits="test")
+    assert len(recs) == 1 and os.path.isfile(recs[0].path)
+
+
+@pytest.mark.parametrize("mutate,needle", [
+    (lambda d: d["images"][1].pop("sentences"), "missing field(s) sentences"),
+    (lambda d: d["images"][1]["sentences"][0].update(raw="  "), "empty or missing 'raw'"),
+    (lambda d: d["images"][1].update(filename="nope.jpg"), "image file not found"),
+])
+def test_bad_entries_name_file_and_image_or_are_skipped(tmp_path, mutate, needle):
+    path, root = _write_karpathy(tmp_path)
+    doc = json.load(open(path))
+    mutate(doc)
+    json.dump(doc, open(path, "w"))
+    with pytest.raises(DataError) as err:
+        load_karpathy(path, root)
+    assert path in str(err.value) and "images[1] (id 1001)" in str(err.value) and needle in str(err.value)
+    log = BadInputLog()
+    recs = load_karpathy(path, root, on_bad_input="skip", bad_log=log)
+    assert [r.image_id for r in recs] == ["1000", "1002"]
+    assert log.summary()["skipped"] == 1
+
+
+def test_not_json_names_the_line(tmp_path):
+    p = tmp_path / "bad.json"
+    p.write_text('{"images": [\n  {"filename": "a.jpg",}\n]}')
+    with pytest.raises(DataError, match=r"bad.json:2"):
+        load_karpathy(str(p))
+
+
+def test_stage_split_is_deterministic_and_sized(shapes_records):
+    fin = [r for r in shapes_records if r.split == "finetune"]
+    a1, a2 = stage_split(fin, 0.75)
+    b1, b2 = stage_split(list(reversed(fin)), 0.75)
+    assert len(a1) == 30 and len(a2) == 10
+    assert {r.image_id for r in a1} == {r.image_id for r in b1}
+    assert not {r.image_id for r in a1} & {r.image_id for r in a2}
+
+
+def test_most_frequent_caption():
+    from cwdpo.data import ImageRecord
+    recs = [ImageRecord("1", "", "train", ["b cat", "a dog"]), ImageRecord("2", "", "train", ["A dog", "c"])]
+    assert most_frequent_caption(recs) == "a dog"

@@ -1,0 +1,100 @@
+"""Per-token log-probs: masks cover exactly the caption tokens; one forward equals the stock HF forward."""
+import os
+
+import pytest
+import torch
+from PIL import Image
+
+from cwdpo.logprobs import completion_logps, hf_forward_logps, mrope_positions
+from cwdpo.models import load_model
+
+
+@pytest.fixture(scope="module")
+def model64(tiny_model_dir):
+    return load_model(tiny_model_dir, dtype="float64")
+
+
+def test_completion_mask_covers_exactly_the_caption_tokens(encoder, shapes_records):
+    tok = encoder.tokenizer
+    recs = shapes_records[:3]
+    rows = [(0, recs[0].captions[0]), (1, recs[1].captions[3]), (2, "a red")]
+    b = encoder.build([r.path for r in recs], rows)
+    for r, (_, text) in enumerate(rows):
+        ids = b.input_ids[r][b.completion_mask[r]].tolist()
+        assert ids == tok(text, add_special_tokens=False)["input_ids"] + [encoder.eos_id]
+        assert tok.decode(ids[:-1]) == text
+        # nothing before the response (prompt, image tokens) and nothing after it (padding) is marked
+        first = int(b.completion_mask[r].nonzero()[0])
+        assert not b.completion_mask[r, :first].any()
+        assert int(b.attention_mask[r].sum()) == first + len(ids)
+        assert (b.input_ids[r, :first] == encoder.image_token_id).sum() == 16
+
+
+def test_prompt_ids_and_positions_match_the_processor_and_model(encoder, processor, model64, shapes_records):
+    im = Image.open(shapes_records[0].path).convert("RGB")
+    p = processor(text=[encoder.prompt_text], images=[im], return_tensors="pt")
+    ids, pos = encoder.prompt_ids(p["image_grid_thw"][0])
+    assert ids == p["input_ids"][0].tolist()
+    ref, _ = model64.model.get_rope_index(p["input_ids"], p["mm_token_type_ids"], p["image_grid_thw"])
+    assert torch.equal(pos, ref[:, 0])
+    # a non-square image grid (text after the image resumes at start + max(h, w))
+    grid = torch.tensor([[1, 4, 8]])
+    seq = [5, 6, encoder.image_token_id] + [encoder.image_token_id] * 7 + [7, 8]
+    mm = torch.tensor([[1 if t == encoder.image_token_id else 0 for t in seq]])
+    ref, _ = model64.model.get_rope_index(torch.tensor([seq]), mm, grid)
+    assert torch.equal(mrope_positions(seq, grid, encoder.image_token_id, 2), ref[:, 0])
+
+
+def test_one_forward_equals_the_stock_hf_forward(encoder, model64, processor, shapes_records):
+    recs = shapes_records[:3]
+    rows = [(0, recs[0].captions[0]), (1, recs[1].captions[0]), (0, recs[2].captions[1]), (2, "a red")]
+    b = encoder.build([r.path for r in recs], rows)
+    out = completion_logps(model64, b, encoder.image_token_id)
+    images = [Image.open(recs[i].path).convert("RGB") for i, _ in rows]
+    ref = hf_forward_logps(model64, processor, encoder.prompt_text, images, [t for _, t in rows])
+    torch.testing.assert_close(out.sums, ref, atol=1e-9, rtol=0)
+    counts = [len(encoder.tokenizer(t, add_special_tokens=False)["input_ids"]) + 1 for _, t in rows]
+    assert out.counts.tolist() == counts
+    torch.testing.assert_close(out.means, out.sums / out.counts)
+
+
+@pytest.mark.parametrize("dtype,tol", [("float64", 1e-10), ("float32", 2e-5)])
+def test_batch_size_and_padding_invariance(tiny_model_dir, encoder, shapes_records, dtype, tol):
+    model = load_model(tiny_model_dir, dtype=dtype)
+    recs = shapes_records[:4]
+    short = (0, "a red circle")
+    alone = completion_logps(model, encoder.build([recs[0].path], [short]), encoder.image_token_id)
+    long_rows = [(1, recs[1].captions[0] + " and a very long tail of words to pad the batch"),
+                 (2, recs[2].captions[2]), (0, short[1]), (3, recs[3].captions[4])]
+    batch = completion_logps(model, encoder.build([r.path for r in recs], long_rows), encoder.image_token_id)
+    assert abs(float(alone.sums[0]) - float(batch.sums[2])) < tol * max(1.0, abs(float(alone.sums[0])))
+    assert abs(float(alone.means[0]) - float(batch.means[2])) < tol
+
+
+def test_gradients_flow_to_vision_and_language_parameters(tiny_model_dir, encoder, shapes_records):
+    model = load_model(tiny_model_dir, trainable=True)
+    b = encoder.build([shapes_records[0].path], [(0, shapes_records[0].captions[0])])
+    completion_logps(model, b, encoder.image_token_id).sums.sum().backward()
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    assert any(g is not None and g.abs().sum() > 0 for n, g in grads.items() if "visual" in n)
+    assert any(g is not None and g.abs().sum() > 0 for n, g in grads.items() if "language_model" in n)
+
+
+def test_processor_type_is_asserted_and_model_reloads_offline(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForImageTextToText
+    from cwdpo.models import load_processor
+    assert os.environ.get("HF_HUB_OFFLINE") == "1"
+    proc = load_processor(tiny_model_dir)
+    assert type(proc).__name__ in ("Qwen2_5_VLProcessor", "Qwen2_5_VLImageOnlyProcessor")
+    assert proc.image_processor is not None
+    m = AutoModelForImageTextToText.from_pretrained(tiny_model_dir)
+    assert type(m).__name__ == "Qwen2_5_VLForConditionalGeneration"
+    # a folder with only the tokenizer would make AutoProcessor return a bare tokenizer: refused
+    import shutil
+    tok_only = tmp_path / "tok"
+    tok_only.mkdir()
+    for name in os.listdir(tiny_model_dir):
+        if name.startswith("tokenizer") or name == "config.json":
+            shutil.copy(os.path.join(tiny_model_dir, name), tok_only / name)
+    with pytest.raises((TypeError, OSError, ValueError)):
+        load_processor(str(tok_only))

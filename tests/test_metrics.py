@@ -1,0 +1,61 @@
+"""Caption scoring: our CIDEr-D and PTB wrapper against pycocoevalcap; corpus document frequencies; SPICE n/a."""
+import numpy as np
+import pytest
+from pycocoevalcap.cider.cider import Cider
+from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+from cwdpo import metrics
+
+GTS = {"1": ["A dog runs on the green grass.", "A brown dog running in a field."],
+       "2": ["A cat sits on a red sofa.", "A cat is lying on the couch."],
+       "3": ["Two people ride bikes in the park.", "People cycling through a park."]}
+RES = {"1": "A dog running on grass.", "2": "A cat on a red couch.", "3": "Two men riding bicycles."}
+
+
+def test_ptb_tokenize_equals_pycocoevalcap():
+    ours = metrics.ptb_tokenize(GTS)
+    theirs = PTBTokenizer().tokenize({k: [{"caption": c} for c in v] for k, v in GTS.items()})
+    assert ours == theirs
+
+
+def test_cider_d_equals_pycocoevalcap_on_hand_made_example():
+    g = metrics.ptb_tokenize(GTS)
+    r = metrics.ptb_tokenize({k: [v] for k, v in RES.items()})
+    score, per = Cider().compute_score(g, r)
+    ours = metrics.CiderD([g[k] for k in g]).score([r[k][0] for k in g], [g[k] for k in g])
+    assert ours.mean() == pytest.approx(score, abs=1e-12)
+    np.testing.assert_allclose(ours, per, atol=1e-12)
+    assert score > 0
+    # and through the full scoring entry point
+    out = metrics.score_captions(GTS, RES, metrics=["CIDEr"])
+    assert out["corpus"]["CIDEr"] == pytest.approx(score, abs=1e-12)
+
+
+def test_corpus_df_gives_the_same_score_alone_or_in_a_batch():
+    corpus = [[metrics.simple_tokenize(c) for c in v] for v in GTS.values()]
+    scorer = metrics.CiderD(corpus)
+    refs = corpus[0]
+    cand = metrics.simple_tokenize(RES["1"])
+    alone = scorer.score([cand], [refs])[0]
+    batch = scorer.score([metrics.simple_tokenize(RES["2"]), cand, cand], [corpus[1], refs, refs])
+    assert alone == batch[1] == batch[2] > 0
+    # pycocoevalcap's per-call df gives a single image 0.0, which is why ranking samples needs a corpus df
+    assert Cider().compute_score({"1": refs}, {"1": [cand]})[0] == 0.0
+
+
+def test_spice_is_n_a_with_a_reason_when_corenlp_is_missing(monkeypatch, tmp_path):
+    monkeypatch.setenv("CWDPO_SPICE_LIB", str(tmp_path))
+    ok, reason = metrics.spice_status()
+    assert not ok and "stanford-corenlp-3.6.0.jar" in reason
+    out = metrics.score_captions(GTS, RES, metrics=["SPICE", "BLEU-4"])
+    assert out["corpus"]["SPICE"] is None and "stanford-corenlp" in out["na_reasons"]["SPICE"]
+    assert 0 < out["corpus"]["BLEU-4"] <= 1
+
+
+def test_all_metrics_finite_and_perfect_caption_scores_high():
+    perfect = {k: v[0] for k, v in GTS.items()}
+    out = metrics.score_captions(GTS, perfect, metrics=["BLEU-4", "METEOR", "ROUGE-L", "CIDEr"])
+    worse = metrics.score_captions(GTS, RES, metrics=["BLEU-4", "METEOR", "ROUGE-L", "CIDEr"])
+    for m in ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr"):
+        assert np.isfinite(out["corpus"][m]) and out["corpus"][m] > worse["corpus"][m]
+        assert set(out["per_image"][m]) == set(GTS)

@@ -1,0 +1,17 @@
+# Config validation (schema + cross-key checks) and the experiment plan every rule reads.
+import os
+
+from snakemake.utils import validate
+
+from cwdpo.plan import Plan, dumps
+
+validate(config, "../schemas/config.schema.yaml")
+P = Plan(config)
+OUT = P.out
+
+
+wildcard_constraints:
+    stage1=r"[A-Za-z0-9][A-Za-z0-9_.-]*",
+    stage2=r"[A-Za-z0-9][A-Za-z0-9_.-]*",
+    seed=r"\d+",
+    key=r"base|stage1/[^/]+/s\d+|stage2/[^/]+/s\d+/[^/]+",

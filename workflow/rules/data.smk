@@ -1,0 +1,14 @@
+# The embedded `shapes` dataset, in the Karpathy format (COCO/Flickr30k configs point at their own file).
+if P.is_shapes:
+
+    rule prepare_data:
+        output:
+            json=f"{OUT}/data/dataset_shapes.json",
+            summary=f"{OUT}/data/summary.json",
+        log:
+            f"{OUT}/logs/prepare_data.log",
+        params:
+            spec=dumps(P.shapes_spec()),
+            out=lambda wc, output: os.path.dirname(output.json),
+        shell:
+            "cwdpo prepare-data --spec {params.spec:q} --out {params.out:q} > {log:q} 2>&1"

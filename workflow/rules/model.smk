@@ -1,0 +1,39 @@
+# The base VLM. tiny: built offline with random weights, then pretrained on the `shapes` train split.
+# Hub ids / local folders (config model.source) are used as they are.
+if P.tiny:
+
+    rule build_model:
+        input:
+            P.data_json(),
+        output:
+            directory(P.base_init_dir()),
+        log:
+            f"{OUT}/logs/build_model.log",
+        benchmark:
+            f"{OUT}/benchmarks/build_model.tsv"
+        params:
+            spec=lambda wc: dumps(P.build_model_spec()),
+        shell:
+            "cwdpo build-model --spec {params.spec:q} --out {output:q} > {log:q} 2>&1"
+
+
+if P.tiny and config["pretrain"]["enabled"]:
+
+    rule pretrain:
+        input:
+            model=P.base_init_dir(),
+            data=P.data_json(),
+        output:
+            model=directory(P.base_model()),
+            metrics=f"{OUT}/base/pretrain/metrics.json",
+            train_log=f"{OUT}/base/pretrain/train_log.csv",
+        log:
+            f"{OUT}/logs/pretrain.log",
+        benchmark:
+            f"{OUT}/benchmarks/pretrain.tsv"
+        threads: workflow.cores
+        params:
+            spec=lambda wc, threads: dumps(P.pretrain_spec(threads)),
+            out=lambda wc, output: os.path.dirname(output.metrics),
+        shell:
+            "cwdpo train --spec {params.spec:q} --out {params.out:q} > {log:q} 2>&1"
