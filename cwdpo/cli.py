@@ -70,16 +70,17 @@ def cmd_train(a):
     print(json.dumps(metrics, sort_keys=True))
 
 
-def cmd_generate(a):
+def cmd_evaluate(a):
+    """Beam-search captions on the test split + teacher-forced measures on the held-out pairs."""
     _quiet_hf()
     spec = _spec(a.spec)
     _threads(spec.get("threads", 0))
-    from .data import load_karpathy, write_json
-    from .evaluate import generate_captions
+    from .data import read_json, write_json
+    from .evaluate import generate_captions, pair_measures
     from .logprobs import Encoder
     from .models import load_model, load_processor
-    d = spec["data"]
-    records = load_karpathy(d["json"], d.get("image_root"), d["splits"], on_bad_input=d.get("on_bad_input", "error"))
+    from .negatives import read_pairs
+    records = _records(spec["data"])
     processor = load_processor(spec["model"], spec.get("min_pixels"), spec.get("max_pixels"),
                                spec.get("trust_remote_code", False))
     model = load_model(spec["model"], base=spec.get("base"), dtype=spec.get("dtype", "float32"),
@@ -87,9 +88,92 @@ def cmd_generate(a):
     encoder = Encoder(processor, spec["prompt"], spec.get("max_response_tokens", 64))
     caps = generate_captions(model, encoder, [r.path for r in records], num_beams=int(spec["num_beams"]),
                              max_new_tokens=int(spec["max_new_tokens"]), batch_size=int(spec["batch_size"]))
-    write_json(a.out, {"captions": {r.image_id: c[0] for r, c in zip(records, caps)},
-                       "references": {r.image_id: r.captions for r in records},
-                       "decoding": {"num_beams": spec["num_beams"], "max_new_tokens": spec["max_new_tokens"]}})
+    write_json(a.captions, {"captions": {r.image_id: c[0] for r, c in zip(records, caps)},
+                            "references": {r.image_id: r.captions for r in records},
+                            "decoding": {"num_beams": spec["num_beams"], "max_new_tokens": spec["max_new_tokens"]}})
+    l_floor = spec["l_floor"]
+    run_metrics = os.path.join(os.path.dirname(os.path.normpath(spec["model"])), "metrics.json")
+    if os.path.isfile(run_metrics) and isinstance(read_json(run_metrics).get("l_floor"), (int, float)):
+        l_floor = read_json(run_metrics)["l_floor"]  # a Stage-2 run's own (resolved) floor
+    measures = {"heldout": pair_measures(model, encoder, read_pairs(spec["heldout_pairs"], spec["prompt"]),
+                                         l_floor=float(l_floor), tau=float(spec["tau"]),
+                                         batch_size=int(spec.get("pair_batch_size", 32)))}
+    write_json(a.measures, measures)
+
+
+def _records(d: dict, check_files: bool = True, bad_log=None):
+    from .data import load_karpathy
+    return load_karpathy(d["json"], d.get("image_root"), d["splits"], on_bad_input=d.get("on_bad_input", "error"),
+                         bad_log=bad_log, check_files=check_files)
+
+
+def cmd_sample_onpolicy(a):
+    """K samples per Stage-2 image from the Stage-1 model, scored by CIDEr-D (corpus df)."""
+    _quiet_hf()
+    from .data import stage_split, write_json, write_text
+    from .sampling import corpus_scorer, make_sampler, score_samples
+    spec = _spec(a.spec)
+    o = spec["onpolicy"]
+    finetune = _records(spec["data"])
+    _, stage2 = stage_split(finetune, float(spec["data"]["stage1_fraction"]))
+    sampler = make_sampler(o["backend"], spec["model"], base=spec.get("base"), prompt=spec["prompt"],
+                           min_pixels=spec.get("min_pixels"), max_pixels=spec.get("max_pixels"),
+                           dtype=spec.get("dtype", "float32"), max_response_tokens=spec.get("max_response_tokens", 64),
+                           trust_remote_code=spec.get("trust_remote_code", False), batch_size=int(o["batch_size"]),
+                           threads=spec.get("threads", 0), llm_kwargs=o.get("vllm"))
+    texts = sampler.sample([r.path for r in stage2], k=int(o["k"]), temperature=float(o["temperature"]),
+                           top_p=float(o["top_p"]), max_new_tokens=int(o["max_new_tokens"]), seed=int(spec["seed"]))
+    scored = score_samples(stage2, texts, corpus_scorer(finetune), float(o["threshold"]))
+    write_text(a.out, "".join(json.dumps(x, sort_keys=True) + "\n" for x in scored))
+    n = sum(len(x["samples"]) for x in scored)
+    kept = sum(s["kept"] for x in scored for s in x["samples"])
+    refs = sum(s["is_reference"] for x in scored for s in x["samples"])
+    write_json(a.summary, {"images": len(scored), "samples": n, "kept": kept, "equal_to_a_reference": refs,
+                           "backend": o["backend"], "k": o["k"], "threshold": o["threshold"],
+                           "mean_score": sum(s["score"] for x in scored for s in x["samples"]) / max(1, n)})
+
+
+def cmd_make_pairs(a):
+    """Stage-2 (or held-out) preference pairs: ρ dataset negatives among on-policy ones, TRL format."""
+    from .data import BadInputLog, stage_split, write_json
+    from .negatives import build_pairs, read_external, write_pairs
+    from .metrics import simple_tokenize
+    from .sampling import corpus_scorer, read_samples
+    spec = _spec(a.spec)
+    bad = BadInputLog()
+    records = _records(spec["data"], bad_log=bad)
+    corpus = records
+    if spec.get("stage") == "stage2":
+        _, records = stage_split(records, float(spec["data"]["stage1_fraction"]))
+    onpolicy = read_samples(a.onpolicy) if a.onpolicy else None
+    external = None
+    if spec["negatives"].get("external"):
+        external = read_external(spec["negatives"]["external"], {r.image_id for r in corpus},
+                                 on_bad_input=spec["data"].get("on_bad_input", "error"), bad_log=bad)
+    scorer = corpus_scorer(corpus)
+    pairs, summary = build_pairs(records, spec["negatives"], float(spec["rho"]), int(spec["seed"]), onpolicy=onpolicy,
+                                 external=external, p_easy=spec.get("p_easy"),
+                                 scorer=lambda text, refs: scorer.score_one(simple_tokenize(text),
+                                                                            [simple_tokenize(r) for r in refs]))
+    if not pairs:
+        sys.exit(f"cwdpo make-pairs: no pairs (rho={spec['rho']}, on-policy pool {summary['onpolicy_pool']}); "
+                 "lower negatives.onpolicy.threshold or raise rho")
+    write_pairs(a.out, pairs, spec["prompt"])
+    summary["bad_input"] = bad.summary()
+    write_json(a.summary, summary)
+
+
+def cmd_ref_logps(a):
+    _quiet_hf()
+    spec = _spec(a.spec)
+    _threads(spec.get("threads", 0))
+    from .train import reference_logps
+    doc = reference_logps(spec["model"], a.pairs, a.out, base=spec.get("base"), dtype=spec.get("dtype", "float32"),
+                          prompt=spec["prompt"], min_pixels=spec.get("min_pixels"), max_pixels=spec.get("max_pixels"),
+                          max_response_tokens=spec.get("max_response_tokens", 64),
+                          batch_size=int(spec.get("batch_size", 32)),
+                          trust_remote_code=spec.get("trust_remote_code", False))
+    print(f"reference log-probs of {doc['n_pairs']} pairs -> {a.out}")
 
 
 def cmd_trivial(a):
@@ -153,8 +237,22 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("train", cmd_train, "train one model (pretrain/SFT/SFT-C/DPO/Focal-DPO/CW-DPO)")
     sp.add_argument("--spec", required=True)
     sp.add_argument("--out", required=True)
-    sp = add("generate", cmd_generate, "beam-search captions for an evaluation split")
+    sp = add("evaluate", cmd_evaluate, "beam-search captions + teacher-forced measures of one model")
     sp.add_argument("--spec", required=True)
+    sp.add_argument("--captions", required=True)
+    sp.add_argument("--measures", required=True)
+    sp = add("sample-onpolicy", cmd_sample_onpolicy, "K samples per Stage-2 image from a model (hf or vllm)")
+    sp.add_argument("--spec", required=True)
+    sp.add_argument("--out", required=True)
+    sp.add_argument("--summary", required=True)
+    sp = add("make-pairs", cmd_make_pairs, "preference pairs (TRL vision format) from dataset/on-policy negatives")
+    sp.add_argument("--spec", required=True)
+    sp.add_argument("--onpolicy", default=None)
+    sp.add_argument("--out", required=True)
+    sp.add_argument("--summary", required=True)
+    sp = add("ref-logps", cmd_ref_logps, "cache the reference model's log-probs of a pairs file")
+    sp.add_argument("--spec", required=True)
+    sp.add_argument("--pairs", required=True)
     sp.add_argument("--out", required=True)
     sp = add("trivial", cmd_trivial, "the trivial baseline: the most frequent training caption for every image")
     sp.add_argument("--spec", required=True)

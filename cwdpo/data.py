@@ -61,7 +61,7 @@ def load_karpathy(json_path: str, image_root: str | None = None, splits=None, on
     with `check_files` the image file must exist. A violation raises `DataError` naming the file and the
     image (index and id), or with `on_bad_input='skip'` the image is skipped and logged in `bad_log`.
     """
-    image_root = image_root if image_root is not None else os.path.dirname(os.path.abspath(json_path))
+    image_root = image_root if image_root is not None else os.path.dirname(json_path)
     try:
         with open(json_path) as f:
             doc = json.load(f)

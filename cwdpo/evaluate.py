@@ -60,3 +60,42 @@ def generate_captions(model, encoder: Encoder, image_paths: list, *, num_beams: 
         for i in range(len(chunk)):
             out.append(texts[i * num_return:(i + 1) * num_return])
     return out
+
+
+@torch.no_grad()
+def pair_measures(model, encoder: Encoder, pairs: list, *, l_floor: float, tau: float, batch_size: int = 32) -> dict:
+    """Teacher-forced measures on held-out preference pairs under one model (no reference needed).
+
+    pref_acc = mean 1[log π(y_w|x) > log π(y_l|x)] (summed log-probs: the model ranks the reference caption
+    above the negative); w_c = mean σ((ℓ̄(y_l|x) − ℓ_floor)/τ), the cooling weight CW-DPO would give these
+    negatives; avg_logp_chosen/rejected = mean token-mean log-probs ℓ̄. Also per-source breakdowns.
+    """
+    from .logprobs import completion_logps
+    from .train import Collator
+    model.eval()
+    collate = Collator(encoder, "pair")
+    sums_c, sums_r, means_c, means_r, sources = [], [], [], [], []
+    for s in range(0, len(pairs), batch_size):
+        chunk = pairs[s:s + batch_size]
+        items = [{**p, "pair_index": i} for i, p in enumerate(chunk)]
+        from .logprobs import SeqBatch
+        b = SeqBatch.from_dict(collate(items)["batch"]).to(model.device)
+        out = completion_logps(model, b, encoder.image_token_id)
+        n = len(chunk)
+        sums_c += out.sums[:n].tolist()
+        sums_r += out.sums[n:].tolist()
+        means_c += out.means[:n].tolist()
+        means_r += out.means[n:].tolist()
+        sources += [p.get("source") or "unknown" for p in chunk]
+    sc, sr = torch.tensor(sums_c, dtype=torch.float64), torch.tensor(sums_r, dtype=torch.float64)
+    mc, mr = torch.tensor(means_c, dtype=torch.float64), torch.tensor(means_r, dtype=torch.float64)
+    wc = torch.sigmoid((mr - float(l_floor)) / float(tau))
+    acc = (sc > sr).double()
+    result = {"pairs": len(pairs), "pref_acc": float(acc.mean()), "w_c": float(wc.mean()),
+              "avg_logp_chosen": float(mc.mean()), "avg_logp_rejected": float(mr.mean()),
+              "l_floor": float(l_floor), "tau": float(tau), "by_source": {}}
+    for src in sorted(set(sources)):
+        idx = torch.tensor([i for i, x in enumerate(sources) if x == src])
+        result["by_source"][src] = {"pairs": len(idx), "pref_acc": float(acc[idx].mean()), "w_c": float(wc[idx].mean()),
+                                    "avg_logp_rejected": float(mr[idx].mean())}
+    return result

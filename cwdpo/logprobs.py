@@ -82,6 +82,12 @@ def mrope_positions(ids: list, grids: list, image_token_id: int, merge: int) -> 
     return out
 
 
+def chat_prompt(processor, prompt: str) -> str:
+    """The chat-templated prompt text: a user turn with one image and `prompt`, then the assistant header."""
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
 class Encoder:
     """Builds `SeqBatch`es for one processor and one prompt.
 
@@ -97,8 +103,7 @@ class Encoder:
         self.tokenizer = processor.tokenizer
         self.prompt = prompt
         self.max_response_tokens = int(max_response_tokens)
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
-        self.prompt_text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        self.prompt_text = chat_prompt(processor, prompt)
         self.image_token = getattr(processor, "image_token", "<|image_pad|>")
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
         self.eos_id = self.tokenizer.convert_tokens_to_ids("<|im_end|>")

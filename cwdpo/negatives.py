@@ -89,7 +89,6 @@ def perturb_attributes(attrs: dict, kind: str, rng: random.Random, slots: dict, 
                 objs[a]["size"] == objs[b]["size"]:
             return None  # swapping identical objects changes nothing
         objs[a]["cell"], objs[b]["cell"] = objs[b]["cell"], objs[a]["cell"]
-        forms[a], forms[b] = forms[b], forms[a]
         # objects keep their caption slots by identity: reorder objects and forms together
         paired = sorted(zip(objs, forms), key=lambda p: (p[0]["cell"][0], p[0]["cell"][1]) if new["relation"] == "v"
                         else (p[0]["cell"][1], p[0]["cell"][0]))

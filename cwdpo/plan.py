@@ -74,6 +74,18 @@ class Plan:
                 st2 = row.get("stage2")
                 if st2 is not None and st2 not in s2:
                     raise ConfigError(f"{where}.stage2: unknown Stage-2 recipe {st2!r}; known: {', '.join(s2)}")
+        sets = c["negatives"]["sets"]
+        for name in sets:
+            if not re.fullmatch(NAME_RE, name):
+                raise ConfigError(f"negatives.sets: invalid set name {name!r}")
+        for name in s2:
+            negset = self.stage2_recipe(name)["negatives"]
+            if negset not in sets:
+                raise ConfigError(f"stage2.recipes.{name}.negatives: unknown negatives set {negset!r}; known: "
+                                  f"{', '.join(sets)}")
+            if sets[negset]["rho"] < 1 and not c["negatives"]["onpolicy"]["enabled"]:
+                raise ConfigError(f"negatives.sets.{negset}.rho: {sets[negset]['rho']} needs on-policy negatives "
+                                  "but negatives.onpolicy.enabled is false (use rho: 1)")
         if c["data"]["source"] == "karpathy" and not c["data"]["karpathy"].get("json"):
             raise ConfigError("data.karpathy.json: required when data.source is 'karpathy'")
         if c["model"]["source"] != "tiny" and c["pretrain"]["enabled"]:
@@ -174,6 +186,41 @@ class Plan:
     def final_outputs(self) -> list:
         return [f"{self.out}/tables/{name}.md" for name in self.enabled_tables()]
 
+    # ---- negatives and Stage 2 ----
+    def stage2_recipe(self, name: str) -> dict:
+        return deep_merge(self.c["stage2"]["defaults"], self.c["stage2"]["recipes"][name])
+
+    def neg_dir(self, stage1: str, seed) -> str:
+        return f"{self.out}/negatives/{stage1}/s{seed}"
+
+    def needs_onpolicy(self, negset: str) -> bool:
+        return self.c["negatives"]["sets"][negset]["rho"] < 1
+
+    def pairs_inputs(self, stage1: str, seed, negset: str) -> dict:
+        inputs = {"data": self.data_json()}
+        if self.needs_onpolicy(negset):
+            inputs["onpolicy"] = f"{self.neg_dir(stage1, seed)}/onpolicy.jsonl"
+        if self.c["negatives"]["external"]:
+            inputs["external"] = self.c["negatives"]["external"]
+        return inputs
+
+    def stage2_inputs(self, stage1: str, seed, stage2: str) -> dict:
+        negset = self.stage2_recipe(stage2)["negatives"]
+        d = self.neg_dir(stage1, seed)
+        inputs = {"pairs": f"{d}/pairs_{negset}.jsonl", "ref": f"{d}/ref_{negset}.json"}
+        if stage1 != "base" or self.base_is_output():
+            inputs["model"] = self.stage_init(stage1, seed)
+        return inputs
+
+    def init_inputs(self, stage1: str, seed) -> list:
+        """The model a Stage-2 run (and its sampling / reference pass) starts from, when the DAG makes it."""
+        if stage1 == "base" and not self.base_is_output():
+            return []
+        return [self.stage_init(stage1, seed)]
+
+    def heldout_pairs_path(self) -> str:
+        return f"{self.out}/eval/heldout_pairs.jsonl"
+
     # ---- specs for the CLI ----
     def common_model_spec(self) -> dict:
         m = self.c["model"]
@@ -204,9 +251,45 @@ class Plan:
 
     def eval_spec(self, key: str, threads: int) -> dict:
         e = self.c["evaluate"]
+        d = self.c["stage2"]["defaults"]
         return {**self.common_model_spec(), "model": self.model_dir(key), "data": self.data_spec("test"),
                 "num_beams": e["num_beams"], "max_new_tokens": e["max_new_tokens"], "batch_size": e["batch_size"],
+                "threads": threads, "heldout_pairs": self.heldout_pairs_path(),
+                "l_floor": d["l_floor"] if d["l_floor"] != "mean" else -5.0, "tau": d["tau"]}
+
+    def sample_spec(self, stage1: str, seed, threads: int) -> dict:
+        o = self.c["negatives"]["onpolicy"]
+        return {**self.common_model_spec(), "model": self.stage_init(stage1, seed), "onpolicy": o,
+                "seed": int(o["seed"]) + int(seed), "data": self.data_spec("finetune", stage="stage2"),
                 "threads": threads}
+
+    def pairs_spec(self, stage1: str, seed, negset: str) -> dict:
+        n = self.c["negatives"]
+        spec = {"prompt": self.c["prompt"], "data": self.data_spec("finetune", stage="stage2"), "stage": "stage2",
+                "negatives": {k: v for k, v in n.items() if k not in ("onpolicy", "sets")},
+                "rho": n["sets"][negset]["rho"], "p_easy": n["sets"][negset].get("p_easy"), "seed": int(seed)}
+        return spec
+
+    def heldout_spec(self) -> dict:
+        n = self.c["negatives"]
+        return {"prompt": self.c["prompt"], "data": self.data_spec("test"), "stage": "all",
+                "negatives": {**{k: v for k, v in n.items() if k not in ("onpolicy", "sets", "external")},
+                              "external": None},
+                "rho": 1.0, "p_easy": n["p_easy"], "seed": 12345}
+
+    def ref_spec(self, stage1: str, seed, threads: int) -> dict:
+        return {**self.common_model_spec(), "model": self.stage_init(stage1, seed),
+                "batch_size": self.c["stage2"]["ref_batch_size"], "threads": threads}
+
+    def stage2_spec(self, stage1: str, seed, stage2: str, threads: int) -> dict:
+        r = self.stage2_recipe(stage2)
+        method = r.pop("method")
+        negset = r.pop("negatives")
+        d = self.neg_dir(stage1, seed)
+        return {**self.common_model_spec(), "method": method, "init": self.stage_init(stage1, seed), "seed": int(seed),
+                "data": self.data_spec("finetune", stage="stage2"), "hparams": r,
+                "pairs": f"{d}/pairs_{negset}.jsonl", "ref_logps": f"{d}/ref_{negset}.json",
+                "train": self.train_settings(threads), "lora": self.c["model"]["lora"]}
 
     def trivial_spec(self) -> dict:
         return {"train": self.data_spec("pretrain" if self.c["pretrain"]["enabled"] else "finetune"),
@@ -218,10 +301,13 @@ class Plan:
                 "seed": self.c["pretrain_seed"]}
 
     def table_inputs(self, name: str) -> list:
-        keys = []
+        files = []
         for row in self.enabled_tables()[name]["rows"]:
-            keys += ["trivial"] if row.get("trivial") else self.row_keys(row)
-        return [f"{self.out}/eval/{k}/scores.json" for k in keys]
+            if row.get("trivial"):
+                files.append(f"{self.out}/eval/trivial/scores.json")
+            for k in self.row_keys(row):
+                files += [f"{self.out}/eval/{k}/scores.json", f"{self.out}/eval/{k}/measures.json"]
+        return files
 
     def table_spec(self, name: str) -> dict:
         t = self.enabled_tables()[name]
@@ -231,6 +317,10 @@ class Plan:
             if row.get("trivial"):
                 entry["trivial"] = True
             rows.append(entry)
+        measure_columns = [
+            {"name": "w_c", "label": "mean w_c", "file": "measures.json", "path": ["heldout", "w_c"], "digits": 3},
+            {"name": "pref_acc", "label": "pref. acc.", "file": "measures.json", "path": ["heldout", "pref_acc"],
+             "digits": 3}]
         return {"name": name, "rows": rows, "metrics": self.c["evaluate"]["metrics"],
                 "scale": self.c["evaluate"]["scale"], "eval_root": f"{self.out}/eval",
-                "trivial_scores": f"{self.out}/eval/trivial/scores.json"}
+                "trivial_scores": f"{self.out}/eval/trivial/scores.json", "measure_columns": measure_columns}

@@ -34,34 +34,56 @@ def fmt_cell(mean, std, digits: int = 1) -> str:
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
-def collect_rows(spec: dict) -> tuple[list, dict]:
-    """[(row name, {metric: (mean, std, n)})], {metric: n/a reason} from the score files of each row."""
+def metric_columns(spec: dict) -> list:
+    """Columns of a table: caption metrics from scores.json (× scale) then measures from measures.json."""
     scale = float(spec.get("scale", 100))
+    cols = [{"name": m, "file": "scores.json", "path": ["corpus", m], "scale": scale, "digits": 1}
+            for m in spec["metrics"]]
+    return cols + list(spec.get("measure_columns", []))
+
+
+def _lookup(doc: dict, path: list):
+    for key in path:
+        if not isinstance(doc, dict) or key not in doc:
+            return None
+        doc = doc[key]
+    return doc
+
+
+def collect_rows(spec: dict) -> tuple[list, dict]:
+    """[(row name, {column: (mean, std, n)})], {column: n/a reason} from the files of each row's runs."""
+    cols = metric_columns(spec)
     rows, reasons = [], {}
     for row in spec["rows"]:
-        paths = [spec["trivial_scores"]] if row.get("trivial") else \
-            [os.path.join(spec["eval_root"], k, "scores.json") for k in row["keys"]]
-        per_metric: dict = {m: [] for m in spec["metrics"]}
-        for path in paths:
-            doc = read_json(path)
-            for m in spec["metrics"]:
-                v = doc["corpus"].get(m)
-                per_metric[m].append(None if v is None else v * scale)
-                if v is None and m in doc.get("na_reasons", {}):
-                    reasons[m] = doc["na_reasons"][m]
-        rows.append((row["name"], {m: mean_std(v) for m, v in per_metric.items()}))
+        cells: dict = {}
+        for col in cols:
+            values = []
+            if row.get("trivial"):
+                if col["file"] != "scores.json":
+                    reasons[col["name"]] = "not measured for the trivial baseline (it is not a model)"
+                    cells[col["name"]] = (None, None, 0)
+                    continue
+                paths = [spec["trivial_scores"]]
+            else:
+                paths = [os.path.join(spec["eval_root"], k, col["file"]) for k in row["keys"]]
+            for path in paths:
+                doc = read_json(path)
+                v = _lookup(doc, col["path"])
+                values.append(None if v is None else v * col.get("scale", 1.0))
+                if v is None and col["file"] == "scores.json" and col["name"] in doc.get("na_reasons", {}):
+                    reasons[col["name"]] = doc["na_reasons"][col["name"]]
+            cells[col["name"]] = mean_std(values)
+        rows.append((row["name"], cells))
     return rows, reasons
 
 
-def render(rows: list, metrics: list, reasons: dict, title: str, extra_cols: list | None = None) -> dict:
-    """{"md", "csv", "tex"} texts of a rows × metrics table."""
+def render(rows: list, cols: list, reasons: dict, title: str) -> dict:
+    """{"md", "csv", "tex"} texts of a rows × columns table (cells mean ± std over seeds)."""
     from tabulate import tabulate
-    extra_cols = extra_cols or []
-    headers = ["method"] + list(metrics) + [c for c, _ in extra_cols]
-    body = []
-    for name, cells in rows:
-        body.append([name] + [fmt_cell(*cells[m][:2]) for m in metrics] +
-                    [fn(name) for _, fn in extra_cols])
+    names = [c["name"] for c in cols]
+    headers = ["method"] + [c.get("label", c["name"]) for c in cols]
+    body = [[name] + [fmt_cell(*cells[c["name"]][:2], digits=c.get("digits", 1)) for c in cols]
+            for name, cells in rows]
     notes = [f"- {m}: n/a — {r}" for m, r in sorted(reasons.items())]
     md = f"### {title}\n\n" + tabulate(body, headers=headers, tablefmt="github", disable_numparse=True) + "\n"
     if notes:
@@ -69,18 +91,18 @@ def render(rows: list, metrics: list, reasons: dict, title: str, extra_cols: lis
     tex = tabulate(body, headers=headers, tablefmt="latex_booktabs", disable_numparse=True) + "\n"
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["method"] + [h for m in metrics for h in (m, f"{m}_std", f"{m}_n")] + [c for c, _ in extra_cols])
+    w.writerow(["method"] + [h for n in names for h in (n, f"{n}_std", f"{n}_n")])
     for name, cells in rows:
         vals = []
-        for m in metrics:
-            mean, std, n = cells[m]
-            vals += ["n/a" if mean is None else repr(mean), "" if std is None else repr(std), n]
-        w.writerow([name] + vals + [fn(name) for _, fn in extra_cols])
+        for n in names:
+            mean, std, count = cells[n]
+            vals += ["n/a" if mean is None else repr(mean), "" if std is None else repr(std), count]
+        w.writerow([name] + vals)
     return {"md": md, "csv": buf.getvalue(), "tex": tex}
 
 
 def write_table(spec: dict, out_stem: str):
     rows, reasons = collect_rows(spec)
-    texts = render(rows, spec["metrics"], reasons, spec.get("title", spec["name"]))
+    texts = render(rows, metric_columns(spec), reasons, spec.get("title", spec["name"]))
     for ext, text in texts.items():
         write_text(f"{out_stem}.{ext}", text)

@@ -249,13 +249,10 @@ def describes(raw: str, attributes: dict) -> bool:
     objs = attributes["objects"]
     if len(named) != len(objs):
         return False
-    remaining = list(objs)
-    for size, colour, shape in named:
-        match = next((o for o in remaining if o["colour"] == colour and o["shape"] == shape
-                      and (size is None or o["size"] == size)), None)
-        if match is None:
-            return False
-        remaining.remove(match)
+    # some assignment of mentions to objects must agree on colour, shape and (when named) size
+    if not any(all(o["colour"] == c and o["shape"] == sh and (sz is None or o["size"] == sz)
+                   for (sz, c, sh), o in zip(named, perm)) for perm in itertools.permutations(objs)):
+        return False
     # ordered relations and locations: the caption must be one the grammar renders for this scene
     family = layout_family(attributes)
     for forms in itertools.product((None, 0, 1), repeat=len(objs)):

@@ -77,7 +77,8 @@ class Collator:
             for key in ("ref_chosen_logps", "ref_rejected_logps"):
                 if key in items[0]:
                     out[key] = torch.tensor([float(it[key]) for it in items], dtype=torch.float64)
-            out["pair_index"] = torch.tensor([int(it["pair_index"]) for it in items])
+            if "pair_index" in items[0]:
+                out["pair_index"] = torch.tensor([int(it["pair_index"]) for it in items])
         return out
 
 
@@ -249,6 +250,41 @@ def last_checkpoint(ckpt_dir: str) -> str | None:
     return best
 
 
+def spec_fingerprint(spec: dict) -> str:
+    """Hash of everything that determines a run (settings that do not, like threads or progress bars, left out)."""
+    import hashlib
+    relevant = {k: v for k, v in spec.items() if k != "train"}
+    relevant["train"] = {k: v for k, v in spec.get("train", {}).items()
+                         if k not in ("threads", "progress", "save_steps", "save_total_limit", "logging_steps",
+                                      "pixel_cache_mb", "inject_nan_step")}
+    # the content of the files it reads: a retrained init model or new pairs invalidate old checkpoints
+    relevant["inputs"] = {key: _stat_fingerprint(spec[key]) for key in ("init", "pairs", "ref_logps")
+                          if isinstance(spec.get(key), str) and os.path.exists(spec[key])}
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
+
+
+def _stat_fingerprint(path: str) -> list:
+    """(name, size, mtime) of a file or of the files of a folder — cheap even for 100-GB checkpoints."""
+    files = [path] if os.path.isfile(path) else sorted(
+        os.path.join(path, n) for n in os.listdir(path) if os.path.isfile(os.path.join(path, n)))
+    return [[os.path.basename(f), os.path.getsize(f), os.stat(f).st_mtime_ns] for f in files]
+
+
+def prepare_checkpoints(ckpt_dir: str, spec: dict) -> str | None:
+    """The checkpoint to resume from: the newest one of *this* spec. Checkpoints left by a run with another
+    spec (changed hyperparameters, data or init) are deleted instead of silently resumed."""
+    import shutil
+    stamp = os.path.join(ckpt_dir, "spec.sha256")
+    fp = spec_fingerprint(spec)
+    if os.path.isdir(ckpt_dir):
+        old = open(stamp).read().strip() if os.path.isfile(stamp) else None
+        if old != fp:
+            shutil.rmtree(ckpt_dir)
+    os.makedirs(ckpt_dir, exist_ok=True)
+    write_text(stamp, fp + "\n")
+    return last_checkpoint(ckpt_dir)
+
+
 def training_arguments(spec: dict, out_dir: str) -> TrainingArguments:
     hp, tr = spec["hparams"], spec.get("train", {})
     steps = int(hp["steps"])
@@ -277,8 +313,11 @@ def training_arguments(spec: dict, out_dir: str) -> TrainingArguments:
         disable_tqdm=not tr.get("progress", True),
         use_cpu=not torch.cuda.is_available(),
         bf16=bool(tr.get("bf16", False)),
-        gradient_checkpointing=bool(tr.get("gradient_checkpointing", False)),
     )
+    if tr.get("gradient_checkpointing"):  # renamed activation_checkpointing in transformers 5.2x
+        import dataclasses
+        names = {f.name for f in dataclasses.fields(TrainingArguments)}
+        kwargs["activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"] = True
     if kwargs["lr_scheduler_type"] == "cosine_with_min_lr":
         kwargs["lr_scheduler_kwargs"] = {"min_lr_rate": float(hp.get("min_lr_rate", 0.05))}
     if tr.get("deepspeed"):
@@ -351,7 +390,7 @@ def run_training(spec: dict, out_dir: str) -> dict:
     trainer = CWDPOTrainer(model=model, args=args, train_dataset=ListDataset(items),
                            data_collator=Collator(encoder, kind), method=spec["method"], hparams=hp, encoder=encoder,
                            callbacks=callbacks)
-    resume = last_checkpoint(args.output_dir)
+    resume = prepare_checkpoints(args.output_dir, spec)
     result = trainer.train(resume_from_checkpoint=resume)
     model_dir = os.path.join(out_dir, "model")
     trainer.save_model(model_dir)

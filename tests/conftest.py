@@ -49,6 +49,20 @@ def encoder(processor):
     return Encoder(processor, "Describe the image.", max_response_tokens=40)
 
 
+def copy_workflow(dest):
+    """Copy what `snakemake` needs (Snakefile, workflow/, config/, profiles/, the micro config) to `dest`."""
+    import shutil
+    os.makedirs(dest, exist_ok=True)
+    for name in ("Snakefile", "workflow", "config", "profiles"):
+        src = os.path.join(REPO, name)
+        if os.path.isdir(src):
+            shutil.copytree(src, os.path.join(dest, name))
+        else:
+            shutil.copy(src, os.path.join(dest, name))
+    shutil.copy(os.path.join(REPO, "tests", "configs", "micro.yaml"), os.path.join(dest, "micro.yaml"))
+    return str(dest)
+
+
 def run(cmd, cwd=None, env=None, timeout=1800):
     """Run a command, failing the test with its output when it fails."""
     import subprocess

@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from conftest import REPO, run
+from conftest import copy_workflow, run
 
 BLOCK_TORCH = '''
 import sys
@@ -18,19 +18,24 @@ sys.meta_path.insert(0, _Block())
 '''
 
 
-def test_dry_run_parses_without_torch_and_fast(tmp_path):
+@pytest.fixture()
+def workdir(tmp_path):
+    return copy_workflow(tmp_path / "wf")
+
+
+def test_dry_run_parses_without_torch_and_fast(tmp_path, workdir):
     (tmp_path / "sitecustomize.py").write_text(BLOCK_TORCH)
     env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     t = time.perf_counter()
-    out = run([sys.executable, "-m", "snakemake", "-n", "--quiet", "all"], cwd=REPO, env=env)
+    out = run([sys.executable, "-m", "snakemake", "-n", "--quiet", "all"], cwd=workdir, env=env)
     elapsed = time.perf_counter() - t
     assert "torch/transformers imported" not in out.stdout + out.stderr
     # generous bound for loaded CI machines; `cwdpo bench` reports the measured figure
     assert elapsed < 20
 
 
-def test_lint_is_clean():
-    out = run([sys.executable, "-m", "snakemake", "--lint"], cwd=REPO)
+def test_lint_is_clean(workdir):
+    out = run([sys.executable, "-m", "snakemake", "--lint"], cwd=workdir)
     assert "Congratulations" in out.stdout + out.stderr
 
 
@@ -39,11 +44,11 @@ def test_lint_is_clean():
     ("trainn: {}", "trainn"),
     ("stage1: {fraction: 1.5}", "stage1.fraction"),
 ])
-def test_bad_config_fails_before_any_job_naming_the_key(tmp_path, override, needle):
+def test_bad_config_fails_before_any_job_naming_the_key(tmp_path, workdir, override, needle):
     cfg = tmp_path / "bad.yaml"
     cfg.write_text(override + "\n")
     import subprocess
-    proc = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--configfile", str(cfg)], cwd=REPO,
+    proc = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--configfile", str(cfg)], cwd=workdir,
                           capture_output=True, text=True)
     assert proc.returncode != 0
     text = proc.stdout + proc.stderr

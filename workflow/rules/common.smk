@@ -1,5 +1,6 @@
 # Config validation (schema + cross-key checks) and the experiment plan every rule reads.
 import os
+from shlex import quote as shlex_quote
 
 from snakemake.utils import validate
 
@@ -15,3 +16,4 @@ wildcard_constraints:
     stage2=r"[A-Za-z0-9][A-Za-z0-9_.-]*",
     seed=r"\d+",
     key=r"base|stage1/[^/]+/s\d+|stage2/[^/]+/s\d+/[^/]+",
+    negset=r"[A-Za-z0-9][A-Za-z0-9_.-]*",

@@ -1,21 +1,25 @@
-# Beam-search captions of every evaluated model on the test split, then pycocoevalcap scores.
+# Every evaluated model: beam-search captions on the test split and teacher-forced measures (held-out
+# pairs), then pycocoevalcap scores of all caption files in one job.
 
 
-rule generate:
+rule evaluate:
     input:
         model=lambda wc: P.model_inputs(wc.key),
         data=P.data_json(),
+        heldout=P.heldout_pairs_path(),
     output:
-        f"{OUT}/eval/{{key}}/captions.json",
-    log:
-        f"{OUT}/logs/eval/{{key}}/generate.log",
-    benchmark:
-        f"{OUT}/benchmarks/eval/{{key}}/generate.tsv"
-    threads: 1
+        captions=f"{OUT}/eval/{{key}}/captions.json",
+        measures=f"{OUT}/eval/{{key}}/measures.json",
     params:
         spec=lambda wc, threads: dumps(P.eval_spec(wc.key, threads)),
+    threads: 1
+    log:
+        f"{OUT}/logs/eval/{{key}}/evaluate.log",
+    benchmark:
+        f"{OUT}/benchmarks/eval/{{key}}/evaluate.tsv"
     shell:
-        "cwdpo generate --spec {params.spec:q} --out {output:q} > {log:q} 2>&1"
+        "cwdpo evaluate --spec {params.spec:q} --captions {output.captions:q} "
+        "--measures {output.measures:q} > {log:q} 2>&1"
 
 
 rule trivial_baseline:

@@ -1,4 +1,5 @@
-# Stage 1 (SFT / SFT-C on 75% of the finetune split).
+# Stage 1 (SFT / SFT-C on 75% of the finetune split) and Stage 2 (DPO / Focal-DPO / CW-DPO on the other
+# 25%, from the frozen Stage-1 model as reference; stage1 = base: straight from the base model).
 
 
 rule stage1:
@@ -17,5 +18,24 @@ rule stage1:
     params:
         spec=lambda wc, threads: dumps(P.stage1_spec(wc.stage1, wc.seed, threads)),
         out=lambda wc, output: os.path.dirname(output.metrics),
+    shell:
+        "cwdpo train --spec {params.spec:q} --out {params.out:q} > {log:q} 2>&1"
+
+
+rule stage2:
+    input:
+        unpack(lambda wc: P.stage2_inputs(wc.stage1, wc.seed, wc.stage2)),
+    output:
+        model=directory(f"{OUT}/stage2/{{stage1}}/s{{seed}}/{{stage2}}/model"),
+        metrics=f"{OUT}/stage2/{{stage1}}/s{{seed}}/{{stage2}}/metrics.json",
+        train_log=f"{OUT}/stage2/{{stage1}}/s{{seed}}/{{stage2}}/train_log.csv",
+    params:
+        spec=lambda wc, threads: dumps(P.stage2_spec(wc.stage1, wc.seed, wc.stage2, threads)),
+        out=lambda wc, output: os.path.dirname(output.metrics),
+    threads: 1
+    log:
+        f"{OUT}/logs/stage2/{{stage1}}_s{{seed}}_{{stage2}}.log",
+    benchmark:
+        f"{OUT}/benchmarks/stage2/{{stage1}}_s{{seed}}_{{stage2}}.tsv"
     shell:
         "cwdpo train --spec {params.spec:q} --out {params.out:q} > {log:q} 2>&1"

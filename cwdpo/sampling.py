@@ -1,0 +1,149 @@
+"""On-policy negatives: K samples per image from the Stage-1 model, scored by CIDEr-D with corpus df.
+
+Two backends behind one interface (`Sampler.sample(image_paths) -> [[K texts], ...]`):
+- `hf`: transformers `generate` (do_sample, temperature, top-p, `num_return_sequences=K`), seeded per
+  batch — the CPU default, reproducible on CPU.
+- `vllm`: `vllm.LLM.generate` with `multi_modal_data`, `SamplingParams(n=K, seed=..., max_tokens=...)`,
+  a `LoRARequest` when the model folder is a peft adapter, and the same min/max pixels as training
+  (`mm_processor_kwargs`). Installed by the `gpu` extra and in the container only.
+
+Each sample gets its CIDEr-D against the image's references with document frequencies from the whole
+reference corpus (`cwdpo.metrics.CiderD`), so a score does not depend on which other images were sampled
+in the same call; samples below `threshold` that are not a reference themselves become negatives.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+from .metrics import CiderD, simple_tokenize
+
+
+class HFSampler:
+    """transformers `generate` sampling (the CPU default)."""
+
+    def __init__(self, model_dir: str, *, base=None, prompt: str, min_pixels=None, max_pixels=None,
+                 dtype: str = "float32", max_response_tokens: int = 64, trust_remote_code: bool = False,
+                 batch_size: int = 64, threads: int = 0):
+        from .logprobs import Encoder
+        from .models import load_model, load_processor
+        if threads:
+            import torch
+            torch.set_num_threads(int(threads))
+        self.processor = load_processor(model_dir, min_pixels, max_pixels, trust_remote_code)
+        self.model = load_model(model_dir, base=base, dtype=dtype, trust_remote_code=trust_remote_code)
+        self.encoder = Encoder(self.processor, prompt, max_response_tokens)
+        self.batch_size = batch_size
+
+    def sample(self, image_paths: list, *, k: int, temperature: float, top_p: float, max_new_tokens: int,
+               seed: int) -> list:
+        from .evaluate import generate_captions
+        return generate_captions(self.model, self.encoder, image_paths, num_return=k, do_sample=True,
+                                 temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+                                 batch_size=max(1, self.batch_size // k), seed=seed, desc="sample on-policy")
+
+
+class VLLMSampler:
+    """vLLM offline sampling: one request per image with n=K samples and a fixed per-request seed."""
+
+    def __init__(self, model_dir: str, *, base=None, prompt: str, min_pixels=None, max_pixels=None,
+                 dtype: str = "bfloat16", trust_remote_code: bool = False, llm_kwargs: dict | None = None,
+                 build_engine: bool = True):
+        from .logprobs import chat_prompt
+        from .models import is_adapter_dir, load_processor
+        self.model_dir, self.prompt = model_dir, prompt
+        # the exact prompt text of training (our model folders carry their processor and chat template)
+        self.prompt_text = chat_prompt(load_processor(model_dir, min_pixels, max_pixels, trust_remote_code), prompt)
+        self.adapter = model_dir if is_adapter_dir(model_dir) else None
+        self.engine_model = (base or self._adapter_base(model_dir)) if self.adapter else model_dir
+        self.mm_kwargs = {k: int(v) for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels))
+                          if v is not None}
+        self.engine_kwargs = dict(model=self.engine_model, dtype=dtype if dtype != "float32" else "auto",
+                                  trust_remote_code=trust_remote_code, limit_mm_per_prompt={"image": 1},
+                                  mm_processor_kwargs=self.mm_kwargs, generation_config="vllm", seed=0,
+                                  enable_lora=self.adapter is not None, **(llm_kwargs or {}))
+        if self.adapter is not None:
+            self.engine_kwargs.setdefault("max_lora_rank", 64)
+        self.llm = None
+        if build_engine:
+            from vllm import LLM
+            self.llm = LLM(**self.engine_kwargs)
+
+    @staticmethod
+    def _adapter_base(path: str) -> str:
+        with open(os.path.join(path, "adapter_config.json")) as f:
+            return json.load(f)["base_model_name_or_path"]
+
+    def requests(self, image_paths: list) -> list:
+        """One vLLM request per image: the training prompt text (with its single image placeholder, which
+        vLLM expands) and the image as `multi_modal_data`."""
+        from PIL import Image
+        text = self.prompt_text
+        out = []
+        for p in image_paths:
+            with Image.open(p) as im:
+                out.append({"prompt": text, "multi_modal_data": {"image": im.convert("RGB")}})
+        return out
+
+    def sampling_params(self, *, k: int, temperature: float, top_p: float, max_new_tokens: int, seed: int):
+        from vllm import SamplingParams
+        return SamplingParams(n=int(k), temperature=float(temperature), top_p=float(top_p),
+                              max_tokens=int(max_new_tokens), seed=int(seed))
+
+    def lora_request(self):
+        if self.adapter is None:
+            return None
+        from vllm.lora.request import LoRARequest
+        return LoRARequest("policy", 1, self.adapter)
+
+    def sample(self, image_paths: list, *, k: int, temperature: float, top_p: float, max_new_tokens: int,
+               seed: int) -> list:
+        reqs = self.requests(image_paths)
+        # one SamplingParams per request so each image's samples are pinned by its own seed
+        params = [self.sampling_params(k=k, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+                                       seed=seed * 1_000_003 + i) for i in range(len(reqs))]
+        outs = self.llm.generate(reqs, params, lora_request=self.lora_request())
+        return [[" ".join(c.text.split()) for c in o.outputs] for o in outs]
+
+
+def make_sampler(backend: str, model_dir: str, **kwargs):
+    if backend == "hf":
+        kwargs.pop("llm_kwargs", None)
+        return HFSampler(model_dir, **kwargs)
+    if backend == "vllm":
+        for key in ("max_response_tokens", "batch_size", "threads"):
+            kwargs.pop(key, None)
+        return VLLMSampler(model_dir, **kwargs)
+    raise ValueError(f"unknown sampling backend {backend!r}; allowed: hf, vllm")
+
+
+def corpus_scorer(corpus_records: list) -> CiderD:
+    """CIDEr-D with document frequencies from the references of `corpus_records` (Java-free tokenizer)."""
+    return CiderD([[simple_tokenize(c) for c in r.captions] for r in corpus_records])
+
+
+def score_samples(records: list, samples: list, scorer: CiderD, threshold: float) -> list:
+    """Per image: every sample with its CIDEr-D, whether it equals a reference, and whether it is kept."""
+    out = []
+    for rec, texts in zip(records, samples):
+        refs = [simple_tokenize(c) for c in rec.captions]
+        ref_set = {" ".join(c.lower().split()) for c in rec.captions}
+        entries = []
+        for t in texts:
+            score = float(scorer.score_one(simple_tokenize(t), refs))
+            is_ref = " ".join(t.lower().split()) in ref_set
+            entries.append({"text": t, "score": score, "is_reference": is_ref,
+                            "kept": bool(t.strip()) and not is_ref and score < threshold})
+        out.append({"image_id": rec.image_id, "samples": entries})
+    return out
+
+
+def read_samples(path: str) -> dict:
+    """{image_id: [kept samples]} from an on-policy samples JSONL."""
+    out = {}
+    with open(path) as f:
+        for line in f:
+            if line.strip():
+                obj = json.loads(line)
+                out[str(obj["image_id"])] = [s for s in obj["samples"] if s["kept"]]
+    return out
