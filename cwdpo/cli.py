@@ -76,7 +76,7 @@ def cmd_evaluate(a):
     spec = _spec(a.spec)
     _threads(spec.get("threads", 0))
     from .data import read_json, write_json
-    from .evaluate import generate_captions, pair_measures
+    from .evaluate import generate_captions, pair_measures, test_measures
     from .logprobs import Encoder
     from .models import load_model, load_processor
     from .negatives import read_pairs
@@ -86,11 +86,19 @@ def cmd_evaluate(a):
     model = load_model(spec["model"], base=spec.get("base"), dtype=spec.get("dtype", "float32"),
                        trust_remote_code=spec.get("trust_remote_code", False))
     encoder = Encoder(processor, spec["prompt"], spec.get("max_response_tokens", 64))
-    caps = generate_captions(model, encoder, [r.path for r in records], num_beams=int(spec["num_beams"]),
+    paths = [r.path for r in records]
+    caps = generate_captions(model, encoder, paths, num_beams=int(spec["num_beams"]),
                              max_new_tokens=int(spec["max_new_tokens"]), batch_size=int(spec["batch_size"]))
-    write_json(a.captions, {"captions": {r.image_id: c[0] for r, c in zip(records, caps)},
-                            "references": {r.image_id: r.captions for r in records},
-                            "decoding": {"num_beams": spec["num_beams"], "max_new_tokens": spec["max_new_tokens"]}})
+    doc = {"captions": {r.image_id: c[0] for r, c in zip(records, caps)},
+           "references": {r.image_id: r.captions for r in records},
+           "decoding": {"num_beams": spec["num_beams"], "max_new_tokens": spec["max_new_tokens"]}}
+    if int(spec.get("topk_beams", 0)) > 1:  # the "top-5 beams" of Figure F-stage1: all k beams of a size-k search
+        k = int(spec["topk_beams"])
+        beams = generate_captions(model, encoder, paths, num_beams=k, num_return=k,
+                                  max_new_tokens=int(spec["max_new_tokens"]), batch_size=max(1, int(spec["batch_size"]) // k),
+                                  desc=f"top-{k} beams")
+        doc["beams"] = {r.image_id: b for r, b in zip(records, beams)}
+    write_json(a.captions, doc)
     l_floor = spec["l_floor"]
     run_metrics = os.path.join(os.path.dirname(os.path.normpath(spec["model"])), "metrics.json")
     if os.path.isfile(run_metrics) and isinstance(read_json(run_metrics).get("l_floor"), (int, float)):
@@ -98,7 +106,14 @@ def cmd_evaluate(a):
     measures = {"heldout": pair_measures(model, encoder, read_pairs(spec["heldout_pairs"], spec["prompt"]),
                                          l_floor=float(l_floor), tau=float(spec["tau"]),
                                          batch_size=int(spec.get("pair_batch_size", 32)))}
-    write_json(a.measures, measures)
+    ref_model = None
+    if spec.get("reference"):
+        ref_model = load_model(spec["reference"], base=spec.get("base"), dtype=spec.get("dtype", "float32"),
+                               trust_remote_code=spec.get("trust_remote_code", False))
+    measures["test"] = test_measures(model, encoder, records, ref_model=ref_model, n_bins=int(spec.get("n_bins", 15)),
+                                     batch_size=int(spec.get("pair_batch_size", 32)))
+    measures["test"]["reference"] = spec.get("reference")
+    write_json(a.measures, measures, indent=None)
 
 
 def _records(d: dict, check_files: bool = True, bad_log=None):
@@ -116,21 +131,45 @@ def cmd_sample_onpolicy(a):
     o = spec["onpolicy"]
     finetune = _records(spec["data"])
     _, stage2 = stage_split(finetune, float(spec["data"]["stage1_fraction"]))
+    probe = _records(spec["probe_data"])[: int(spec.get("probe_images", 10 ** 9))] if spec.get("probe_data") else []
     sampler = make_sampler(o["backend"], spec["model"], base=spec.get("base"), prompt=spec["prompt"],
                            min_pixels=spec.get("min_pixels"), max_pixels=spec.get("max_pixels"),
                            dtype=spec.get("dtype", "float32"), max_response_tokens=spec.get("max_response_tokens", 64),
                            trust_remote_code=spec.get("trust_remote_code", False), batch_size=int(o["batch_size"]),
                            threads=spec.get("threads", 0), llm_kwargs=o.get("vllm"))
-    texts = sampler.sample([r.path for r in stage2], k=int(o["k"]), temperature=float(o["temperature"]),
+    texts = sampler.sample([r.path for r in stage2 + probe], k=int(o["k"]), temperature=float(o["temperature"]),
                            top_p=float(o["top_p"]), max_new_tokens=int(o["max_new_tokens"]), seed=int(spec["seed"]))
-    scored = score_samples(stage2, texts, corpus_scorer(finetune), float(o["threshold"]))
+    scored = score_samples(stage2, texts[:len(stage2)], corpus_scorer(finetune), float(o["threshold"]))
+    if probe:  # probe images: scored against the probe references (only read by the probe set)
+        for entry in score_samples(probe, texts[len(stage2):], corpus_scorer(probe), float(o["threshold"])):
+            scored.append({**entry, "split": "probe"})
     write_text(a.out, "".join(json.dumps(x, sort_keys=True) + "\n" for x in scored))
-    n = sum(len(x["samples"]) for x in scored)
-    kept = sum(s["kept"] for x in scored for s in x["samples"])
-    refs = sum(s["is_reference"] for x in scored for s in x["samples"])
-    write_json(a.summary, {"images": len(scored), "samples": n, "kept": kept, "equal_to_a_reference": refs,
-                           "backend": o["backend"], "k": o["k"], "threshold": o["threshold"],
-                           "mean_score": sum(s["score"] for x in scored for s in x["samples"]) / max(1, n)})
+    stage2_scored = [x for x in scored if x.get("split") != "probe"]
+    n = sum(len(x["samples"]) for x in stage2_scored)
+    kept = sum(s["kept"] for x in stage2_scored for s in x["samples"])
+    refs = sum(s["is_reference"] for x in stage2_scored for s in x["samples"])
+    write_json(a.summary, {"images": len(stage2_scored), "probe_images": len(probe), "samples": n, "kept": kept,
+                           "equal_to_a_reference": refs, "backend": o["backend"], "k": o["k"],
+                           "threshold": o["threshold"],
+                           "mean_score": sum(s["score"] for x in stage2_scored for s in x["samples"]) / max(1, n)})
+
+
+def cmd_probe_set(a):
+    """The fixed probe set of the runs that start from a model: probe images + positive, gentle, easy and
+    on-policy negatives (the model's lowest-scoring sample)."""
+    from .data import write_text
+    from .probes import build_probe_set
+    spec = _spec(a.spec)
+    records = _records(spec["probe_data"])[: int(spec.get("probe_images", 10 ** 9))]
+    samples = {}
+    if a.onpolicy:
+        with open(a.onpolicy) as f:
+            for line in f:
+                obj = json.loads(line)
+                if obj.get("split") == "probe":
+                    samples[str(obj["image_id"])] = obj["samples"]
+    rows = build_probe_set(records, samples, spec["negatives"], seed=int(spec["seed"]))
+    write_text(a.out, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
 
 
 def cmd_make_pairs(a):
@@ -167,7 +206,7 @@ def cmd_ref_logps(a):
     _quiet_hf()
     spec = _spec(a.spec)
     _threads(spec.get("threads", 0))
-    from .train import reference_logps
+    from .reference import reference_logps
     doc = reference_logps(spec["model"], a.pairs, a.out, base=spec.get("base"), dtype=spec.get("dtype", "float32"),
                           prompt=spec["prompt"], min_pixels=spec.get("min_pixels"), max_pixels=spec.get("max_pixels"),
                           max_response_tokens=spec.get("max_response_tokens", 64),
@@ -191,7 +230,7 @@ def cmd_trivial(a):
 
 def cmd_score(a):
     from .data import read_json, write_json
-    from .metrics import MeteorPool, score_captions
+    from .metrics import MeteorPool, score_beams, score_captions
     if len(a.captions) != len(a.out):
         sys.exit("cwdpo score: give one --out per --captions file")
     metrics = a.metrics.split(",") if a.metrics else None
@@ -200,6 +239,9 @@ def cmd_score(a):
         doc = read_json(cap_path)
         kwargs = {"metrics": metrics} if metrics else {}
         result = score_captions(doc["references"], doc["captions"], meteor=meteor, **kwargs)
+        if doc.get("beams"):
+            result["beams"] = score_beams(doc["references"], doc["beams"],
+                                          [m for m in ("CIDEr", "SPICE") if metrics is None or m in metrics])
         for metric, reason in result["na_reasons"].items():
             print(f"[cwdpo score] {cap_path}: {metric} = n/a ({reason})", file=sys.stderr)
         write_json(out_path, result)
@@ -208,6 +250,11 @@ def cmd_score(a):
 def cmd_table(a):
     from .report import write_table
     write_table(_spec(a.spec), a.out)
+
+
+def cmd_figure(a):
+    from .figures import write_figure
+    write_figure(_spec(a.spec), a.out)
 
 
 def cmd_validate_config(a):
@@ -245,6 +292,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--spec", required=True)
     sp.add_argument("--out", required=True)
     sp.add_argument("--summary", required=True)
+    sp = add("probe-set", cmd_probe_set, "the fixed probe set (positives + gentle/easy/on-policy negatives)")
+    sp.add_argument("--spec", required=True)
+    sp.add_argument("--onpolicy", default=None)
+    sp.add_argument("--out", required=True)
     sp = add("make-pairs", cmd_make_pairs, "preference pairs (TRL vision format) from dataset/on-policy negatives")
     sp.add_argument("--spec", required=True)
     sp.add_argument("--onpolicy", default=None)
@@ -264,6 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("table", cmd_table, "write a comparison table (Markdown, CSV, LaTeX)")
     sp.add_argument("--spec", required=True)
     sp.add_argument("--out", required=True, help="output stem: writes <out>.md, <out>.csv, <out>.tex")
+    sp = add("figure", cmd_figure, "draw a figure (PNG + PDF) from the runs' probes and measures")
+    sp.add_argument("--spec", required=True)
+    sp.add_argument("--out", required=True, help="output stem: writes <out>.png and <out>.pdf")
     sp = add("validate-config", cmd_validate_config, "validate a config file against the workflow schema")
     sp.add_argument("--configfile", required=True)
     return p

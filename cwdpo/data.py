@@ -174,3 +174,22 @@ def write_text(path: str, text: str):
 def read_json(path: str):
     with open(path) as f:
         return json.load(f)
+
+
+def format_value(v) -> str:
+    """A CSV cell: '' for None, 'nan' for NaN, repr for floats (round-trips exactly)."""
+    import math
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return "nan" if math.isnan(v) else repr(v)
+    return str(v)
+
+
+def write_rows_csv(path: str, rows: list, first: str = "step", skip=()):
+    """Write dict rows as CSV: `first` column, then every other key in sorted order (atomic)."""
+    cols = sorted({k for r in rows for k in r if k not in skip} - {first})
+    lines = [",".join([first] + cols)]
+    for r in rows:
+        lines.append(",".join([format_value(r.get(first))] + [format_value(r.get(c)) for c in cols]))
+    write_text(path, "\n".join(lines) + "\n")

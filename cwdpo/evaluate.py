@@ -71,7 +71,7 @@ def pair_measures(model, encoder: Encoder, pairs: list, *, l_floor: float, tau: 
     negatives; avg_logp_chosen/rejected = mean token-mean log-probs ℓ̄. Also per-source breakdowns.
     """
     from .logprobs import completion_logps
-    from .train import Collator
+    from .logprobs import Collator
     model.eval()
     collate = Collator(encoder, "pair")
     sums_c, sums_r, means_c, means_r, sources = [], [], [], [], []
@@ -98,4 +98,55 @@ def pair_measures(model, encoder: Encoder, pairs: list, *, l_floor: float, tau: 
         idx = torch.tensor([i for i, x in enumerate(sources) if x == src])
         result["by_source"][src] = {"pairs": len(idx), "pref_acc": float(acc[idx].mean()), "w_c": float(wc[idx].mean()),
                                     "avg_logp_rejected": float(mr[idx].mean())}
+    return result
+
+
+@torch.no_grad()
+def test_measures(model, encoder: Encoder, records: list, *, ref_model=None, n_bins: int = 15,
+                  batch_size: int = 32) -> dict:
+    """Teacher-forced measures on the first reference caption of every test image (PAPER.md § Measurements).
+
+    Entropy, top-1 mass, token-level ECE (`n_bins` equal-width bins; confidence = top-1 prob, correct =
+    top-1 is the reference token) and Brier; with `ref_model`, TV and JS between the model's and the
+    reference's next-token distributions. Streams over batches keeping per-position numbers only.
+    Returns corpus means, the reliability bins, per-image means (for paired bootstraps) and the pooled
+    per-position confidence/correctness.
+    """
+    from .dynamics import brier, ece, per_position, reliability_bins
+    from .logprobs import completion_logps
+    model.eval()
+    keys = ["entropy", "top1", "conf", "correct"] + (["tv", "js"] if ref_model is not None else [])
+    pooled = {k: [] for k in keys}
+    per_image = {k: [] for k in keys if k not in ("conf", "correct")}
+    position_image = []
+    for s in range(0, len(records), batch_size):
+        chunk = records[s:s + batch_size]
+        batch = encoder.build([r.path for r in chunk], [(i, r.captions[0]) for i, r in enumerate(chunk)])
+        batch = batch.to(model.device)
+        out = completion_logps(model, batch, encoder.image_token_id, keep_logits=True)
+        ref_logits = None
+        if ref_model is not None:
+            ref_logits = completion_logps(ref_model, batch.to(ref_model.device), encoder.image_token_id,
+                                          keep_logits=True).logits.to(out.logits.device)
+        pp = per_position(out.logits, out.targets, ref_logits)
+        for k in keys:
+            pooled[k].append(pp[k].double().cpu())
+        rows = out.row.cpu()
+        position_image += (rows + s).tolist()
+        for i in range(len(chunk)):
+            m = rows == i
+            for k in per_image:
+                per_image[k].append(float(pp[k].cpu()[m].mean()))
+    cat = {k: torch.cat(v) for k, v in pooled.items()}
+    result = {"images": len(records), "positions": int(cat["conf"].numel()),
+              "entropy": float(cat["entropy"].mean()), "top1": float(cat["top1"].mean()),
+              "accuracy": float(cat["correct"].mean()), "ece": ece(cat["conf"], cat["correct"], n_bins),
+              "brier": brier(cat["conf"], cat["correct"]), "n_bins": n_bins,
+              "reliability": reliability_bins(cat["conf"], cat["correct"], n_bins),
+              "per_image": {"image_id": [r.image_id for r in records], **per_image},
+              "conf": cat["conf"].tolist(), "correct": [int(x) for x in cat["correct"].tolist()],
+              "position_image": position_image}
+    if ref_model is not None:
+        result["tv"] = float(cat["tv"].mean())
+        result["js"] = float(cat["js"].mean())
     return result

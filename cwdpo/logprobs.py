@@ -194,6 +194,43 @@ class Encoder:
         return SeqBatch(input_ids, attention_mask, completion_mask, position_ids, row_image, pixel_values, grids)
 
 
+class Collator:
+    """Turns dataset items into one `SeqBatch` of rows sharing each image once.
+
+    kinds: "sft" items {image, response}; "sft_c" items {image, positive, negative} → rows [pos; neg];
+    "pair" items {image, chosen, rejected, ref_*} → rows [chosen; rejected].
+    """
+
+    def __init__(self, encoder: Encoder, kind: str):
+        self.encoder, self.kind = encoder, kind
+
+    def __call__(self, items: list) -> dict:
+        images, index = [], {}
+        for it in items:
+            if it["image"] not in index:
+                index[it["image"]] = len(images)
+                images.append(it["image"])
+        idx = [index[it["image"]] for it in items]
+        if self.kind == "sft":
+            rows = [(i, it["response"]) for i, it in zip(idx, items)]
+        elif self.kind == "sft_c":
+            rows = [(i, it["positive"]) for i, it in zip(idx, items)] + \
+                   [(i, it["negative"]) for i, it in zip(idx, items)]
+        elif self.kind == "pair":
+            rows = [(i, it["chosen"]) for i, it in zip(idx, items)] + \
+                   [(i, it["rejected"]) for i, it in zip(idx, items)]
+        else:
+            raise ValueError(self.kind)
+        out = {"batch": self.encoder.build(images, rows).as_dict(), "n": torch.tensor(len(items))}
+        if self.kind == "pair":
+            for key in ("ref_chosen_logps", "ref_rejected_logps"):
+                if key in items[0]:
+                    out[key] = torch.tensor([float(it[key]) for it in items], dtype=torch.float64)
+            if "pair_index" in items[0]:
+                out["pair_index"] = torch.tensor([int(it["pair_index"]) for it in items])
+        return out
+
+
 def image_features(core, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> list:
     """Merged vision-tower outputs, one [n_tokens_i, hidden] tensor per image."""
     out = core.model.get_image_features(pixel_values, image_grid_thw)

@@ -233,3 +233,30 @@ def score_captions(gts: dict, res: dict, metrics=METRIC_NAMES, tokenize: bool = 
         else:
             corpus["SPICE"], na["SPICE"] = None, reason
     return {"corpus": corpus, "per_image": per, "na_reasons": na}
+
+
+def score_beams(gts: dict, beams: dict, metrics=("CIDEr", "SPICE")) -> dict:
+    """"Top-k beams" scores (Figure F-stage1): every beam of every image scored against the image's
+    references, averaged over the k beams — it rewards a model whose whole beam is good, not only its
+    first caption. CIDEr-D uses the evaluated references' df (as `score_captions`); SPICE when available.
+    """
+    ids = sorted(gts, key=str)
+    k = min(len(beams[i]) for i in ids)
+    tok = ptb_tokenize({**{f"g{i}": gts[i] for i in ids}, **{f"b{i}": beams[i][:k] for i in ids}})
+    g = {i: tok[f"g{i}"] for i in ids}
+    corpus, na = {"k": k}, {}
+    if "CIDEr" in metrics:
+        scorer = CiderD([g[i] for i in ids])
+        per = [float(scorer.score(tok[f"b{i}"], [g[i]] * k).mean()) for i in ids]
+        corpus["CIDEr"] = float(np.mean(per))
+    if "SPICE" in metrics:
+        ok, reason = spice_status()
+        if ok:
+            try:
+                vals = [run_spice(g, {i: [tok[f"b{i}"][j]] for i in ids})[0] for j in range(k)]
+                corpus["SPICE"] = float(np.mean(vals))
+            except (subprocess.CalledProcessError, OSError, ValueError) as e:
+                corpus["SPICE"], na["SPICE"] = None, f"spice-1.0.jar failed: {e}"
+        else:
+            corpus["SPICE"], na["SPICE"] = None, reason
+    return {"corpus": corpus, "na_reasons": na}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
 
 STAGE1_METHODS = ("sft", "sft_c")
@@ -183,8 +184,12 @@ class Plan:
     def eval_dir(self, key: str) -> str:
         return f"{self.out}/eval/{key}"
 
+    def enabled_figures(self) -> dict:
+        return {k: f for k, f in self.c["figures"].items() if f.get("enabled", True)}
+
     def final_outputs(self) -> list:
-        return [f"{self.out}/tables/{name}.md" for name in self.enabled_tables()]
+        return [f"{self.out}/tables/{name}.md" for name in self.enabled_tables()] + \
+            [f"{self.out}/figures/{name}.png" for name in self.enabled_figures()]
 
     # ---- negatives and Stage 2 ----
     def stage2_recipe(self, name: str) -> dict:
@@ -210,6 +215,25 @@ class Plan:
         inputs = {"pairs": f"{d}/pairs_{negset}.jsonl", "ref": f"{d}/ref_{negset}.json"}
         if stage1 != "base" or self.base_is_output():
             inputs["model"] = self.stage_init(stage1, seed)
+        if self.probes_enabled():
+            inputs["probe"] = self.probe_path(stage1, seed)
+        return inputs
+
+    def stage1_inputs(self, seed) -> dict:
+        inputs = {"data": self.data_json()}
+        if self.base_is_output():
+            inputs["model"] = self.base_model()
+        if self.probes_enabled():
+            inputs["probe"] = self.probe_path("base", seed)
+        return inputs
+
+    def eval_inputs(self, key: str) -> dict:
+        inputs = {"data": self.data_json(), "heldout": self.heldout_pairs_path()}
+        if key != "base" or self.base_is_output():
+            inputs["model"] = self.model_dir(key)
+        ref = self.reference_of(key)
+        if ref is not None and (ref != self.base_model() or self.base_is_output()):
+            inputs["reference"] = ref
         return inputs
 
     def init_inputs(self, stage1: str, seed) -> list:
@@ -217,6 +241,43 @@ class Plan:
         if stage1 == "base" and not self.base_is_output():
             return []
         return [self.stage_init(stage1, seed)]
+
+    def probe_path(self, start: str, seed) -> str:
+        """The probe set of runs that start from `start` (base or a Stage-1 recipe) with this seed."""
+        return f"{self.neg_dir(start, seed)}/probe.jsonl"
+
+    def probes_enabled(self) -> bool:
+        return bool(self.c["probes"]["enabled"])
+
+    def probe_set_inputs(self, start: str, seed) -> dict:
+        inputs = {"data": self.data_json()}
+        if self.c["negatives"]["onpolicy"]["enabled"]:
+            inputs["onpolicy"] = f"{self.neg_dir(start, seed)}/onpolicy.jsonl"
+        return inputs
+
+    def probe_set_spec(self, start: str, seed) -> dict:
+        n = self.c["negatives"]
+        return {"probe_data": self.data_spec("probe"), "probe_images": self.c["probes"]["images"],
+                "negatives": {k: v for k, v in n.items() if k not in ("onpolicy", "sets", "external")},
+                "seed": int(seed)}
+
+    def probes_spec(self, start: str, seed, stage: int) -> dict | None:
+        p = self.c["probes"]
+        if not p["enabled"]:
+            return None
+        return {"enabled": True, "rows": self.probe_path(start, seed), "interval": p["interval"],
+                "batch_size": p["batch_size"], "n_bins": p["n_bins"], "images": p["images"],
+                "val": self.data_spec("val"), "val_images": p["val_images"], "val_interval": p["val_interval"],
+                "top5": bool(p["top5"] and stage == 1), "max_new_tokens": self.c["evaluate"]["max_new_tokens"]}
+
+    def reference_of(self, key: str):
+        """The model a model key is compared with for TV/JS: a Stage-2 run's reference, a Stage-1 run's base."""
+        parts = key.split("/")
+        if parts[0] == "stage2":
+            return self.stage_init(parts[1], parts[2][1:])
+        if parts[0] == "stage1":
+            return self.base_model()
+        return None
 
     def heldout_pairs_path(self) -> str:
         return f"{self.out}/eval/heldout_pairs.jsonl"
@@ -243,7 +304,8 @@ class Plan:
         method = r.pop("method")
         spec = {**self.common_model_spec(), "method": method, "init": self.stage1_init(), "seed": int(seed),
                 "data": self.data_spec("finetune", stage="stage1"), "hparams": r,
-                "train": self.train_settings(threads), "lora": self.c["model"]["lora"]}
+                "train": self.train_settings(threads), "lora": self.c["model"]["lora"],
+                "probes": self.probes_spec("base", seed, stage=1)}
         if method == "sft_c":  # only SFT-C reads negatives: other recipes do not rerun when they change
             spec["negatives"] = self.c["negatives"]
             spec["data_seed"] = self.c["data"]["shapes"]["seed"]
@@ -255,13 +317,16 @@ class Plan:
         return {**self.common_model_spec(), "model": self.model_dir(key), "data": self.data_spec("test"),
                 "num_beams": e["num_beams"], "max_new_tokens": e["max_new_tokens"], "batch_size": e["batch_size"],
                 "threads": threads, "heldout_pairs": self.heldout_pairs_path(),
-                "l_floor": d["l_floor"] if d["l_floor"] != "mean" else -5.0, "tau": d["tau"]}
+                "l_floor": d["l_floor"] if d["l_floor"] != "mean" else -5.0, "tau": d["tau"],
+                "reference": self.reference_of(key), "n_bins": self.c["probes"]["n_bins"],
+                "topk_beams": e["topk_beams"]}
 
     def sample_spec(self, stage1: str, seed, threads: int) -> dict:
         o = self.c["negatives"]["onpolicy"]
         return {**self.common_model_spec(), "model": self.stage_init(stage1, seed), "onpolicy": o,
                 "seed": int(o["seed"]) + int(seed), "data": self.data_spec("finetune", stage="stage2"),
-                "threads": threads}
+                "probe_data": self.data_spec("probe") if self.probes_enabled() else None,
+                "probe_images": self.c["probes"]["images"], "threads": threads}
 
     def pairs_spec(self, stage1: str, seed, negset: str) -> dict:
         n = self.c["negatives"]
@@ -289,7 +354,8 @@ class Plan:
         return {**self.common_model_spec(), "method": method, "init": self.stage_init(stage1, seed), "seed": int(seed),
                 "data": self.data_spec("finetune", stage="stage2"), "hparams": r,
                 "pairs": f"{d}/pairs_{negset}.jsonl", "ref_logps": f"{d}/ref_{negset}.json",
-                "train": self.train_settings(threads), "lora": self.c["model"]["lora"]}
+                "train": self.train_settings(threads), "lora": self.c["model"]["lora"],
+                "probes": self.probes_spec(stage1, seed, stage=2)}
 
     def trivial_spec(self) -> dict:
         return {"train": self.data_spec("pretrain" if self.c["pretrain"]["enabled"] else "finetune"),
@@ -300,27 +366,106 @@ class Plan:
                 "min_pixels": self.c["model"]["min_pixels"], "max_pixels": self.c["model"]["max_pixels"],
                 "seed": self.c["pretrain_seed"]}
 
-    def table_inputs(self, name: str) -> list:
-        files = []
-        for row in self.enabled_tables()[name]["rows"]:
-            if row.get("trivial"):
-                files.append(f"{self.out}/eval/trivial/scores.json")
-            for k in self.row_keys(row):
-                files += [f"{self.out}/eval/{k}/scores.json", f"{self.out}/eval/{k}/measures.json"]
-        return files
+    def run_dir(self, key: str):
+        """The training folder of a model key (its probes.csv, metrics.json), None for the base model."""
+        return None if key == "base" else os.path.dirname(self.model_dir(key))
 
-    def table_spec(self, name: str) -> dict:
-        t = self.enabled_tables()[name]
+    def sft_key(self, key: str):
+        """The SFT run of the same seed as `key` (for the win-rate column), or None."""
+        parts = key.split("/")
+        if parts[0] in ("stage1", "stage2") and "sft" in self.c["stage1"]["recipes"]:
+            return f"stage1/sft/{parts[2]}"
+        return None
+
+    def _table_rows(self, table: dict) -> list:
         rows = []
-        for row in t["rows"]:
+        for row in table.get("rows", []):
             entry = {"name": row["name"], "keys": self.row_keys(row)}
             if row.get("trivial"):
                 entry["trivial"] = True
+            else:
+                entry["sft_keys"] = [self.sft_key(k) for k in entry["keys"]]
             rows.append(entry)
-        measure_columns = [
-            {"name": "w_c", "label": "mean w_c", "file": "measures.json", "path": ["heldout", "w_c"], "digits": 3},
-            {"name": "pref_acc", "label": "pref. acc.", "file": "measures.json", "path": ["heldout", "pref_acc"],
-             "digits": 3}]
-        return {"name": name, "rows": rows, "metrics": self.c["evaluate"]["metrics"],
+        return rows
+
+    def _tables_for(self, name: str) -> list:
+        """The comparison tables a table reads (T-paper reads main and ablation)."""
+        t = self.c["tables"][name]
+        if t.get("kind") == "paper":
+            return [n for n in ("main", "ablation") if n in self.c["tables"]]
+        return [name]
+
+    def table_inputs(self, name: str) -> list:
+        files = []
+        for tname in self._tables_for(name):
+            table = self.c["tables"][tname]
+            columns = table.get("columns") or []
+            for row in self._table_rows(table):
+                if row.get("trivial"):
+                    files.append(f"{self.out}/eval/trivial/scores.json")
+                    continue
+                keys = list(row["keys"])
+                if "win-rate vs SFT" in columns:
+                    keys += [k for k in row["sft_keys"] if k]
+                for k in keys:
+                    files += [f"{self.out}/eval/{k}/scores.json", f"{self.out}/eval/{k}/measures.json"]
+                    if "conv. step" in columns and self.run_dir(k):
+                        files.append(f"{self.run_dir(k)}/probes.csv")
+        return sorted(set(files))
+
+    # ---- figures ----
+    def _series_keys(self, series: dict) -> list:
+        """[(label, model keys)] in config order (a list: JSON specs sort dict keys, colours follow order)."""
+        return [(label, self.row_keys({"name": label, **sel})) for label, sel in series.items()]
+
+    def figure_spec(self, name: str) -> dict:
+        f = self.enabled_figures()[name]
+        spec = {"kind": name, "scale": self.c["evaluate"]["scale"]}
+        if name in ("stage1", "squeeze"):
+            spec["series"] = [[label, [f"{self.run_dir(k)}/probes.csv" for k in keys if self.run_dir(k)]]
+                              for label, keys in self._series_keys(f["series"])]
+            if name == "stage1" and "SPICE" not in self.c["evaluate"]["metrics"]:
+                spec["spice_reason"] = "SPICE is not in evaluate.metrics"
+            elif name == "stage1":
+                spec["spice_reason"] = ("SPICE over training steps is not probed (it runs a Java parser per "
+                                        "call); the final top-5 SPICE is in scores.json when available")
+        elif name == "calibration":
+            spec["series"] = [[label, [f"{self.out}/eval/{k}/measures.json" for k in keys]]
+                              for label, keys in self._series_keys(f["series"])]
+        elif name == "floor":
+            table = self.c["tables"][f.get("table", "floor")]
+            spec["rows"] = []
+            for row in self._table_rows(table):
+                keys = row["keys"]
+                spec["rows"].append({"name": row["name"],
+                                     "scores": [f"{self.out}/eval/{k}/scores.json" for k in keys],
+                                     "measures": [f"{self.out}/eval/{k}/measures.json" for k in keys],
+                                     "probes": [f"{self.run_dir(k)}/probes.csv" for k in keys if self.run_dir(k)],
+                                     "metrics": [f"{self.run_dir(k)}/metrics.json" for k in keys if self.run_dir(k)]})
+        return spec
+
+    def figure_inputs(self, name: str) -> list:
+        spec = self.figure_spec(name)
+        files = [p for _, paths in spec.get("series", []) for p in paths]
+        for r in spec.get("rows", []):
+            files += r["scores"] + r["measures"] + r["probes"] + r["metrics"]
+        return sorted(set(files))
+
+    def table_spec(self, name: str) -> dict:
+        t = self.enabled_tables()[name]
+        spec = {"name": name, "kind": t.get("kind", "comparison"), "title": t.get("title") or name,
                 "scale": self.c["evaluate"]["scale"], "eval_root": f"{self.out}/eval",
-                "trivial_scores": f"{self.out}/eval/trivial/scores.json", "measure_columns": measure_columns}
+                "trivial_scores": f"{self.out}/eval/trivial/scores.json", "experiment": self.c["experiment"]}
+        if spec["kind"] == "paper":
+            spec["rows_by_name"] = {n: {r["name"]: r["keys"] for r in self._table_rows(self.c["tables"][n])
+                                        if not r.get("trivial")} for n in self._tables_for(name)}
+            keys = [k for rows in spec["rows_by_name"].values() for ks in rows.values() for k in ks]
+            spec["scale_note"] = (f"model {self.c['model']['source']}, data {self.c['data']['source']}, "
+                                  f"{len(self.c['seeds'])} seed(s)")
+        else:
+            spec["rows"] = self._table_rows(t)
+            spec["columns"] = [c for c in t["columns"] if c not in ("SPICE", "top-5 SPICE")
+                               or "SPICE" in self.c["evaluate"]["metrics"]]
+            keys = [k for r in spec["rows"] for k in r["keys"] + [x for x in r.get("sft_keys", []) if x]]
+        spec["run_dirs"] = {k: self.run_dir(k) for k in keys if self.run_dir(k)}
+        return spec

@@ -21,9 +21,10 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from . import losses as L
-from .data import file_sha256, load_karpathy, read_json, stage_split, write_json, write_text
-from .logprobs import Encoder, SeqBatch, completion_logps
-from .models import load_model, load_processor, model_fingerprint
+from .data import file_sha256, load_karpathy, read_json, stage_split, write_json, write_rows_csv, write_text
+from .logprobs import Collator, Encoder, SeqBatch, completion_logps
+from .reference import reference_logps  # noqa: F401  (re-exported for callers of cwdpo.train)
+from .models import load_model, load_processor, model_fingerprint, unwrap
 
 STAGE1_METHODS = ("sft", "sft_c")
 STAGE2_METHODS = ("dpo", "focal_dpo", "cw_dpo")
@@ -43,43 +44,6 @@ class ListDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         return self.items[i]
-
-
-class Collator:
-    """Turns dataset items into one `SeqBatch` of rows sharing each image once.
-
-    kinds: "sft" items {image, response}; "sft_c" items {image, positive, negative} → rows [pos; neg];
-    "pair" items {image, chosen, rejected, ref_*} → rows [chosen; rejected].
-    """
-
-    def __init__(self, encoder: Encoder, kind: str):
-        self.encoder, self.kind = encoder, kind
-
-    def __call__(self, items: list) -> dict:
-        images, index = [], {}
-        for it in items:
-            if it["image"] not in index:
-                index[it["image"]] = len(images)
-                images.append(it["image"])
-        idx = [index[it["image"]] for it in items]
-        if self.kind == "sft":
-            rows = [(i, it["response"]) for i, it in zip(idx, items)]
-        elif self.kind == "sft_c":
-            rows = [(i, it["positive"]) for i, it in zip(idx, items)] + \
-                   [(i, it["negative"]) for i, it in zip(idx, items)]
-        elif self.kind == "pair":
-            rows = [(i, it["chosen"]) for i, it in zip(idx, items)] + \
-                   [(i, it["rejected"]) for i, it in zip(idx, items)]
-        else:
-            raise ValueError(self.kind)
-        out = {"batch": self.encoder.build(images, rows).as_dict(), "n": torch.tensor(len(items))}
-        if self.kind == "pair":
-            for key in ("ref_chosen_logps", "ref_rejected_logps"):
-                if key in items[0]:
-                    out[key] = torch.tensor([float(it[key]) for it in items], dtype=torch.float64)
-            if "pair_index" in items[0]:
-                out["pair_index"] = torch.tensor([int(it["pair_index"]) for it in items])
-        return out
 
 
 class CWDPOTrainer(Trainer):
@@ -155,6 +119,27 @@ class CWDPOTrainer(Trainer):
             self._stash[key].append(v)
         return (loss, out) if return_outputs else loss
 
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        """Resume full-weight checkpoints through `from_pretrained`.
+
+        transformers 5.24's Trainer loads `model.safetensors` of a checkpoint with a plain
+        `load_state_dict(strict=False)`, but `save_pretrained` wrote Qwen2.5-VL's legacy key names
+        (`model.layers.*`, `visual.*`), so nothing is loaded and a resumed run silently restarts from its
+        initial weights. `from_pretrained` applies the key conversion; we copy its weights in, strictly.
+        Adapters (peft) and DeepSpeed checkpoints take the parent's path.
+        """
+        model = self.model if model is None else model
+        full = any(os.path.isfile(os.path.join(resume_from_checkpoint, n))
+                   for n in ("model.safetensors", "model.safetensors.index.json"))
+        if full and not hasattr(model, "peft_config") and not self.is_deepspeed_enabled:
+            core = unwrap(model)
+            dtype = next(core.parameters()).dtype
+            fresh = type(core).from_pretrained(resume_from_checkpoint, dtype=dtype, use_safetensors=True)
+            core.load_state_dict(fresh.state_dict(), strict=True)
+            del fresh
+            return
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+
     def log(self, logs: dict, *args, **kwargs):
         if self._stash and "loss" in logs:
             for key, values in self._stash.items():
@@ -204,41 +189,11 @@ def load_pairs(path: str, prompt: str) -> list:
     return read_pairs(path, expected_prompt=prompt)
 
 
-def reference_logps(model_dir: str, pairs_path: str, out_path: str, *, base: str | None, dtype: str,
-                    prompt: str, min_pixels, max_pixels, max_response_tokens: int, batch_size: int = 32,
-                    trust_remote_code: bool = False) -> dict:
-    """Summed and token-mean log-probs of every pair's chosen and rejected response under the frozen
-    reference (the Stage-1 model), computed once and cached in `out_path` (JSON, keyed by the reference
-    model's weights hash and the pairs file hash). An existing cache with the same key is reused."""
-    key = {"model": model_fingerprint(model_dir), "pairs": file_sha256(pairs_path), "dtype": dtype,
-           "max_response_tokens": int(max_response_tokens)}
-    if os.path.exists(out_path):
-        cached = read_json(out_path)
-        if cached.get("key") == key:
-            return cached
-    pairs = load_pairs(pairs_path, prompt)
-    processor = load_processor(model_dir, min_pixels, max_pixels, trust_remote_code)
-    encoder = Encoder(processor, prompt, max_response_tokens)
-    model = load_model(model_dir, base=base, dtype=dtype, trust_remote_code=trust_remote_code)
-    result = {k: [] for k in ("ref_chosen_logps", "ref_rejected_logps", "ref_chosen_avg", "ref_rejected_avg")}
-    collate = Collator(encoder, "pair")
-    from tqdm import tqdm
-    with torch.no_grad():
-        for s in tqdm(range(0, len(pairs), batch_size), desc="reference log-probs", mininterval=2.0):
-            chunk = pairs[s:s + batch_size]
-            b = SeqBatch.from_dict(collate(chunk)["batch"])
-            out = completion_logps(model, b, encoder.image_token_id)
-            n = len(chunk)
-            result["ref_chosen_logps"] += out.sums[:n].double().tolist()
-            result["ref_rejected_logps"] += out.sums[n:].double().tolist()
-            result["ref_chosen_avg"] += out.means[:n].double().tolist()
-            result["ref_rejected_avg"] += out.means[n:].double().tolist()
-    doc = {"key": key, "n_pairs": len(pairs), **result}
-    write_json(out_path, doc, indent=None)
-    return doc
-
-
 # ---------------------------------------------------------------------------------------------------
+
+def checkpoint_step(path: str) -> int:
+    return int(re.search(r"checkpoint-(\d+)$", path).group(1))
+
 
 def last_checkpoint(ckpt_dir: str) -> str | None:
     """The newest complete `checkpoint-N` folder (one with trainer_state.json), or None."""
@@ -356,6 +311,24 @@ def build_dataset(spec: dict, encoder: Encoder) -> tuple[list, str, dict]:
     return items, "sft_c", summary
 
 
+def make_probe_callback(spec: dict, encoder: Encoder, out_dir: str):
+    """The learning-dynamics probe of this run (`spec["probes"]`), or None when probes are off."""
+    p = spec.get("probes")
+    if not p or not p.get("enabled", True) or not p.get("rows"):
+        return None
+    from .probes import ProbeCallback, read_jsonl
+    rows = read_jsonl(p["rows"])[: int(p.get("images", 10 ** 9))]
+    val_records = None
+    if p.get("val_interval") and p.get("val"):
+        d = p["val"]
+        val_records = load_karpathy(d["json"], d.get("image_root"), d["splits"],
+                                    on_bad_input=d.get("on_bad_input", "error"))[: int(p.get("val_images", 100))]
+    return ProbeCallback(rows, encoder, out_dir, interval=int(p["interval"]), batch_size=int(p.get("batch_size", 32)),
+                         n_bins=int(p.get("n_bins", 15)), val_records=val_records,
+                         val_interval=int(p.get("val_interval", 0)), top5=bool(p.get("top5", False)),
+                         max_new_tokens=int(p.get("max_new_tokens", 40)))
+
+
 def resolve_l_floor(hp: dict, spec: dict) -> float:
     """ℓ_floor as a number; "mean" = mean ℓ̄ of the Stage-2 negatives under the Stage-1 (reference) model."""
     if hp.get("l_floor") == "mean":
@@ -387,14 +360,29 @@ def run_training(spec: dict, out_dir: str) -> dict:
     if spec.get("train", {}).get("inject_nan_step"):
         callbacks.append(InjectNan(spec["train"]["inject_nan_step"]))
     callbacks.append(NanGuard(spec["method"]))
+    probe = make_probe_callback(spec, encoder, out_dir)
+    if probe is not None:
+        callbacks.append(probe)
     trainer = CWDPOTrainer(model=model, args=args, train_dataset=ListDataset(items),
                            data_collator=Collator(encoder, kind), method=spec["method"], hparams=hp, encoder=encoder,
                            callbacks=callbacks)
     resume = prepare_checkpoints(args.output_dir, spec)
-    result = trainer.train(resume_from_checkpoint=resume)
+    if resume and checkpoint_step(resume) >= args.max_steps:
+        # training had finished before the job was interrupted: take the final checkpoint as it is
+        # (the Trainer would run one more step when resumed at max_steps)
+        from transformers import TrainerState
+        trainer._load_from_checkpoint(resume)
+        trainer.state = TrainerState.load_from_json(os.path.join(resume, "trainer_state.json"))
+        train_metrics = {}
+    else:
+        train_metrics = trainer.train(resume_from_checkpoint=resume).metrics
     model_dir = os.path.join(out_dir, "model")
     trainer.save_model(model_dir)
     processor.save_pretrained(model_dir)
+    if probe is not None:
+        probe.write_csv(os.path.join(out_dir, "probes.csv"))
+    else:  # always present (a declared output): no probe rows
+        write_text(os.path.join(out_dir, "probes.csv"), "step\n")
     history = [h for h in trainer.state.log_history if "loss" in h]
     write_train_log(os.path.join(out_dir, "train_log.csv"), history)
     last = history[-1] if history else {}
@@ -409,27 +397,15 @@ def run_training(spec: dict, out_dir: str) -> dict:
             metrics[f"mean_{key}"] = sum(vals) / len(vals)
     write_json(os.path.join(out_dir, "metrics.json"), metrics)
     write_json(os.path.join(out_dir, "timing.json"), {
-        "wall_s": time.time() - t0, "train_runtime_s": result.metrics.get("train_runtime"),
-        "steps_per_s": result.metrics.get("train_steps_per_second")})
+        "wall_s": time.time() - t0, "train_runtime_s": train_metrics.get("train_runtime"),
+        "steps_per_s": train_metrics.get("train_steps_per_second")})
     return metrics
 
 
 def write_train_log(path: str, history: list):
     """The Trainer's log history (one row per logging step) as CSV; timing fields are left out."""
-    skip = {"train_runtime", "train_samples_per_second", "train_steps_per_second", "total_flos", "epoch"}
-    cols = sorted({k for h in history for k in h if k not in skip} - {"step"})
-    lines = [",".join(["step"] + cols)]
-    for h in history:
-        lines.append(",".join([str(h["step"])] + [_fmt(h.get(c)) for c in cols]))
-    write_text(path, "\n".join(lines) + "\n")
-
-
-def _fmt(v) -> str:
-    if v is None:
-        return ""
-    if isinstance(v, float):
-        return "nan" if math.isnan(v) else repr(v)
-    return str(v)
+    write_rows_csv(path, history, skip={"train_runtime", "train_samples_per_second", "train_steps_per_second",
+                                        "total_flos", "epoch"})
 
 
 def read_train_log(path: str) -> list:

@@ -36,14 +36,15 @@ def _spec(method, init, data_json, **extra):
 
 
 def test_reference_logps_computed_once_and_cached(tiny_model_dir, pairs_file, tmp_path, monkeypatch):
+    import cwdpo.reference as R
     calls = {"n": 0}
-    real = T.completion_logps
+    real = R.completion_logps
 
     def counting(*a, **k):
         calls["n"] += 1
         return real(*a, **k)
 
-    monkeypatch.setattr(T, "completion_logps", counting)
+    monkeypatch.setattr(R, "completion_logps", counting)
     out = str(tmp_path / "ref.json")
     doc = T.reference_logps(tiny_model_dir, pairs_file, out, base=None, dtype="float32", prompt=PROMPT,
                             min_pixels=None, max_pixels=None, max_response_tokens=40, batch_size=8)

@@ -4,9 +4,7 @@
 
 rule evaluate:
     input:
-        model=lambda wc: P.model_inputs(wc.key),
-        data=P.data_json(),
-        heldout=P.heldout_pairs_path(),
+        unpack(lambda wc: P.eval_inputs(wc.key)),
     output:
         captions=f"{OUT}/eval/{{key}}/captions.json",
         measures=f"{OUT}/eval/{{key}}/measures.json",

@@ -57,6 +57,23 @@ rule ref_logps:
         "cwdpo ref-logps --spec {params.spec:q} --pairs {input.pairs:q} --out {output:q} > {log:q} 2>&1"
 
 
+# The fixed probe set of every run that starts from this model (learning-dynamics probes during training).
+rule probe_set:
+    input:
+        unpack(lambda wc: P.probe_set_inputs(wc.stage1, wc.seed)),
+    output:
+        f"{OUT}/negatives/{{stage1}}/s{{seed}}/probe.jsonl",
+    log:
+        f"{OUT}/logs/negatives/{{stage1}}_s{{seed}}_probe.log",
+    params:
+        spec=lambda wc: dumps(P.probe_set_spec(wc.stage1, wc.seed)),
+        onpolicy=lambda wc, input: (
+            f"--onpolicy {shlex_quote(input.onpolicy)}" if "onpolicy" in input.keys() else ""
+        ),
+    shell:
+        "cwdpo probe-set --spec {params.spec:q} {params.onpolicy} --out {output:q} > {log:q} 2>&1"
+
+
 # Held-out pairs of the test split (dataset negatives only, fixed seed): preference accuracy and w_c.
 rule heldout_pairs:
     input:

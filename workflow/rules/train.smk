@@ -4,12 +4,12 @@
 
 rule stage1:
     input:
-        model=P.model_inputs("base"),
-        data=P.data_json(),
+        unpack(lambda wc: P.stage1_inputs(wc.seed)),
     output:
         model=directory(f"{OUT}/stage1/{{stage1}}/s{{seed}}/model"),
         metrics=f"{OUT}/stage1/{{stage1}}/s{{seed}}/metrics.json",
         train_log=f"{OUT}/stage1/{{stage1}}/s{{seed}}/train_log.csv",
+        probes=f"{OUT}/stage1/{{stage1}}/s{{seed}}/probes.csv",
     log:
         f"{OUT}/logs/stage1/{{stage1}}_s{{seed}}.log",
     benchmark:
@@ -29,6 +29,7 @@ rule stage2:
         model=directory(f"{OUT}/stage2/{{stage1}}/s{{seed}}/{{stage2}}/model"),
         metrics=f"{OUT}/stage2/{{stage1}}/s{{seed}}/{{stage2}}/metrics.json",
         train_log=f"{OUT}/stage2/{{stage1}}/s{{seed}}/{{stage2}}/train_log.csv",
+        probes=f"{OUT}/stage2/{{stage1}}/s{{seed}}/{{stage2}}/probes.csv",
     params:
         spec=lambda wc, threads: dumps(P.stage2_spec(wc.stage1, wc.seed, wc.stage2, threads)),
         out=lambda wc, output: os.path.dirname(output.metrics),

@@ -1,0 +1,47 @@
+"""The cached reference pass of Stage 2: log-probs of every pair under the frozen Stage-1 model, once."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .data import file_sha256, read_json, write_json
+from .logprobs import Collator, Encoder, SeqBatch, completion_logps
+from .models import load_model, load_processor, model_fingerprint
+
+
+def reference_logps(model_dir: str, pairs_path: str, out_path: str, *, base: str | None, dtype: str,
+                    prompt: str, min_pixels, max_pixels, max_response_tokens: int, batch_size: int = 32,
+                    trust_remote_code: bool = False) -> dict:
+    """Summed and token-mean log-probs of every pair's chosen and rejected response under the frozen
+    reference (the Stage-1 model), computed once and cached in `out_path` (JSON, keyed by the reference
+    model's weights hash and the pairs file hash). An existing cache with the same key is reused."""
+    key = {"model": model_fingerprint(model_dir), "pairs": file_sha256(pairs_path), "dtype": dtype,
+           "max_response_tokens": int(max_response_tokens)}
+    if os.path.exists(out_path):
+        cached = read_json(out_path)
+        if cached.get("key") == key:
+            return cached
+    from .negatives import read_pairs
+    pairs = read_pairs(pairs_path, prompt)
+    processor = load_processor(model_dir, min_pixels, max_pixels, trust_remote_code)
+    encoder = Encoder(processor, prompt, max_response_tokens)
+    model = load_model(model_dir, base=base, dtype=dtype, trust_remote_code=trust_remote_code)
+    result = {k: [] for k in ("ref_chosen_logps", "ref_rejected_logps", "ref_chosen_avg", "ref_rejected_avg")}
+    collate = Collator(encoder, "pair")
+    from tqdm import tqdm
+    with torch.no_grad():
+        for s in tqdm(range(0, len(pairs), batch_size), desc="reference log-probs", mininterval=2.0):
+            chunk = pairs[s:s + batch_size]
+            b = SeqBatch.from_dict(collate(chunk)["batch"])
+            out = completion_logps(model, b, encoder.image_token_id)
+            n = len(chunk)
+            result["ref_chosen_logps"] += out.sums[:n].double().tolist()
+            result["ref_rejected_logps"] += out.sums[n:].double().tolist()
+            result["ref_chosen_avg"] += out.means[:n].double().tolist()
+            result["ref_rejected_avg"] += out.means[n:].double().tolist()
+    doc = {"key": key, "n_pairs": len(pairs), **result}
+    write_json(out_path, doc, indent=None)
+    return doc
+
+
