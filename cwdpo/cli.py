@@ -41,8 +41,10 @@ def cmd_prepare_data(a):
     from . import shapes
     from .data import load_karpathy, write_json
     spec = _spec(a.spec)
-    path = shapes.generate(a.out, shapes.ShapesSpec(splits=spec["splits"], seed=int(spec["seed"]),
-                                                    image_size=int(spec["image_size"])))
+    path = shapes.generate(a.out, shapes.ShapesSpec(
+        splits=spec["splits"], seed=int(spec["seed"]), image_size=int(spec["image_size"]),
+        heldout=tuple(tuple(x) for x in spec.get("heldout_combos", [])),
+        ood={k: v for k, v in spec.get("ood", {}).items() if v}))
     records = load_karpathy(path)
     counts: dict = {}
     for r in records:
@@ -55,7 +57,7 @@ def cmd_build_model(a):
     from .data import load_karpathy, write_json
     from .models import build_tiny
     spec = _spec(a.spec)
-    records = load_karpathy(spec["data"]["json"], spec["data"].get("image_root"), spec["data"]["splits"])
+    records = _records(spec["data"])
     corpus = [c for r in records for c in r.captions]
     info = build_tiny(a.out, corpus, {**spec["tiny"], "min_pixels": spec["min_pixels"],
                                       "max_pixels": spec["max_pixels"]}, spec["prompt"], seed=int(spec["seed"]))
@@ -92,6 +94,8 @@ def cmd_evaluate(a):
     doc = {"captions": {r.image_id: c[0] for r, c in zip(records, caps)},
            "references": {r.image_id: r.captions for r in records},
            "decoding": {"num_beams": spec["num_beams"], "max_new_tokens": spec["max_new_tokens"]}}
+    if spec.get("domains"):
+        doc["domains"] = {r.image_id: r.domain for r in records}
     if int(spec.get("topk_beams", 0)) > 1:  # the "top-5 beams" of Figure F-stage1: all k beams of a size-k search
         k = int(spec["topk_beams"])
         beams = generate_captions(model, encoder, paths, num_beams=k, num_return=k,
@@ -99,6 +103,8 @@ def cmd_evaluate(a):
                                   desc=f"top-{k} beams")
         doc["beams"] = {r.image_id: b for r, b in zip(records, beams)}
     write_json(a.captions, doc)
+    if not spec.get("measures", True):  # an extra evaluation set: captions only
+        return
     l_floor = spec["l_floor"]
     run_metrics = os.path.join(os.path.dirname(os.path.normpath(spec["model"])), "metrics.json")
     if os.path.isfile(run_metrics) and isinstance(read_json(run_metrics).get("l_floor"), (int, float)):
@@ -116,10 +122,29 @@ def cmd_evaluate(a):
     write_json(a.measures, measures, indent=None)
 
 
-def _records(d: dict, check_files: bool = True, bad_log=None):
-    from .data import load_karpathy
-    return load_karpathy(d["json"], d.get("image_root"), d["splits"], on_bad_input=d.get("on_bad_input", "error"),
-                         bad_log=bad_log, check_files=check_files)
+def _records(d: dict, bad_log=None):
+    from .data import load_records
+    return load_records(d, bad_log=bad_log)
+
+
+def cmd_validate_data(a):
+    """Check every image and caption of the dataset once, before any training job: file present, decodes,
+    non-empty captions, required Karpathy fields. `error`: stop naming file and image; `skip`: list them."""
+    from .data import BadInputLog, DataError, load_karpathy, write_json
+    spec = _spec(a.spec)
+    bad = BadInputLog()
+    try:
+        records = load_karpathy(spec["json"], spec.get("image_root"), None, on_bad_input=spec["on_bad_input"],
+                                bad_log=bad, verify_images=True)
+    except DataError as e:
+        sys.exit(f"cwdpo validate-data: {e}")
+    counts: dict = {}
+    for r in records:
+        counts[r.split] = counts.get(r.split, 0) + 1
+    write_json(a.out, {"json": spec["json"], "on_bad_input": spec["on_bad_input"], "images": counts,
+                       **bad.summary()})
+    for item in bad.skipped:
+        print(f"[cwdpo validate-data] skipped {item['where']}: {item['reason']}", file=sys.stderr)
 
 
 def cmd_sample_onpolicy(a):
@@ -216,12 +241,10 @@ def cmd_ref_logps(a):
 
 
 def cmd_trivial(a):
-    from .data import load_karpathy, most_frequent_caption, write_json
+    from .data import most_frequent_caption, write_json
     spec = _spec(a.spec)
-    train = load_karpathy(spec["train"]["json"], spec["train"].get("image_root"), spec["train"]["splits"],
-                          check_files=False)
-    test = load_karpathy(spec["test"]["json"], spec["test"].get("image_root"), spec["test"]["splits"],
-                         check_files=False)
+    train = _records(spec["train"])
+    test = _records(spec["test"])
     caption = most_frequent_caption(train)
     write_json(a.out, {"captions": {r.image_id: caption for r in test},
                        "references": {r.image_id: r.captions for r in test},
@@ -242,6 +265,12 @@ def cmd_score(a):
         if doc.get("beams"):
             result["beams"] = score_beams(doc["references"], doc["beams"],
                                           [m for m in ("CIDEr", "SPICE") if metrics is None or m in metrics])
+        if doc.get("domains"):  # NoCaps-style: every domain scored on its own (its own df), then all
+            result["domains"] = {}
+            for d in sorted(set(doc["domains"].values())):
+                ids = [i for i, dom in doc["domains"].items() if dom == d]
+                result["domains"][d] = score_captions({i: doc["references"][i] for i in ids},
+                                                      {i: doc["captions"][i] for i in ids}, meteor=meteor, **kwargs)
         for metric, reason in result["na_reasons"].items():
             print(f"[cwdpo score] {cap_path}: {metric} = n/a ({reason})", file=sys.stderr)
         write_json(out_path, result)
@@ -252,9 +281,40 @@ def cmd_table(a):
     write_table(_spec(a.spec), a.out)
 
 
+def cmd_convert_nocaps(a):
+    from .data import convert_nocaps
+    print(json.dumps(convert_nocaps(a.annotations, a.out, a.split)))
+
+
 def cmd_figure(a):
     from .figures import write_figure
     write_figure(_spec(a.spec), a.out)
+
+
+def cmd_bench(a):
+    _quiet_hf()
+    from .bench import run_bench
+    report = run_bench(a.out, quick=a.quick, threads=a.threads, large=not a.no_large, workdir=a.workdir,
+                       experiment_dir=a.experiment_dir)
+    print(open(os.path.join(a.out, "bench.md")).read())
+    print(f"wrote {a.out}/bench.json and bench.md (peak RSS {report['peak_rss_mb']:.0f} MB)")
+
+
+def cmd_estimate(a):
+    """Tokens, FLOPs and GPU-hours of a config's DAG, per rule and in total."""
+    from .config import ConfigValidationError, load_config
+    from .estimate import H100_BF16_DENSE, estimate, render
+    try:
+        cfg = load_config(a.configfile, check_paths=False)  # priced before the data is in place
+    except ConfigValidationError as e:
+        sys.exit(str(e))
+    hw = tuple(int(x) for x in a.image_size.lower().split("x")) if a.image_size else None
+    est = estimate(cfg, mfu=a.mfu, peak_flops=a.peak_tflops * 1e12 if a.peak_tflops else H100_BF16_DENSE,
+                   image_hw=(hw[1], hw[0]) if hw else None)
+    print(render(est))
+    if a.json:
+        from .data import write_json
+        write_json(a.json, est)
 
 
 def cmd_validate_config(a):
@@ -276,6 +336,9 @@ def build_parser() -> argparse.ArgumentParser:
         return sp
 
     sp = add("prepare-data", cmd_prepare_data, "generate the embedded `shapes` dataset (Karpathy format)")
+    sp.add_argument("--spec", required=True)
+    sp.add_argument("--out", required=True)
+    sp = add("validate-data", cmd_validate_data, "check every image and caption once (missing, corrupt, empty)")
     sp.add_argument("--spec", required=True)
     sp.add_argument("--out", required=True)
     sp = add("build-model", cmd_build_model, "build the tiny random-init Qwen2.5-VL + tokenizer + processor")
@@ -315,9 +378,26 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("table", cmd_table, "write a comparison table (Markdown, CSV, LaTeX)")
     sp.add_argument("--spec", required=True)
     sp.add_argument("--out", required=True, help="output stem: writes <out>.md, <out>.csv, <out>.tex")
+    sp = add("convert-nocaps", cmd_convert_nocaps, "NoCaps annotations (COCO style) -> Karpathy format with domains")
+    sp.add_argument("--annotations", required=True, help="e.g. nocaps_val_4500_captions.json")
+    sp.add_argument("--out", required=True)
+    sp.add_argument("--split", default="val")
     sp = add("figure", cmd_figure, "draw a figure (PNG + PDF) from the runs' probes and measures")
     sp.add_argument("--spec", required=True)
     sp.add_argument("--out", required=True, help="output stem: writes <out>.png and <out>.pdf")
+    sp = add("bench", cmd_bench, "step-time ratios, cached reference, TRL peer, shared prefix, throughput")
+    sp.add_argument("--quick", action="store_true", help="tiny model only, few steps (for CI)")
+    sp.add_argument("--out", default="results/bench")
+    sp.add_argument("--threads", type=int, default=0)
+    sp.add_argument("--no-large", action="store_true", help="skip the larger random-init model")
+    sp.add_argument("--workdir", default=".", help="the workflow folder for the DAG timings")
+    sp.add_argument("--experiment-dir", default="results/tiny", help="a finished run for the pipeline costs")
+    sp = add("estimate", cmd_estimate, "tokens, FLOPs and GPU-hours of a config's whole DAG")
+    sp.add_argument("--configfile", required=True)
+    sp.add_argument("--mfu", type=float, default=0.40, help="assumed model FLOPs utilisation (gpu_smoke measures it)")
+    sp.add_argument("--peak-tflops", type=float, default=None, help="peak bf16 TFLOP/s per GPU (default H100: 989)")
+    sp.add_argument("--image-size", default=None, help="WxH of the typical image for Karpathy data (default 640x480)")
+    sp.add_argument("--json", default=None, help="also write the estimate as JSON")
     sp = add("validate-config", cmd_validate_config, "validate a config file against the workflow schema")
     sp.add_argument("--configfile", required=True)
     return p

@@ -61,24 +61,39 @@ class ConfigValidationError(ValueError):
     pass
 
 
-def validate_config(config: dict, schema_file: str | None = None) -> dict:
-    """Validate `config` in place (filling defaults); raise ConfigValidationError naming the key."""
+def schema_errors(config: dict, schema_file: str | None = None) -> list:
+    """Every schema violation of `config` as 'key: problem' lines (defaults are filled in place)."""
     with open(schema_file or schema_path()) as f:
         schema = yaml.safe_load(f)
     validator = _validator(schema)
-    errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
+    return [format_error(e) for e in sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))]
+
+
+def validate_config(config: dict, schema_file: str | None = None, check_paths: bool = True) -> dict:
+    """Validate `config` in place (filling defaults); raise ConfigValidationError naming the key."""
+    errors = schema_errors(config, schema_file)
     if errors:
-        raise ConfigValidationError("invalid config:\n  " + "\n  ".join(format_error(e) for e in errors))
-    from .plan import Plan
-    Plan(config)  # cross-key checks (recipe names, required paths)
+        raise ConfigValidationError("invalid config:\n  " + "\n  ".join(errors))
+    from .plan import ConfigError, Plan
+    try:
+        Plan(config, check_paths=check_paths)  # cross-key checks (recipe names, required paths)
+    except ConfigError as e:
+        raise ConfigValidationError(f"invalid config:\n  {e}") from None
     return config
 
 
-def load_config(path: str, overrides: dict | None = None) -> dict:
-    """Read a YAML config, apply `overrides` (nested dict), validate and fill defaults."""
+def load_config(path: str, overrides: dict | None = None, check_paths: bool = True) -> dict:
+    """Read a YAML config the way `snakemake --configfile path` does — merged over the workflow's default
+    config/config.yaml — apply `overrides` (nested dict), validate and fill defaults."""
+    from .plan import deep_merge
+    default = os.path.join(os.path.dirname(os.path.dirname(schema_path())), "..", "config", "config.yaml")
+    default = os.path.normpath(default)
+    config = {}
+    if os.path.isfile(default) and os.path.abspath(default) != os.path.abspath(path):
+        with open(default) as f:
+            config = yaml.safe_load(f) or {}
     with open(path) as f:
-        config = yaml.safe_load(f) or {}
+        config = deep_merge(config, yaml.safe_load(f) or {})
     if overrides:
-        from .plan import deep_merge
         config = deep_merge(config, overrides)
-    return validate_config(config)
+    return validate_config(config, check_paths=check_paths)

@@ -35,26 +35,42 @@ class BadInputLog:
 
     skipped: list = field(default_factory=list)
 
-    def add(self, where: str, reason: str):
-        self.skipped.append({"where": where, "reason": reason})
+    def add(self, where: str, reason: str, image_id=None):
+        self.skipped.append({"where": where, "reason": reason, "image_id": image_id})
 
     def summary(self) -> dict:
         counts: dict = {}
         for item in self.skipped:
             counts[item["reason"]] = counts.get(item["reason"], 0) + 1
-        return {"skipped": len(self.skipped), "by_reason": counts, "items": self.skipped[:50]}
+        return {"skipped": len(self.skipped), "by_reason": counts, "items": self.skipped}
 
 
-def _fail_or_skip(on_bad_input: str, log: BadInputLog | None, where: str, reason: str):
+def _fail_or_skip(on_bad_input: str, log: BadInputLog | None, where: str, reason: str, image_id=None):
     if on_bad_input == "skip":
         if log is not None:
-            log.add(where, reason)
+            log.add(where, reason, image_id)
         return
     raise DataError(f"{where}: {reason}")
 
 
+def verify_image(path: str) -> str | None:
+    """None when `path` decodes as an image, else the reason (missing, unreadable or corrupt)."""
+    from PIL import Image
+    if not os.path.isfile(path):
+        return f"image file not found: {path}"
+    try:
+        with Image.open(path) as im:
+            im.verify()  # checks the file's structure (PNG CRCs, JPEG markers) without a full decode
+        with Image.open(path) as im:
+            im.load()  # and that it decodes
+    except Exception as e:  # PIL raises many types for corrupt files
+        return f"corrupt or unreadable image {path}: {type(e).__name__}: {e}"
+    return None
+
+
 def load_karpathy(json_path: str, image_root: str | None = None, splits=None, on_bad_input: str = "error",
-                  bad_log: BadInputLog | None = None, check_files: bool = True) -> list[ImageRecord]:
+                  bad_log: BadInputLog | None = None, check_files: bool = True,
+                  verify_images: bool = False) -> list[ImageRecord]:
     """Read a Karpathy-format caption file; return the images of `splits` (all when None), in file order.
 
     Every image needs `filename`, `split` and a non-empty `sentences` list of non-empty `raw` captions;
@@ -81,13 +97,13 @@ def load_karpathy(json_path: str, image_root: str | None = None, splits=None, on
             continue
         missing = [k for k in ("filename", "split", "sentences") if k not in img]
         if missing:
-            _fail_or_skip(on_bad_input, bad_log, where, f"missing field(s) {', '.join(missing)}")
+            _fail_or_skip(on_bad_input, bad_log, where, f"missing field(s) {', '.join(missing)}", str(ident))
             continue
         if wanted is not None and img["split"] not in wanted:
             continue
         sentences = img["sentences"]
         if not isinstance(sentences, list) or not sentences:
-            _fail_or_skip(on_bad_input, bad_log, where, "no sentences")
+            _fail_or_skip(on_bad_input, bad_log, where, "no sentences", str(ident))
             continue
         captions = []
         bad = None
@@ -98,11 +114,13 @@ def load_karpathy(json_path: str, image_root: str | None = None, splits=None, on
                 break
             captions.append(raw.strip())
         if bad:
-            _fail_or_skip(on_bad_input, bad_log, where, bad)
+            _fail_or_skip(on_bad_input, bad_log, where, bad, str(ident))
             continue
         path = os.path.join(image_root, img.get("filepath", ""), img["filename"])
-        if check_files and not os.path.isfile(path):
-            _fail_or_skip(on_bad_input, bad_log, where, f"image file not found: {path}")
+        problem = verify_image(path) if verify_images else (
+            f"image file not found: {path}" if check_files and not os.path.isfile(path) else None)
+        if problem:
+            _fail_or_skip(on_bad_input, bad_log, where, problem, str(ident))
             continue
         extra = {k: v for k, v in img.items() if k not in
                  ("filename", "filepath", "split", "sentences", "attributes", "domain", "sentids")}
@@ -111,6 +129,21 @@ def load_karpathy(json_path: str, image_root: str | None = None, splits=None, on
         out.append(ImageRecord(image_id=str(ident), path=path, split=img["split"], captions=captions,
                                attributes=img.get("attributes"), domain=img.get("domain"), extra=extra))
     return out
+
+
+def load_records(d: dict, bad_log: BadInputLog | None = None) -> list[ImageRecord]:
+    """The images of a data spec {json, image_root, splits, on_bad_input, validated}.
+
+    `validated` is the report of the `validate_data` rule, which checked every image once (file present,
+    decodes, captions non-empty): with `on_bad_input: skip` the images it lists are left out here
+    without checking the files again; with `error` that rule has already stopped the workflow.
+    """
+    excluded = set()
+    if d.get("validated") and os.path.isfile(d["validated"]):
+        excluded = {x["image_id"] for x in read_json(d["validated"]).get("items", []) if x.get("image_id")}
+    records = load_karpathy(d["json"], d.get("image_root"), d["splits"], on_bad_input=d.get("on_bad_input", "error"),
+                            bad_log=bad_log, check_files=not d.get("validated"))
+    return [r for r in records if r.image_id not in excluded]
 
 
 def stable_fraction(key: str, salt: str) -> float:
@@ -193,3 +226,24 @@ def write_rows_csv(path: str, rows: list, first: str = "step", skip=()):
     for r in rows:
         lines.append(",".join([format_value(r.get(first))] + [format_value(r.get(c)) for c in cols]))
     write_text(path, "\n".join(lines) + "\n")
+
+
+def convert_nocaps(annotations_path: str, out_path: str, split: str = "val") -> dict:
+    """NoCaps annotations (COCO style: images[].{id, file_name, domain}, annotations[].{image_id, caption})
+    → our Karpathy-format file with each image's `domain` (in-domain / near-domain / out-domain, renamed
+    out-of-domain), so the same loader and the per-domain scoring serve it."""
+    doc = read_json(annotations_path)
+    caps: dict = {}
+    for a in doc.get("annotations", []):
+        caps.setdefault(a["image_id"], []).append(a["caption"].strip())
+    images = []
+    for idx, img in enumerate(doc["images"]):
+        domain = img.get("domain", "entire").replace("out-domain", "out-of-domain")
+        sents = [{"raw": c} for c in caps.get(img["id"], [])]
+        images.append({"filename": img["file_name"], "imgid": idx, "cocoid": img["id"], "split": split,
+                       "domain": domain, "sentences": sents})
+    write_json(out_path, {"dataset": "nocaps", "images": images}, indent=None)
+    counts: dict = {}
+    for im in images:
+        counts[im["domain"]] = counts.get(im["domain"], 0) + 1
+    return counts

@@ -44,6 +44,12 @@ class SeqBatch:
     def from_dict(d: dict) -> "SeqBatch":
         return SeqBatch(**{f.name: d[f.name] for f in fields(SeqBatch)})
 
+    def select(self, rows) -> "SeqBatch":
+        """The batch restricted to `rows` (images are kept; rows keep their image index)."""
+        idx = torch.as_tensor(rows, dtype=torch.long, device=self.input_ids.device)
+        return SeqBatch(self.input_ids[idx], self.attention_mask[idx], self.completion_mask[idx],
+                        self.position_ids[:, idx], self.row_image[idx], self.pixel_values, self.image_grid_thw)
+
     @property
     def n_rows(self) -> int:
         return int(self.input_ids.shape[0])

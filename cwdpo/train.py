@@ -21,7 +21,7 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from . import losses as L
-from .data import file_sha256, load_karpathy, read_json, stage_split, write_json, write_rows_csv, write_text
+from .data import file_sha256, load_records, read_json, stage_split, write_json, write_rows_csv, write_text
 from .logprobs import Collator, Encoder, SeqBatch, completion_logps
 from .reference import reference_logps  # noqa: F401  (re-exported for callers of cwdpo.train)
 from .models import load_model, load_processor, model_fingerprint, unwrap
@@ -49,33 +49,46 @@ class ListDataset(torch.utils.data.Dataset):
 class CWDPOTrainer(Trainer):
     """`Trainer` with the paper's losses. `method` ∈ METHODS; `hparams` holds β, γ, τ, ℓ_floor, C, λ, filter."""
 
-    def __init__(self, *args, method: str, hparams: dict, encoder: Encoder, ref_model=None, **kwargs):
+    def __init__(self, *args, method: str, hparams: dict, encoder: Encoder, ref_model=None,
+                 forward: str = "shared_prefix", **kwargs):
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; allowed: {', '.join(METHODS)}")
-        self.method, self.hparams, self.encoder = method, hparams, encoder
+        if forward not in ("shared_prefix", "concat"):
+            raise ValueError(f"unknown forward {forward!r}; allowed: shared_prefix, concat")
+        self.method, self.hparams, self.encoder, self.forward = method, hparams, encoder, forward
         self.ref_model = ref_model  # only for ref_mode="recompute" (benchmarks): a frozen reference model
         self._stash: dict = defaultdict(list)
         self.ref_forward_calls = 0
         super().__init__(*args, **kwargs)
         self.loss_is_scaled_for_ga = False  # our losses are per-batch means
 
+    def forward_logps(self, model, batch: SeqBatch):
+        """Response log-probs of every row. Rows sharing an image and prompt (a pair's chosen and rejected,
+        SFT-C's positive and negative) share one prefix computation unless `forward="concat"`."""
+        if self.forward == "shared_prefix" and self.method != "sft":
+            from .prefix import completion_logps_shared_prefix
+            return completion_logps_shared_prefix(model, batch, self.encoder.image_token_id)
+        return completion_logps(model, batch, self.encoder.image_token_id)
+
     # ---- losses ----
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         batch = SeqBatch.from_dict(inputs["batch"])
         n = int(inputs["n"])
-        out = completion_logps(model, batch, self.encoder.image_token_id)
         hp = self.hparams
+        n_neg = n
+        if self.method == "sft_c" and float(hp.get("penalty_fraction", 1.0)) < 1.0:
+            # cheaper Stage 1: forward only a random subset of the negatives (the paper's open question:
+            # SFT-C doubles the per-step cost); the subset is a function of (seed, step), so resume-safe
+            g = torch.Generator().manual_seed(int(self.args.seed) * 1_000_003 + int(self.state.global_step))
+            n_neg = max(1, int(round(float(hp["penalty_fraction"]) * n)))
+            chosen = sorted(torch.randperm(n, generator=g)[:n_neg].tolist())
+            batch = batch.select(list(range(n)) + [n + i for i in chosen])
+        out = self.forward_logps(model, batch)
         if self.method == "sft":
             loss, info = L.sft_loss(-out.means)
         elif self.method == "sft_c":
             lam = float(hp.get("hard_lam", 100.0)) if hp.get("hard") else float(hp["lam"])
-            neg = -out.means[n:]
-            frac = float(hp.get("penalty_fraction", 1.0))
-            if frac < 1.0:  # cheaper Stage 1: the penalty sees a random subset of the negatives
-                g = torch.Generator().manual_seed(int(self.args.seed) * 1_000_003 + int(self.state.global_step))
-                k = max(1, int(round(frac * n)))
-                neg = neg[torch.randperm(n, generator=g)[:k].to(neg.device)]
-            loss, info = L.sft_c_loss(-out.means[:n], neg, margin=float(hp["margin"]), lam=lam)
+            loss, info = L.sft_c_loss(-out.means[:n], -out.means[n:], margin=float(hp["margin"]), lam=lam)
         else:
             pc, pr = out.sums[:n], out.sums[n:]
             avg_r = out.means[n:]
@@ -296,8 +309,7 @@ def build_dataset(spec: dict, encoder: Encoder) -> tuple[list, str, dict]:
             p["pair_index"] = i
         summary["pairs"] = len(pairs)
         return pairs, "pair", summary
-    records = load_karpathy(data["json"], data.get("image_root"), data["splits"],
-                            on_bad_input=data.get("on_bad_input", "error"))
+    records = load_records(data)
     if data.get("stage") == "stage1":
         records, _ = stage_split(records, float(data["stage1_fraction"]))
     summary["images"] = len(records)
@@ -321,8 +333,7 @@ def make_probe_callback(spec: dict, encoder: Encoder, out_dir: str):
     val_records = None
     if p.get("val_interval") and p.get("val"):
         d = p["val"]
-        val_records = load_karpathy(d["json"], d.get("image_root"), d["splits"],
-                                    on_bad_input=d.get("on_bad_input", "error"))[: int(p.get("val_images", 100))]
+        val_records = load_records(d)[: int(p.get("val_images", 100))]
     return ProbeCallback(rows, encoder, out_dir, interval=int(p["interval"]), batch_size=int(p.get("batch_size", 32)),
                          n_bins=int(p.get("n_bins", 15)), val_records=val_records,
                          val_interval=int(p.get("val_interval", 0)), top5=bool(p.get("top5", False)),
@@ -365,7 +376,7 @@ def run_training(spec: dict, out_dir: str) -> dict:
         callbacks.append(probe)
     trainer = CWDPOTrainer(model=model, args=args, train_dataset=ListDataset(items),
                            data_collator=Collator(encoder, kind), method=spec["method"], hparams=hp, encoder=encoder,
-                           callbacks=callbacks)
+                           forward=spec.get("train", {}).get("forward", "shared_prefix"), callbacks=callbacks)
     resume = prepare_checkpoints(args.output_dir, spec)
     if resume and checkpoint_step(resume) >= args.max_steps:
         # training had finished before the job was interrupted: take the final checkpoint as it is
@@ -377,20 +388,22 @@ def run_training(spec: dict, out_dir: str) -> dict:
     else:
         train_metrics = trainer.train(resume_from_checkpoint=resume).metrics
     model_dir = os.path.join(out_dir, "model")
-    trainer.save_model(model_dir)
-    processor.save_pretrained(model_dir)
-    if probe is not None:
-        probe.write_csv(os.path.join(out_dir, "probes.csv"))
-    else:  # always present (a declared output): no probe rows
-        write_text(os.path.join(out_dir, "probes.csv"), "step\n")
+    trainer.save_model(model_dir)  # every rank takes part (ZeRO-3 gathers the weights); rank 0 writes
     history = [h for h in trainer.state.log_history if "loss" in h]
-    write_train_log(os.path.join(out_dir, "train_log.csv"), history)
     last = history[-1] if history else {}
     metrics = {"method": spec["method"], "steps": int(trainer.state.global_step), "seed": int(spec["seed"]),
                "final_loss": last.get("loss"), "l_floor": hp.get("l_floor"), "data": summary,
                "resumed_from": os.path.basename(resume) if resume else None,
                "parameters": sum(p.numel() for p in model.parameters()),
                "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+    if not trainer.is_world_process_zero():  # torchrun: one writer of the run's files
+        return metrics
+    processor.save_pretrained(model_dir)
+    if probe is not None:
+        probe.write_csv(os.path.join(out_dir, "probes.csv"))
+    else:  # always present (a declared output): no probe rows
+        write_text(os.path.join(out_dir, "probes.csv"), "step\n")
+    write_train_log(os.path.join(out_dir, "train_log.csv"), history)
     for key in ("w_c", "accuracies", "filtered_frac", "penalty", "margins"):
         vals = [h[key] for h in history if key in h]
         if vals:

@@ -1,4 +1,5 @@
-# The embedded `shapes` dataset, in the Karpathy format (COCO/Flickr30k configs point at their own file).
+# The embedded `shapes` dataset, in the Karpathy format (COCO/Flickr30k configs point at their own file),
+# then one check of every image and caption before any training job.
 if P.is_shapes:
 
     rule prepare_data:
@@ -12,3 +13,16 @@ if P.is_shapes:
             out=lambda wc, output: os.path.dirname(output.json),
         shell:
             "cwdpo prepare-data --spec {params.spec:q} --out {params.out:q} > {log:q} 2>&1"
+
+
+rule validate_data:
+    input:
+        P.data_json(),
+    output:
+        P.validated_path(),
+    log:
+        f"{OUT}/logs/validate_data.log",
+    params:
+        spec=dumps(P.validate_spec()),
+    shell:
+        "cwdpo validate-data --spec {params.spec:q} --out {output:q} > {log:q} 2>&1"

@@ -1,0 +1,229 @@
+"""Reliability: resume after SIGKILL, NaN guard, bad config / data fail fast, quoting, atomic writes."""
+import glob
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import REPO, copy_workflow, run
+
+
+def _pairs_and_ref(tiny_model_dir, shapes_records, tmp_path):
+    from cwdpo.negatives import build_pairs, write_pairs
+    from cwdpo.reference import reference_logps
+    recs = [r for r in shapes_records if r.split == "finetune"][:16]
+    pairs, _ = build_pairs(recs, {"pairs_per_image": 2, "p_easy": 0.5}, rho=1.0, seed=0)
+    path = str(tmp_path / "pairs.jsonl")
+    write_pairs(path, pairs, "Describe the image.")
+    ref = str(tmp_path / "ref.json")
+    reference_logps(tiny_model_dir, path, ref, base=None, dtype="float32", prompt="Describe the image.",
+                    min_pixels=None, max_pixels=None, max_response_tokens=40)
+    return path, ref
+
+
+def _cw_spec(tiny_model_dir, shapes_dir, pairs, ref, steps, save_steps):
+    return {"method": "cw_dpo", "init": tiny_model_dir, "prompt": "Describe the image.", "seed": 3,
+            "data": {"json": os.path.join(shapes_dir, "dataset_shapes.json"), "splits": ["finetune"]},
+            "pairs": pairs, "ref_logps": ref,
+            "hparams": {"lr": 5e-4, "steps": steps, "batch_size": 4, "beta": 0.1, "tau": 1.0, "l_floor": -5.0,
+                        "filter": {"enabled": True, "k": 2.0}, "schedule": "cosine_with_min_lr", "warmup_steps": 5,
+                        "weight_decay": 0.01},
+            "train": {"logging_steps": 10, "save_steps": save_steps, "save_total_limit": 2, "progress": False,
+                      "threads": 1}}
+
+
+def test_sigkill_mid_training_then_resume_gives_identical_final_metrics(tiny_model_dir, shapes_dir, shapes_records,
+                                                                        tmp_path):
+    pairs, ref = _pairs_and_ref(tiny_model_dir, shapes_records, tmp_path)
+    spec = json.dumps(_cw_spec(tiny_model_dir, shapes_dir, pairs, ref, steps=300, save_steps=20))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    whole, killed = str(tmp_path / "whole"), str(tmp_path / "killed")
+    run(["cwdpo", "train", "--spec", spec, "--out", whole], env=env)
+    proc = subprocess.Popen(["cwdpo", "train", "--spec", spec, "--out", killed], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not glob.glob(os.path.join(killed, "checkpoints", "checkpoint-40",
+                                                                "trainer_state.json")):
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # a node preemption: no cleanup, no final save
+    proc.wait()
+    assert not os.path.exists(os.path.join(killed, "metrics.json")), "the run finished before it was killed"
+    run(["cwdpo", "train", "--spec", spec, "--out", killed], env=env)
+    a, b = json.load(open(os.path.join(whole, "metrics.json"))), json.load(open(os.path.join(killed, "metrics.json")))
+    assert b["resumed_from"] and b["resumed_from"].startswith("checkpoint-")
+    for k in ("final_loss", "steps", "mean_w_c", "mean_accuracies", "mean_filtered_frac"):
+        assert a[k] == b[k], k
+    assert open(os.path.join(whole, "train_log.csv")).read() == open(os.path.join(killed, "train_log.csv")).read()
+    from safetensors.torch import load_file
+    wa, wb = load_file(os.path.join(whole, "model", "model.safetensors")), \
+        load_file(os.path.join(killed, "model", "model.safetensors"))
+    assert all((wa[k] == wb[k]).all() for k in wa)
+    # only the last `save_total_limit` checkpoints are kept
+    assert len(glob.glob(os.path.join(killed, "checkpoints", "checkpoint-*"))) <= 2
+
+
+def test_stale_checkpoints_of_another_spec_are_not_resumed(tiny_model_dir, shapes_dir, shapes_records, tmp_path):
+    from cwdpo.train import run_training
+    pairs, ref = _pairs_and_ref(tiny_model_dir, shapes_records, tmp_path)
+    out = str(tmp_path / "run")
+    run_training(_cw_spec(tiny_model_dir, shapes_dir, pairs, ref, steps=6, save_steps=3), out)
+    other = _cw_spec(tiny_model_dir, shapes_dir, pairs, ref, steps=6, save_steps=3)
+    other["hparams"]["lr"] = 1e-4
+    m = run_training(other, out)
+    assert m["resumed_from"] is None  # the lr changed: the old checkpoints were discarded
+
+
+def test_injected_nan_stops_training_naming_step_and_method(tiny_model_dir, shapes_dir, shapes_records, tmp_path):
+    from cwdpo.train import TrainingDiverged, run_training
+    pairs, ref = _pairs_and_ref(tiny_model_dir, shapes_records, tmp_path)
+    spec = _cw_spec(tiny_model_dir, shapes_dir, pairs, ref, steps=10, save_steps=2)
+    spec["train"]["inject_nan_step"] = 5
+    with pytest.raises(TrainingDiverged, match=r"non-finite gradient at step 5 of method cw_dpo"):
+        run_training(spec, str(tmp_path / "run"))
+    ckpts = sorted(glob.glob(str(tmp_path / "run" / "checkpoints" / "checkpoint-*")))
+    assert [os.path.basename(c) for c in ckpts] == ["checkpoint-2", "checkpoint-4"]  # the last good ones
+    assert not os.path.exists(tmp_path / "run" / "model")
+
+
+def test_atomic_writes_leave_no_truncated_file(tmp_path, monkeypatch):
+    from cwdpo import data
+    path = str(tmp_path / "table.json")
+    data.write_json(path, {"a": 1})
+
+    class Boom(Exception):
+        pass
+
+    def broken_dump(obj, f, **kw):
+        f.write('{"a": 2, "trunc')
+        raise Boom
+
+    monkeypatch.setattr(data.json, "dump", broken_dump)
+    with pytest.raises(Boom):
+        data.write_json(path, {"a": 2})
+    monkeypatch.undo()
+    assert json.load(open(path)) == {"a": 1}  # the old complete file, never a truncated one
+
+
+@pytest.mark.parametrize("case", ["missing", "corrupt", "empty_caption", "missing_field"])
+def test_bad_data_errors_naming_file_and_image_or_is_skipped_and_counted(tmp_path, case):
+    from PIL import Image
+    root = tmp_path / "data"
+    root.mkdir()
+    images = []
+    for i in range(3):
+        Image.new("RGB", (32, 32), (i * 50, 0, 0)).save(root / f"img{i}.png")
+        images.append({"filename": f"img{i}.png", "imgid": i, "cocoid": 100 + i, "split": "test",
+                       "sentences": [{"raw": "a red square"}]})
+    if case == "missing":
+        os.remove(root / "img1.png")
+    elif case == "corrupt":
+        (root / "img1.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 20)
+    elif case == "empty_caption":
+        images[1]["sentences"][0]["raw"] = ""
+    else:
+        del images[1]["split"]
+    dj = root / "dataset.json"
+    dj.write_text(json.dumps({"images": images}))
+    out = tmp_path / "validated.json"
+    spec = {"json": str(dj), "image_root": str(root), "on_bad_input": "error"}
+    proc = subprocess.run(["cwdpo", "validate-data", "--spec", json.dumps(spec), "--out", str(out)],
+                          capture_output=True, text=True)
+    assert proc.returncode != 0 and str(dj) in proc.stderr and "(id 101)" in proc.stderr
+    spec["on_bad_input"] = "skip"
+    run(["cwdpo", "validate-data", "--spec", json.dumps(spec), "--out", str(out)])
+    report = json.load(open(out))
+    assert report["skipped"] == 1 and report["items"][0]["image_id"] == "101"
+    from cwdpo.data import load_records
+    recs = load_records({"json": str(dj), "image_root": str(root), "splits": ["test"], "on_bad_input": "skip",
+                         "validated": str(out)})
+    assert [r.image_id for r in recs] == ["100", "102"]
+
+
+BAD_CONFIGS = [
+    ("stage2: {recipes: {x: {method: ppo}}}", "stage2.recipes.x.method", "dpo"),
+    ("negatives: {onpolicy: {backend: sglang}}", "negatives.onpolicy.backend", "vllm"),
+    ("stage2: {defaults: {beta: 0}}", "stage2.defaults.beta", "minimum"),
+    ("stage2: {defaults: {tau: -1}}", "stage2.defaults.tau", "minimum"),
+    ("negatives: {sets: {mix: {rho: 1.5}}}", "negatives.sets.mix.rho", "maximum of 1"),
+    ("stage1: {fraction: -0.1}", "stage1.fraction", "minimum of 0"),
+    ("stage2: {defaults: {l_floor: men}}", "stage2.defaults.l_floor", "mean"),
+    ("data: {source: karpathy, karpathy: {json: /nonexistent/dataset_coco.json}}", "data.karpathy.json", "does not exist"),
+    ("model: {source: /nonexistent/qwen}\npretrain: {enabled: false}", "model.source", "does not exist"),
+    ("negatives: {external: /nonexistent/neg.jsonl}", "negatives.external", "does not exist"),
+    ("trainn: {logging_steps: 5}", "trainn", "typo"),
+]
+
+
+@pytest.fixture(scope="module")
+def wf(tmp_path_factory):
+    return copy_workflow(tmp_path_factory.mktemp("wf"))
+
+
+@pytest.mark.parametrize("text,key,allowed", BAD_CONFIGS, ids=[c[1] for c in BAD_CONFIGS])
+def test_bad_config_fails_before_any_job_naming_key_and_allowed(wf, tmp_path, text, key, allowed):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(text + "\n")
+    proc = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--configfile", str(cfg)], cwd=wf,
+                          capture_output=True, text=True)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert key in out and allowed in out, out[-2000:]
+    assert "Job stats" not in out and not os.path.exists(os.path.join(wf, "results"))
+
+
+def test_paths_with_spaces_quotes_and_semicolons_run_and_execute_nothing(tmp_path):
+    """A Karpathy dataset and an external negatives file under hostile names go through real rules."""
+    from PIL import Image
+    wf = copy_workflow(tmp_path / "wf")
+    weird = tmp_path / "my data; touch PWNED 'q' \"d\" $(touch PWNED2)"
+    (weird / "imgs").mkdir(parents=True)
+    images = []
+    for i in range(6):
+        Image.new("RGB", (56, 56), (40 * i, 90, 10)).save(weird / "imgs" / f"a b;{i}.png")
+        images.append({"filename": f"a b;{i}.png", "filepath": "imgs", "imgid": i, "cocoid": i,
+                       "split": "train" if i < 4 else "test",
+                       "sentences": [{"raw": f"a red dog number {i}"}, {"raw": "a dog on the left"}]})
+    (weird / "data set.json").write_text(json.dumps({"images": images}))
+    (weird / "neg; rm -rf x.jsonl").write_text('{"image_id": 1, "negative": "a blue cat"}\n')
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(json.dumps({
+        "experiment": "weird",
+        "data": {"source": "karpathy", "karpathy": {"json": str(weird / "data set.json"), "image_root": str(weird)},
+                 "splits": {"pretrain": ["train"], "finetune": ["train"], "test": ["test"], "val": ["test"],
+                            "probe": ["test"]}},
+        "negatives": {"external": str(weird / "neg; rm -rf x.jsonl")},
+        "model": {"source": "tiny"}}))
+    targets = ["results/weird/eval/trivial/captions.json", "results/weird/eval/heldout_pairs.jsonl",
+               "results/weird/negatives/sft/s0/pairs_rho1.jsonl"]
+    run([sys.executable, "-m", "snakemake", *targets, "--cores", "1", "--configfile", str(cfg)], cwd=wf)
+    assert not list(tmp_path.rglob("PWNED*")) and not os.path.exists(os.path.join(wf, "PWNED"))
+    caps = json.load(open(os.path.join(wf, targets[0])))
+    assert set(caps["captions"]) == {"4", "5"}  # the test split, read through the hostile paths
+    pairs = [json.loads(x) for x in open(os.path.join(wf, targets[2]))]
+    assert any(p["source"] == "external" and p["rejected"][0]["content"][0]["text"] == "a blue cat" for p in pairs)
+    assert all(os.path.isfile(p["images"][0]) for p in pairs)
+
+
+def test_no_unsafe_deserialisation_in_the_package():
+    """Models and checkpoints load from safetensors; every torch.load is weights_only; no pickle;
+    trust_remote_code stays off unless a config sets it."""
+    pkg = os.path.join(REPO, "cwdpo")
+    for name in os.listdir(pkg):
+        if not name.endswith(".py"):
+            continue
+        src = open(os.path.join(pkg, name)).read()
+        for m in re.finditer(r"torch\.load\(([^)]*)\)", src):
+            assert "weights_only=True" in m.group(1), (name, m.group(0))
+        assert not re.search(r"^\s*import pickle|^\s*from pickle|pickle\.load", src, re.M), name
+        assert "trust_remote_code=True" not in src, name
+    import yaml
+    schema = yaml.safe_load(open(os.path.join(REPO, "workflow", "schemas", "config.schema.yaml")))
+    assert schema["properties"]["model"]["properties"]["trust_remote_code"]["default"] is False
+    models = open(os.path.join(pkg, "models.py")).read()
+    assert "use_safetensors=True" in models
