@@ -41,13 +41,13 @@ def dumps(obj) -> str:
 
 
 class Plan:
-    def __init__(self, config: dict):
+    def __init__(self, config: dict, check_paths: bool = True):
         self.c = config
         self.out = f"results/{config['experiment']}"
-        self.check()
+        self.check(check_paths)
 
     # ---- validation beyond the JSON schema ----
-    def check(self):
+    def check(self, check_paths: bool = True):
         c = self.c
         s1 = c["stage1"]["recipes"]
         s2 = c["stage2"]["recipes"]
@@ -89,9 +89,32 @@ class Plan:
                                   "but negatives.onpolicy.enabled is false (use rho: 1)")
         if c["data"]["source"] == "karpathy" and not c["data"]["karpathy"].get("json"):
             raise ConfigError("data.karpathy.json: required when data.source is 'karpathy'")
+        if check_paths:
+            self.check_paths()
         if c["model"]["source"] != "tiny" and c["pretrain"]["enabled"]:
             raise ConfigError("pretrain.enabled: only the tiny model is pretrained by the pipeline; set it to "
                               "false for a hub or local model")
+
+    def check_paths(self):
+        """Paths the config names must exist before any job runs (the error names the key)."""
+        c = self.c
+        paths = []
+        if c["data"]["source"] == "karpathy":
+            paths += [("data.karpathy.json", c["data"]["karpathy"]["json"]),
+                      ("data.karpathy.image_root", c["data"]["karpathy"].get("image_root"))]
+        paths.append(("negatives.external", c["negatives"].get("external")))
+        for name, es in c["eval_sets"].items():
+            if es["source"] == "karpathy":
+                if not es.get("json"):
+                    raise ConfigError(f"eval_sets.{name}.json: required for a Karpathy-format evaluation set")
+                paths += [(f"eval_sets.{name}.json", es["json"]), (f"eval_sets.{name}.image_root", es.get("image_root"))]
+        paths.append(("train.deepspeed", c["train"].get("deepspeed")))
+        src = c["model"]["source"]
+        if src != "tiny" and (src.startswith(("/", "./", "../", "~")) or os.path.isdir(src)):
+            paths.append(("model.source", os.path.expanduser(src)))
+        for key, path in paths:
+            if path and not os.path.exists(path):
+                raise ConfigError(f"{key}: {path!r} does not exist")
 
     # ---- data ----
     @property
@@ -103,13 +126,24 @@ class Plan:
             return f"{self.out}/data/dataset_shapes.json"
         return self.c["data"]["karpathy"]["json"]
 
+    def validated_path(self) -> str:
+        """The report of the validate_data rule (bad images listed there are skipped by every job)."""
+        return f"{self.out}/data/validated.json"
+
+    def data_inputs(self) -> list:
+        return [self.data_json(), self.validated_path()]
+
+    def validate_spec(self) -> dict:
+        d = self.c["data"]
+        return {"json": self.data_json(), "image_root": self.image_root(), "on_bad_input": d["on_bad_input"]}
+
     def image_root(self):
         return None if self.is_shapes else self.c["data"]["karpathy"].get("image_root")
 
     def data_spec(self, splits_key: str, stage: str | None = None) -> dict:
         d = self.c["data"]
         spec = {"json": self.data_json(), "image_root": self.image_root(), "splits": d["splits"][splits_key],
-                "on_bad_input": d["on_bad_input"]}
+                "on_bad_input": d["on_bad_input"], "validated": self.validated_path()}
         if stage:
             spec["stage"] = stage
             spec["stage1_fraction"] = self.c["stage1"]["fraction"]
@@ -145,12 +179,6 @@ class Plan:
             return f"{self.out}/stage2/{parts[1]}/{parts[2]}/{parts[3]}/model"
         raise ConfigError(f"unknown model key {key!r}")
 
-    def model_inputs(self, key: str) -> list:
-        """Snakemake inputs for a model key: its folder when the DAG makes it, else nothing."""
-        if key == "base" and not self.base_is_output():
-            return []
-        return [self.model_dir(key)]
-
     def stage1_init(self) -> str:
         return self.base_model()
 
@@ -181,6 +209,42 @@ class Plan:
                         keys.append(k)
         return keys
 
+    # ---- extra evaluation sets (Flickr30k, NoCaps, the shapes OOD split) ----
+    def eval_set_names(self) -> list:
+        return list(self.c["eval_sets"])
+
+    def eval_set_data(self, name: str) -> dict:
+        es = self.c["eval_sets"][name]
+        if es["source"] == "shapes":
+            return {**self.data_spec("test"), "splits": es["splits"]}
+        return {"json": es["json"], "image_root": es.get("image_root"), "splits": es["splits"],
+                "on_bad_input": self.c["data"]["on_bad_input"]}
+
+    def score_files(self) -> list:
+        """(captions, scores) paths of every caption file the score job reads."""
+        pairs = []
+        for k in self.eval_keys() + ["trivial"]:
+            pairs.append((f"{self.out}/eval/{k}/captions.json", f"{self.out}/eval/{k}/scores.json"))
+            if k != "trivial":
+                for name in self.eval_set_names():
+                    pairs.append((f"{self.out}/eval/{k}/captions_{name}.json", f"{self.out}/eval/{k}/scores_{name}.json"))
+        return pairs
+
+    def eval_set_columns(self) -> dict:
+        """Columns of the evaluation sets: '<set> <metric>' (and '<set> CIDEr (<domain>)' per domain)."""
+        from .shapes import DOMAINS
+        cols = {}
+        for name, es in self.c["eval_sets"].items():
+            for m in es["metrics"]:
+                if m == "SPICE" and "SPICE" not in self.c["evaluate"]["metrics"]:
+                    continue
+                cols[f"{name} {m}"] = [f"scores_{name}", ["corpus", m], True, 1, ["per_image", m]]
+            if es["domains"]:
+                for d in DOMAINS:
+                    cols[f"{name} CIDEr ({d})"] = [f"scores_{name}", ["domains", d, "corpus", "CIDEr"], True, 1,
+                                                   ["domains", d, "per_image", "CIDEr"]]
+        return cols
+
     def eval_dir(self, key: str) -> str:
         return f"{self.out}/eval/{key}"
 
@@ -201,8 +265,16 @@ class Plan:
     def needs_onpolicy(self, negset: str) -> bool:
         return self.c["negatives"]["sets"][negset]["rho"] < 1
 
+    def negatives_cfg(self, drop=("onpolicy", "sets")) -> dict:
+        """The negatives settings a data job needs, with the held-out (colour, shape) combinations of the
+        `shapes` dataset (negatives never use them: they belong to the OOD split only)."""
+        cfg = {k: v for k, v in self.c["negatives"].items() if k not in drop}
+        if self.is_shapes:
+            cfg["heldout"] = self.c["data"]["shapes"]["heldout_combos"]
+        return cfg
+
     def pairs_inputs(self, stage1: str, seed, negset: str) -> dict:
-        inputs = {"data": self.data_json()}
+        inputs = {"data": self.data_inputs()}
         if self.needs_onpolicy(negset):
             inputs["onpolicy"] = f"{self.neg_dir(stage1, seed)}/onpolicy.jsonl"
         if self.c["negatives"]["external"]:
@@ -220,7 +292,7 @@ class Plan:
         return inputs
 
     def stage1_inputs(self, seed) -> dict:
-        inputs = {"data": self.data_json()}
+        inputs = {"data": self.data_inputs()}
         if self.base_is_output():
             inputs["model"] = self.base_model()
         if self.probes_enabled():
@@ -228,7 +300,8 @@ class Plan:
         return inputs
 
     def eval_inputs(self, key: str) -> dict:
-        inputs = {"data": self.data_json(), "heldout": self.heldout_pairs_path()}
+        inputs = {"data": self.data_inputs(), "heldout": self.heldout_pairs_path()}
+        inputs["sets"] = [es["json"] for es in self.c["eval_sets"].values() if es["source"] == "karpathy"]
         if key != "base" or self.base_is_output():
             inputs["model"] = self.model_dir(key)
         ref = self.reference_of(key)
@@ -250,16 +323,14 @@ class Plan:
         return bool(self.c["probes"]["enabled"])
 
     def probe_set_inputs(self, start: str, seed) -> dict:
-        inputs = {"data": self.data_json()}
+        inputs = {"data": self.data_inputs()}
         if self.c["negatives"]["onpolicy"]["enabled"]:
             inputs["onpolicy"] = f"{self.neg_dir(start, seed)}/onpolicy.jsonl"
         return inputs
 
     def probe_set_spec(self, start: str, seed) -> dict:
-        n = self.c["negatives"]
         return {"probe_data": self.data_spec("probe"), "probe_images": self.c["probes"]["images"],
-                "negatives": {k: v for k, v in n.items() if k not in ("onpolicy", "sets", "external")},
-                "seed": int(seed)}
+                "negatives": self.negatives_cfg(("onpolicy", "sets", "external")), "seed": int(seed)}
 
     def probes_spec(self, start: str, seed, stage: int) -> dict | None:
         p = self.c["probes"]
@@ -307,7 +378,7 @@ class Plan:
                 "train": self.train_settings(threads), "lora": self.c["model"]["lora"],
                 "probes": self.probes_spec("base", seed, stage=1)}
         if method == "sft_c":  # only SFT-C reads negatives: other recipes do not rerun when they change
-            spec["negatives"] = self.c["negatives"]
+            spec["negatives"] = self.negatives_cfg(("onpolicy", "sets"))
             spec["data_seed"] = self.c["data"]["shapes"]["seed"]
         return spec
 
@@ -319,7 +390,9 @@ class Plan:
                 "threads": threads, "heldout_pairs": self.heldout_pairs_path(),
                 "l_floor": d["l_floor"] if d["l_floor"] != "mean" else -5.0, "tau": d["tau"],
                 "reference": self.reference_of(key), "n_bins": self.c["probes"]["n_bins"],
-                "topk_beams": e["topk_beams"]}
+                "topk_beams": e["topk_beams"],
+                "eval_sets": [{"name": n, "data": self.eval_set_data(n), "domains": self.c["eval_sets"][n]["domains"],
+                               "out": f"{self.out}/eval/{key}/captions_{n}.json"} for n in self.eval_set_names()]}
 
     def sample_spec(self, stage1: str, seed, threads: int) -> dict:
         o = self.c["negatives"]["onpolicy"]
@@ -331,15 +404,14 @@ class Plan:
     def pairs_spec(self, stage1: str, seed, negset: str) -> dict:
         n = self.c["negatives"]
         spec = {"prompt": self.c["prompt"], "data": self.data_spec("finetune", stage="stage2"), "stage": "stage2",
-                "negatives": {k: v for k, v in n.items() if k not in ("onpolicy", "sets")},
+                "negatives": self.negatives_cfg(("onpolicy", "sets")),
                 "rho": n["sets"][negset]["rho"], "p_easy": n["sets"][negset].get("p_easy"), "seed": int(seed)}
         return spec
 
     def heldout_spec(self) -> dict:
         n = self.c["negatives"]
         return {"prompt": self.c["prompt"], "data": self.data_spec("test"), "stage": "all",
-                "negatives": {**{k: v for k, v in n.items() if k not in ("onpolicy", "sets", "external")},
-                              "external": None},
+                "negatives": {**self.negatives_cfg(("onpolicy", "sets", "external")), "external": None},
                 "rho": 1.0, "p_easy": n["p_easy"], "seed": 12345}
 
     def ref_spec(self, stage1: str, seed, threads: int) -> dict:
@@ -409,9 +481,25 @@ class Plan:
                     keys += [k for k in row["sft_keys"] if k]
                 for k in keys:
                     files += [f"{self.out}/eval/{k}/scores.json", f"{self.out}/eval/{k}/measures.json"]
+                    if tname in ("main", "ablation") or table.get("kind") == "paper":
+                        files += [f"{self.out}/eval/{k}/scores_{n}.json" for n in self.eval_set_names()]
                     if "conv. step" in columns and self.run_dir(k):
                         files.append(f"{self.run_dir(k)}/probes.csv")
         return sorted(set(files))
+
+    # ---- compute ----
+    def gpus(self, kind: str) -> int:
+        """GPUs a job of `kind` ('train' or 'infer') asks for (the `gpu` resource of its rule)."""
+        return int(self.c["compute"]["gpus_per_train_job" if kind == "train" else "gpus_per_infer_job"])
+
+    def launcher(self, kind: str) -> str:
+        """The command that starts `cwdpo`: plain, or torchrun/accelerate with one process per GPU."""
+        n = self.gpus(kind)
+        if kind != "train" or n <= 1:
+            return "cwdpo"
+        if self.c["compute"]["launcher"] == "accelerate":
+            return f"accelerate launch --num_processes {n} -m cwdpo.cli"
+        return f"torchrun --standalone --nproc_per_node {n} -m cwdpo.cli"
 
     # ---- figures ----
     def _series_keys(self, series: dict) -> list:
@@ -466,6 +554,9 @@ class Plan:
             spec["rows"] = self._table_rows(t)
             spec["columns"] = [c for c in t["columns"] if c not in ("SPICE", "top-5 SPICE")
                                or "SPICE" in self.c["evaluate"]["metrics"]]
+            if name in ("main", "ablation"):  # T-main and T-ablation carry the extra evaluation sets
+                spec["columns"] += list(self.eval_set_columns())
             keys = [k for r in spec["rows"] for k in r["keys"] + [x for x in r.get("sft_keys", []) if x]]
+        spec["extra_columns"] = self.eval_set_columns()
         spec["run_dirs"] = {k: self.run_dir(k) for k in keys if self.run_dir(k)}
         return spec

@@ -8,13 +8,16 @@ rule evaluate:
     output:
         captions=f"{OUT}/eval/{{key}}/captions.json",
         measures=f"{OUT}/eval/{{key}}/measures.json",
-    params:
-        spec=lambda wc, threads: dumps(P.eval_spec(wc.key, threads)),
-    threads: 1
+        sets=[f"{OUT}/eval/{{key}}/captions_{name}.json" for name in P.eval_set_names()],
     log:
         f"{OUT}/logs/eval/{{key}}/evaluate.log",
     benchmark:
         f"{OUT}/benchmarks/eval/{{key}}/evaluate.tsv"
+    threads: 1
+    resources:
+        gpu=P.gpus("infer"),
+    params:
+        spec=lambda wc, threads: dumps(P.eval_spec(wc.key, threads)),
     shell:
         "cwdpo evaluate --spec {params.spec:q} --captions {output.captions:q} "
         "--measures {output.measures:q} > {log:q} 2>&1"
@@ -22,7 +25,7 @@ rule evaluate:
 
 rule trivial_baseline:
     input:
-        P.data_json(),
+        P.data_inputs(),
     output:
         f"{OUT}/eval/trivial/captions.json",
     log:
@@ -36,9 +39,9 @@ rule trivial_baseline:
 # One job scores every caption file: METEOR's JVM loads its paraphrase tables once (~10 s).
 rule score:
     input:
-        captions=[f"{OUT}/eval/{k}/captions.json" for k in P.eval_keys() + ["trivial"]],
+        captions=[c for c, _ in P.score_files()],
     output:
-        [f"{OUT}/eval/{k}/scores.json" for k in P.eval_keys() + ["trivial"]],
+        [s for _, s in P.score_files()],
     log:
         f"{OUT}/logs/score.log",
     params:

@@ -4,7 +4,7 @@ if P.tiny:
 
     rule build_model:
         input:
-            P.data_json(),
+            P.data_inputs(),
         output:
             directory(P.base_init_dir()),
         log:
@@ -22,7 +22,7 @@ if P.tiny and config["pretrain"]["enabled"]:
     rule pretrain:
         input:
             model=P.base_init_dir(),
-            data=P.data_json(),
+            data=P.data_inputs(),
         output:
             model=directory(P.base_model()),
             metrics=f"{OUT}/base/pretrain/metrics.json",
@@ -32,8 +32,11 @@ if P.tiny and config["pretrain"]["enabled"]:
         benchmark:
             f"{OUT}/benchmarks/pretrain.tsv"
         threads: workflow.cores
+        resources:
+            gpu=P.gpus("train"),
         params:
             spec=lambda wc, threads: dumps(P.pretrain_spec(threads)),
             out=lambda wc, output: os.path.dirname(output.metrics),
+            launch=P.launcher("train"),
         shell:
-            "cwdpo train --spec {params.spec:q} --out {params.out:q} > {log:q} 2>&1"
+            "{params.launch} train --spec {params.spec:q} --out {params.out:q} > {log:q} 2>&1"

@@ -6,17 +6,19 @@
 rule sample_onpolicy:
     input:
         model=lambda wc: P.init_inputs(wc.stage1, wc.seed),
-        data=P.data_json(),
+        data=P.data_inputs(),
     output:
         samples=f"{OUT}/negatives/{{stage1}}/s{{seed}}/onpolicy.jsonl",
         summary=f"{OUT}/negatives/{{stage1}}/s{{seed}}/onpolicy_summary.json",
-    params:
-        spec=lambda wc, threads: dumps(P.sample_spec(wc.stage1, wc.seed, threads)),
-    threads: 1
     log:
         f"{OUT}/logs/negatives/{{stage1}}_s{{seed}}_onpolicy.log",
     benchmark:
         f"{OUT}/benchmarks/negatives/{{stage1}}_s{{seed}}_onpolicy.tsv"
+    threads: 1
+    resources:
+        gpu=P.gpus("infer"),
+    params:
+        spec=lambda wc, threads: dumps(P.sample_spec(wc.stage1, wc.seed, threads)),
     shell:
         "cwdpo sample-onpolicy --spec {params.spec:q} --out {output.samples:q} "
         "--summary {output.summary:q} > {log:q} 2>&1"
@@ -33,7 +35,9 @@ rule make_pairs:
     params:
         spec=lambda wc: dumps(P.pairs_spec(wc.stage1, wc.seed, wc.negset)),
         onpolicy=lambda wc, input: (
-            f"--onpolicy {shlex_quote(input.onpolicy)}" if "onpolicy" in input.keys() else ""
+            f"--onpolicy {shlex_quote(input.onpolicy)}"
+            if "onpolicy" in input.keys()
+            else ""
         ),
     shell:
         "cwdpo make-pairs --spec {params.spec:q} {params.onpolicy} --out {output.pairs:q} "
@@ -46,13 +50,15 @@ rule ref_logps:
         pairs=f"{OUT}/negatives/{{stage1}}/s{{seed}}/pairs_{{negset}}.jsonl",
     output:
         f"{OUT}/negatives/{{stage1}}/s{{seed}}/ref_{{negset}}.json",
-    params:
-        spec=lambda wc, threads: dumps(P.ref_spec(wc.stage1, wc.seed, threads)),
-    threads: 1
     log:
         f"{OUT}/logs/negatives/{{stage1}}_s{{seed}}_ref_{{negset}}.log",
     benchmark:
         f"{OUT}/benchmarks/negatives/{{stage1}}_s{{seed}}_ref_{{negset}}.tsv"
+    threads: 1
+    resources:
+        gpu=P.gpus("infer"),
+    params:
+        spec=lambda wc, threads: dumps(P.ref_spec(wc.stage1, wc.seed, threads)),
     shell:
         "cwdpo ref-logps --spec {params.spec:q} --pairs {input.pairs:q} --out {output:q} > {log:q} 2>&1"
 
@@ -68,7 +74,9 @@ rule probe_set:
     params:
         spec=lambda wc: dumps(P.probe_set_spec(wc.stage1, wc.seed)),
         onpolicy=lambda wc, input: (
-            f"--onpolicy {shlex_quote(input.onpolicy)}" if "onpolicy" in input.keys() else ""
+            f"--onpolicy {shlex_quote(input.onpolicy)}"
+            if "onpolicy" in input.keys()
+            else ""
         ),
     shell:
         "cwdpo probe-set --spec {params.spec:q} {params.onpolicy} --out {output:q} > {log:q} 2>&1"
@@ -77,7 +85,7 @@ rule probe_set:
 # Held-out pairs of the test split (dataset negatives only, fixed seed): preference accuracy and w_c.
 rule heldout_pairs:
     input:
-        P.data_json(),
+        P.data_inputs(),
     output:
         pairs=P.heldout_pairs_path(),
         summary=f"{OUT}/eval/heldout_pairs_summary.json",

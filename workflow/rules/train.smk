@@ -15,11 +15,14 @@ rule stage1:
     benchmark:
         f"{OUT}/benchmarks/stage1/{{stage1}}_s{{seed}}.tsv"
     threads: 1
+    resources:
+        gpu=P.gpus("train"),
     params:
         spec=lambda wc, threads: dumps(P.stage1_spec(wc.stage1, wc.seed, threads)),
         out=lambda wc, output: os.path.dirname(output.metrics),
+        launch=P.launcher("train"),
     shell:
-        "cwdpo train --spec {params.spec:q} --out {params.out:q} > {log:q} 2>&1"
+        "{params.launch} train --spec {params.spec:q} --out {params.out:q} > {log:q} 2>&1"
 
 
 rule stage2:
@@ -30,13 +33,18 @@ rule stage2:
         metrics=f"{OUT}/stage2/{{stage1}}/s{{seed}}/{{stage2}}/metrics.json",
         train_log=f"{OUT}/stage2/{{stage1}}/s{{seed}}/{{stage2}}/train_log.csv",
         probes=f"{OUT}/stage2/{{stage1}}/s{{seed}}/{{stage2}}/probes.csv",
-    params:
-        spec=lambda wc, threads: dumps(P.stage2_spec(wc.stage1, wc.seed, wc.stage2, threads)),
-        out=lambda wc, output: os.path.dirname(output.metrics),
-    threads: 1
     log:
         f"{OUT}/logs/stage2/{{stage1}}_s{{seed}}_{{stage2}}.log",
     benchmark:
         f"{OUT}/benchmarks/stage2/{{stage1}}_s{{seed}}_{{stage2}}.tsv"
+    threads: 1
+    resources:
+        gpu=P.gpus("train"),
+    params:
+        spec=lambda wc, threads: dumps(
+            P.stage2_spec(wc.stage1, wc.seed, wc.stage2, threads)
+        ),
+        out=lambda wc, output: os.path.dirname(output.metrics),
+        launch=P.launcher("train"),
     shell:
-        "cwdpo train --spec {params.spec:q} --out {params.out:q} > {log:q} 2>&1"
+        "{params.launch} train --spec {params.spec:q} --out {params.out:q} > {log:q} 2>&1"

@@ -1,0 +1,100 @@
+"""`cwdpo bench --quick` writes a well-formed report; `cwdpo estimate` matches a hand computation; the GPU
+configs validate and dry-run with placeholder data."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, copy_workflow, run
+
+RATIO_KEYS = ("cw_dpo_over_dpo", "focal_dpo_over_dpo", "sft_c_over_sft", "dpo_over_sft", "cached_ref_over_recompute",
+              "dpo_over_trl", "shared_prefix_over_concat")
+
+
+@pytest.mark.slow
+def test_bench_quick_writes_every_field(tmp_path):
+    wf = copy_workflow(tmp_path / "wf")
+    out = tmp_path / "bench"
+    run(["cwdpo", "bench", "--quick", "--no-large", "--out", str(out), "--workdir", wf,
+         "--experiment-dir", os.path.join(wf, "results", "tiny")], env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    r = json.load(open(out / "bench.json"))
+    for key in RATIO_KEYS:
+        assert isinstance(r["ratios"][key], float) and r["ratios"][key] > 0, key
+    for name, t in r["targets"].items():
+        assert set(t) == {"value", "limit", "holds"}, name
+    for method in ("sft", "sft_c", "sft_c_f50", "sft_c_f25", "dpo", "focal_dpo", "cw_dpo", "dpo_concat",
+                   "dpo_recompute_ref"):
+        assert r["tiny"][method] > 0
+    # the peer comparison starts at log 2 on both sides (policy == reference)
+    assert abs(r["trl"]["trl_default_first_loss"] - 0.693147) < 1e-3
+    assert abs(r["trl"]["ours_first_loss"] - 0.693147) < 1e-3
+    assert r["generation_captions_per_s"] > 0 and r["scoring"]["cider_only_captions_per_s"] > 0
+    assert r["peak_rss_mb"] > 0 and r["dag"]["dry_run_s"] > 0
+    assert "noop_rerun_na" in r["dag"]  # no finished run in the fresh folder: said so, no number invented
+    md = open(out / "bench.md").read()
+    assert "## Targets" in md and "TRL" in md
+
+
+def _tiny_params_by_hand(t):
+    """Parameters of the tiny Qwen2.5-VL, written out layer by layer."""
+    H, L, nh, kv, I, V = (t["hidden_size"], t["num_hidden_layers"], t["num_attention_heads"],
+                          t["num_key_value_heads"], t["intermediate_size"], t["vocab_size"])
+    hd = H // nh
+    layer = (H * H + H) + 2 * (H * kv * hd + kv * hd) + H * H + 3 * H * I + 2 * H
+    text = V * H + L * layer + H  # tied lm_head adds nothing
+    Hv, D, Iv = t["vision_hidden_size"], t["vision_depth"], t["vision_intermediate_size"]
+    block = 2 * Hv + (Hv * 3 * Hv + 3 * Hv) + (Hv * Hv + Hv) + 2 * (Hv * Iv + Iv) + (Iv * Hv + Hv)
+    merger = Hv + (4 * Hv) * (4 * Hv) + 4 * Hv + (4 * Hv) * H + H
+    vision = 3 * 2 * 14 * 14 * Hv + D * block + merger
+    return text + vision, vision
+
+
+def test_estimate_matches_a_hand_computation_for_the_tiny_config():
+    from cwdpo.config import load_config
+    from cwdpo.estimate import estimate
+    cfg = load_config(os.path.join(REPO, "config", "config.yaml"), check_paths=False)
+    est = estimate(cfg, mfu=0.5, peak_flops=1e12)
+    n, vision = _tiny_params_by_hand(cfg["model"]["tiny"])
+    assert est["parameters"]["total"] == n and est["parameters"]["vision"] == vision
+    # 112x112 images -> 4x4 merged patches = 16 image tokens; 16 chat-template tokens; 11.8 words + <|im_end|>
+    assert est["image_tokens"] == 16 and est["prefix_tokens"] == 32
+    assert est["caption_tokens"] == pytest.approx(12.8)
+    pre = next(r for r in est["rules"] if r["rule"] == "pretrain")
+    tokens = 3000 * 16 * (32 + 12.8)
+    assert pre["tokens"] == pytest.approx(tokens)
+    assert pre["flops"] == pytest.approx(6 * n * tokens)
+    assert pre["gpu_hours"] == pytest.approx(6 * n * tokens / (1e12 * 0.5) / 3600)
+    s2 = next(r for r in est["rules"] if r["rule"] == "stage2 (cw_dpo)")
+    # shared prefix: one prefix + chosen + rejected per pair; 200 steps x 16 pairs per run
+    assert s2["tokens"] == pytest.approx(s2["jobs"] * 200 * 16 * (32 + 2 * 12.8))
+    assert est["total"]["gpu_hours"] == pytest.approx(sum(r["gpu_hours"] for r in est["rules"]))
+
+
+def test_estimate_prices_the_paper_config_without_downloading(tmp_path):
+    out = subprocess.run(["cwdpo", "estimate", "--configfile", os.path.join(REPO, "config", "paper.yaml"), "--json",
+                          str(tmp_path / "e.json")], capture_output=True, text=True, cwd=REPO,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    est = json.load(open(tmp_path / "e.json"))
+    assert 72e9 < est["parameters"]["total"] < 75e9 and est["lora"]
+    assert est["total"]["gpu_hours"] > 100 and "total" in out.stdout
+
+
+@pytest.mark.parametrize("name", ["qwen3b", "paper"])
+def test_gpu_configs_validate_and_dry_run_with_placeholder_paths(tmp_path, name):
+    wf = copy_workflow(tmp_path / "wf")
+    coco = os.path.join(wf, "data", "coco")
+    os.makedirs(os.path.join(coco, "images"))
+    img = {"filename": "x.jpg", "filepath": "val2014", "imgid": 0, "cocoid": 1, "split": "test",
+           "sentences": [{"raw": "a cat"}]}
+    json.dump({"images": [img]}, open(os.path.join(coco, "dataset_coco.json"), "w"))
+    open(os.path.join(coco, "negatives_gpt4o.jsonl"), "w").write('{"image_id": 1, "negative": "a dog"}\n')
+    cfg = os.path.join("config", f"{name}.yaml")
+    run(["cwdpo", "validate-config", "--configfile", cfg], cwd=wf)
+    out = run([sys.executable, "-m", "snakemake", "-n", "--configfile", cfg], cwd=wf)
+    text = out.stdout + out.stderr
+    assert "stage2" in text and "sample_onpolicy" in text and "evaluate" in text
+    if name == "paper":
+        assert "torchrun --standalone --nproc_per_node 8 -m cwdpo.cli train" in text
