@@ -52,20 +52,22 @@ def _object_order(attrs: dict) -> dict:
     return attrs
 
 
-def perturb_attributes(attrs: dict, kind: str, rng: random.Random, slots: dict, template: int):
+def perturb_attributes(attrs: dict, kind: str, rng: random.Random, slots: dict, template: int, heldout=()):
     """One-attribute change of a scene. Returns (new_attrs, new_slots, new_template, changed) or None when
-    this kind cannot change what the caption states (e.g. a size the caption does not mention)."""
+    this kind cannot change what the caption states (e.g. a size the caption does not mention). A new
+    (colour, shape) combination is never one of `heldout` (kept out of training for the OOD split)."""
+    heldout = {tuple(x) for x in heldout}
     new = copy.deepcopy(attrs)
     objs = new["objects"]
     forms = list(slots["size_forms"])
     i = rng.randrange(len(objs))
     if kind == "colour":
         old = objs[i]["colour"]
-        objs[i]["colour"] = rng.choice([c for c in S.COLOURS if c != old])
+        objs[i]["colour"] = rng.choice([c for c in S.COLOURS if c != old and (c, objs[i]["shape"]) not in heldout])
         return new, slots, template, {"object": i, "colour": [old, objs[i]["colour"]]}
     if kind == "shape":
         old = objs[i]["shape"]
-        objs[i]["shape"] = rng.choice([s for s in S.SHAPES if s != old])
+        objs[i]["shape"] = rng.choice([s for s in S.SHAPES if s != old and (objs[i]["colour"], s) not in heldout])
         return new, slots, template, {"object": i, "shape": [old, objs[i]["shape"]]}
     if kind == "size":
         named = [j for j, f in enumerate(forms) if f is not None]
@@ -108,8 +110,9 @@ def perturb_attributes(attrs: dict, kind: str, rng: random.Random, slots: dict, 
                 if new["relation"] != "h":
                     return None  # a vertical pair has no free column layout for three objects
                 cell = [rng.randrange(3), next(cc for cc in range(3) if cc not in used)]
-            objs.append({"shape": rng.choice(S.SHAPES), "colour": rng.choice(S.COLOURS),
-                         "size": rng.choice(S.SIZES), "cell": cell})
+            combos = [(c, sh) for c in S.COLOURS for sh in S.SHAPES if (c, sh) not in heldout]
+            colour, shape = rng.choice(combos)
+            objs.append({"shape": shape, "colour": colour, "size": rng.choice(S.SIZES), "cell": cell})
             new["relation"] = rel
             forms.append(forms[0])
         else:  # remove an object
@@ -123,7 +126,7 @@ def perturb_attributes(attrs: dict, kind: str, rng: random.Random, slots: dict, 
     raise ValueError(f"unknown gentle kind {kind!r}")
 
 
-def gentle_shapes(rec, caption_index: int, rng: random.Random, kinds) -> dict | None:
+def gentle_shapes(rec, caption_index: int, rng: random.Random, kinds, heldout=()) -> dict | None:
     """A gentle negative of caption `caption_index` of a `shapes` image: one attribute changed, same
     template and word choices. None when no allowed kind changes the caption."""
     meta = rec.extra.get("sentence_meta", [None] * len(rec.captions))[caption_index]
@@ -134,7 +137,7 @@ def gentle_shapes(rec, caption_index: int, rng: random.Random, kinds) -> dict | 
     refs = {c.lower() for c in rec.captions}
     for kind in order:
         for _ in range(4):
-            out = perturb_attributes(rec.attributes, kind, rng, meta["slots"], meta["template"])
+            out = perturb_attributes(rec.attributes, kind, rng, meta["slots"], meta["template"], heldout)
             if out is None:
                 continue
             new_attrs, new_slots, template, changed = out
@@ -165,11 +168,11 @@ def gentle_lexicon(caption: str, rng: random.Random, kinds) -> dict | None:
     return {"text": text, "source": "gentle", "kind": kind, "changed": {kind: [caption[a:b], repl]}}
 
 
-def gentle_negative(rec, caption_index: int, rng: random.Random, kinds) -> dict | None:
+def gentle_negative(rec, caption_index: int, rng: random.Random, kinds, heldout=()) -> dict | None:
     """Attribute-based for `shapes` images (they carry an attribute record), lexicon-based otherwise."""
     if rec.attributes is not None:
         neg = gentle_shapes(rec, caption_index, rng, [k for k in kinds if k in ("colour", "shape", "size",
-                                                                               "count", "relation")])
+                                                                               "count", "relation")], heldout)
         if neg is not None:
             return neg
     neg = gentle_lexicon(rec.captions[caption_index], rng, [k for k in kinds if k in ("colour", "number",
@@ -271,7 +274,7 @@ def sft_c_items(records: list, cfg: dict, seed: int = 0, external: dict | None =
             elif kind == "easy" or (kind == "mixed" and rng.random() < 0.5):
                 neg = easy_negative(rec, i, rng, easy_kinds, records)
             else:
-                neg = gentle_negative(rec, i, rng, gentle_kinds)
+                neg = gentle_negative(rec, i, rng, gentle_kinds, cfg.get("heldout", ()))
             if neg is not None:
                 items.append({"image": rec.path, "positive": positive, "negative": neg["text"],
                               "image_id": rec.image_id, "source": neg["source"], "kind": neg["kind"]})
@@ -292,7 +295,7 @@ def dataset_negatives(rec, caption_index: int, rng: random.Random, cfg: dict, ot
         return easy_negative(rec, caption_index, rng, cfg.get("easy_kinds", ["other_image", "shuffled", "off_topic"]),
                              others)
     neg = gentle_negative(rec, caption_index, rng, cfg.get("gentle_kinds", ["colour", "shape", "size", "count",
-                                                                           "relation"]))
+                                                                           "relation"]), cfg.get("heldout", ()))
     if neg is None:
         neg = easy_negative(rec, caption_index, rng, cfg.get("easy_kinds", ["other_image", "shuffled", "off_topic"]),
                             others)

@@ -39,7 +39,7 @@ def build_probe_set(records: list, samples: dict, cfg: dict, seed: int = 0) -> l
     for rec in records:
         rng = random.Random(f"probe:{seed}:{rec.image_id}")
         gentle = gentle_negative(rec, 0, rng, cfg.get("gentle_kinds", ["colour", "shape", "size", "count",
-                                                                      "relation"]))
+                                                                      "relation"]), cfg.get("heldout", ()))
         easy = easy_negative(rec, 0, rng, cfg.get("easy_kinds", ["other_image", "shuffled", "off_topic"]), records)
         cands = [s for s in samples.get(rec.image_id, []) if s["text"].strip() and not s.get("is_reference")]
         onpolicy = min(cands, key=lambda s: (s["score"], s["text"]))["text"] if cands else None
@@ -67,6 +67,7 @@ class ProbeCallback(TrainerCallback):
         self.partial_path = os.path.join(out_dir, "probes.partial.jsonl")
         self.results: list = []
         self.ref = None
+        self.is_main = True  # under torchrun every rank measures (ZeRO-3 needs all of them), rank 0 writes
         self.scorer = None
         if self.val_records:
             from .sampling import corpus_scorer
@@ -134,6 +135,7 @@ class ProbeCallback(TrainerCallback):
     # ---- callback hooks ----
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self.max_steps = int(state.max_steps)
+        self.is_main = bool(state.is_world_process_zero)
         os.makedirs(self.out_dir, exist_ok=True)
         if state.global_step > 0 and os.path.isfile(self.ref_path):  # resumed: θ0 is what it was
             self.ref = torch.load(self.ref_path, weights_only=True)
@@ -142,9 +144,10 @@ class ProbeCallback(TrainerCallback):
             return
         first = self._pass_eval(model)
         self.ref = {"means": first[0], "logits": first[1]}
-        tmp = self.ref_path + ".tmp"
-        torch.save(self.ref, tmp)
-        os.replace(tmp, self.ref_path)
+        if self.is_main:
+            tmp = self.ref_path + ".tmp"
+            torch.save(self.ref, tmp)
+            os.replace(tmp, self.ref_path)
         self.results = []
         self._record(self.measure(model, 0, pass_result=first))
 
@@ -176,6 +179,8 @@ class ProbeCallback(TrainerCallback):
         self._rewrite_partial()
 
     def _rewrite_partial(self):
+        if not self.is_main:
+            return
         from .data import write_text
         write_text(self.partial_path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in self.results))
 

@@ -101,7 +101,14 @@ def render_caption(attributes: dict, template: int, slots: dict) -> str:
 
 @dataclass(frozen=True)
 class ShapesSpec:
-    """Sizes of one `shapes` dataset (splits in generation order) and its seed."""
+    """Sizes of one `shapes` dataset (splits in generation order) and its seed.
+
+    `heldout` (colour, shape) combinations never occur in the regular splits. The `ood` split
+    ({domain: count}) is a NoCaps-style test set of images labelled by domain: "in-domain" (only seen
+    combinations), "near-domain" (exactly one object with a held-out combination) and "out-of-domain"
+    (every object a held-out combination). Each colour and each shape alone is seen in training; only
+    the pairings are new.
+    """
 
     splits: dict
     seed: int = 1
@@ -109,15 +116,38 @@ class ShapesSpec:
     p_counts: tuple = (0.3, 0.4, 0.3)
     p_size_word: float = 0.8
     refs_per_image: int = 5
+    heldout: tuple = ()
+    ood: dict | None = None
 
 
-def sample_attributes(rng: random.Random, spec: ShapesSpec) -> dict:
-    """One random scene: 1-3 objects in a 3x3 grid, with the relation between them."""
+DOMAINS = ("in-domain", "near-domain", "out-of-domain")
+
+
+def sample_attributes(rng: random.Random, spec: ShapesSpec, domain: str | None = None) -> dict:
+    """One random scene: 1-3 objects in a 3x3 grid, with the relation between them.
+
+    Objects never use a held-out (colour, shape) combination, except in an `ood` domain: near-domain
+    makes exactly one object (at random) a held-out combination, out-of-domain all of them."""
     n = rng.choices((1, 2, 3), weights=spec.p_counts)[0]
+    heldout = [tuple(x) for x in spec.heldout]
+    if domain == "near-domain":
+        special = {rng.randrange(n)}
+    elif domain == "out-of-domain":
+        special = set(range(n))
+    else:
+        special = set()
+    counter = iter(range(n))
 
     def obj(cell):
-        return {"shape": rng.choice(SHAPES), "colour": rng.choice(COLOURS), "size": rng.choice(SIZES),
-                "cell": list(cell)}
+        k = next(counter)
+        if k in special:
+            colour, shape = rng.choice(heldout)
+        else:
+            while True:
+                shape, colour = rng.choice(SHAPES), rng.choice(COLOURS)
+                if (colour, shape) not in heldout:
+                    break
+        return {"shape": shape, "colour": colour, "size": rng.choice(SIZES), "cell": list(cell)}
 
     if n == 1:
         return {"objects": [obj((rng.randrange(3), rng.randrange(3)))], "relation": None}
@@ -201,29 +231,41 @@ def generate(out_dir: str, spec: ShapesSpec, progress: bool = True) -> str:
     """
     from tqdm import tqdm
 
+    if spec.ood and not spec.heldout:
+        raise ValueError("shapes: an `ood` split needs held-out (colour, shape) combinations")
+    jobs = [(split, i, None) for split, count in spec.splits.items() for i in range(count)]
+    k = 0
+    for domain in DOMAINS:
+        for _ in range((spec.ood or {}).get(domain, 0)):
+            jobs.append(("ood", k, domain))
+            k += 1
     images, imgid, sentid = [], 0, 0
-    for split, count in spec.splits.items():
+    for split in sorted({j[0] for j in jobs}):
         os.makedirs(os.path.join(out_dir, "images", split), exist_ok=True)
-        for i in tqdm(range(count), desc=f"shapes {split}", disable=not progress, mininterval=1.0):
-            rng = random.Random(f"shapes:{spec.seed}:{split}:{i}")
-            attributes = sample_attributes(rng, spec)
-            captions = sample_captions(rng, attributes, spec)
-            filename = f"shapes_{split}_{i:06d}.png"
-            draw_image(attributes, spec.image_size, rng).save(
-                os.path.join(out_dir, "images", split, filename), format="PNG")
-            sentences = []
-            for cap in captions:
-                sentences.append({"raw": cap["raw"], "tokens": caption_tokens(cap["raw"]), "imgid": imgid,
-                                  "sentid": sentid, "template": cap["template"], "slots": cap["slots"]})
-                sentid += 1
-            images.append({"filepath": f"images/{split}", "filename": filename, "imgid": imgid, "cocoid": imgid,
-                           "split": split, "sentids": [s["sentid"] for s in sentences],
-                           "sentences": sentences, "attributes": attributes})
-            imgid += 1
+    for split, i, domain in tqdm(jobs, desc="shapes", disable=not progress, mininterval=1.0):
+        rng = random.Random(f"shapes:{spec.seed}:{split}:{i}")
+        attributes = sample_attributes(rng, spec, domain)
+        captions = sample_captions(rng, attributes, spec)
+        filename = f"shapes_{split}_{i:06d}.png"
+        draw_image(attributes, spec.image_size, rng).save(
+            os.path.join(out_dir, "images", split, filename), format="PNG")
+        sentences = []
+        for cap in captions:
+            sentences.append({"raw": cap["raw"], "tokens": caption_tokens(cap["raw"]), "imgid": imgid,
+                              "sentid": sentid, "template": cap["template"], "slots": cap["slots"]})
+            sentid += 1
+        entry = {"filepath": f"images/{split}", "filename": filename, "imgid": imgid, "cocoid": imgid,
+                 "split": split, "sentids": [s["sentid"] for s in sentences],
+                 "sentences": sentences, "attributes": attributes}
+        if domain is not None:
+            entry["domain"] = domain
+        images.append(entry)
+        imgid += 1
     path = os.path.join(out_dir, "dataset_shapes.json")
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        json.dump({"dataset": "shapes", "images": images}, f, separators=(",", ":"))
+        json.dump({"dataset": "shapes", "heldout": [list(x) for x in spec.heldout], "images": images}, f,
+                  separators=(",", ":"))
     os.replace(tmp, path)
     return path
 
