@@ -94,8 +94,6 @@ def cmd_evaluate(a):
     doc = {"captions": {r.image_id: c[0] for r, c in zip(records, caps)},
            "references": {r.image_id: r.captions for r in records},
            "decoding": {"num_beams": spec["num_beams"], "max_new_tokens": spec["max_new_tokens"]}}
-    if spec.get("domains"):
-        doc["domains"] = {r.image_id: r.domain for r in records}
     if int(spec.get("topk_beams", 0)) > 1:  # the "top-5 beams" of Figure F-stage1: all k beams of a size-k search
         k = int(spec["topk_beams"])
         beams = generate_captions(model, encoder, paths, num_beams=k, num_return=k,
@@ -103,8 +101,29 @@ def cmd_evaluate(a):
                                   desc=f"top-{k} beams")
         doc["beams"] = {r.image_id: b for r, b in zip(records, beams)}
     write_json(a.captions, doc)
-    if not spec.get("measures", True):  # an extra evaluation set: captions only
-        return
+    for es in spec.get("eval_sets", []):  # Flickr30k / NoCaps / shapes OOD: captions with the loaded model
+        recs = _records(es["data"])
+        out = generate_captions(model, encoder, [r.path for r in recs], num_beams=int(spec["num_beams"]),
+                                max_new_tokens=int(spec["max_new_tokens"]), batch_size=int(spec["batch_size"]),
+                                desc=f"generate {es['name']}")
+        set_doc = {"captions": {r.image_id: c[0] for r, c in zip(recs, out)},
+                   "references": {r.image_id: r.captions for r in recs},
+                   "decoding": {"num_beams": spec["num_beams"], "max_new_tokens": spec["max_new_tokens"]}}
+        if es.get("domains"):
+            set_doc["domains"] = {r.image_id: r.domain for r in recs}
+        write_json(es["out"], set_doc)
+    for m in spec.get("mcq_sets", []):  # multiple-choice VQA accuracy with the loaded model
+        from .mcq import evaluate_mcq, load_mcq, shapes_mcq
+        if m["format"] == "shapes":
+            recs = _records(m["data"])[: m.get("images") or None]
+            items, summary = shapes_mcq(recs, seed=int(m.get("seed", 0)), per_image=m.get("per_image")), {}
+        else:
+            items, summary = load_mcq(m["path"], m["format"], m.get("image_root"),
+                                      on_bad_input=spec["data"].get("on_bad_input", "error"))
+        result = evaluate_mcq(model, processor, items, scoring=m.get("scoring", "loglik"),
+                              circular=bool(m.get("circular", False)), batch_size=int(m.get("batch_size", 64)),
+                              max_new_tokens=int(m.get("max_new_tokens", 16)))
+        write_json(m["out"], {**result, "load_summary": summary}, indent=None)
     l_floor = spec["l_floor"]
     run_metrics = os.path.join(os.path.dirname(os.path.normpath(spec["model"])), "metrics.json")
     if os.path.isfile(run_metrics) and isinstance(read_json(run_metrics).get("l_floor"), (int, float)):

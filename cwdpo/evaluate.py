@@ -135,8 +135,10 @@ def test_measures(model, encoder: Encoder, records: list, *, ref_model=None, n_b
         position_image += (rows + s).tolist()
         for i in range(len(chunk)):
             m = rows == i
-            for k in per_image:
-                per_image[k].append(float(pp[k].cpu()[m].mean()))
+            per_image.setdefault("positions", []).append(int(m.sum()))
+            for k in keys:
+                if k not in ("conf", "correct"):
+                    per_image[k].append(float(pp[k].cpu()[m].mean()))
     cat = {k: torch.cat(v) for k, v in pooled.items()}
     result = {"images": len(records), "positions": int(cat["conf"].numel()),
               "entropy": float(cat["entropy"].mean()), "top1": float(cat["top1"].mean()),

@@ -103,8 +103,14 @@ class Plan:
             paths += [("data.karpathy.json", c["data"]["karpathy"]["json"]),
                       ("data.karpathy.image_root", c["data"]["karpathy"].get("image_root"))]
         paths.append(("negatives.external", c["negatives"].get("external")))
+        for name, m in c["mcq_sets"].items():
+            if m.get("enabled", True) and m["format"] != "shapes":
+                if not m.get("path"):
+                    raise ConfigError(f"mcq_sets.{name}.path: required for format {m['format']}")
+                if "*" not in m["path"]:
+                    paths.append((f"mcq_sets.{name}.path", m["path"]))
         for name, es in c["eval_sets"].items():
-            if es["source"] == "karpathy":
+            if es.get("enabled", True) and es["source"] == "karpathy":
                 if not es.get("json"):
                     raise ConfigError(f"eval_sets.{name}.json: required for a Karpathy-format evaluation set")
                 paths += [(f"eval_sets.{name}.json", es["json"]), (f"eval_sets.{name}.image_root", es.get("image_root"))]
@@ -210,15 +216,33 @@ class Plan:
         return keys
 
     # ---- extra evaluation sets (Flickr30k, NoCaps, the shapes OOD split) ----
+    def eval_sets(self) -> dict:
+        return {k: v for k, v in self.c["eval_sets"].items() if v.get("enabled", True)}
+
+    def mcq_sets(self) -> dict:
+        return {k: v for k, v in self.c["mcq_sets"].items() if v.get("enabled", True)}
+
     def eval_set_names(self) -> list:
-        return list(self.c["eval_sets"])
+        return list(self.eval_sets())
 
     def eval_set_data(self, name: str) -> dict:
-        es = self.c["eval_sets"][name]
+        es = self.eval_sets()[name]
         if es["source"] == "shapes":
             return {**self.data_spec("test"), "splits": es["splits"]}
         return {"json": es["json"], "image_root": es.get("image_root"), "splits": es["splits"],
                 "on_bad_input": self.c["data"]["on_bad_input"]}
+
+    def mcq_names(self) -> list:
+        return list(self.mcq_sets())
+
+    def mcq_specs(self, key: str) -> list:
+        out = []
+        for name, m in self.mcq_sets().items():
+            spec = {**m, "name": name, "out": f"{self.out}/eval/{key}/mcq_{name}.json"}
+            if m["format"] == "shapes":
+                spec["data"] = {**self.data_spec("test"), "splits": m["splits"]}
+            out.append(spec)
+        return out
 
     def score_files(self) -> list:
         """(captions, scores) paths of every caption file the score job reads."""
@@ -231,10 +255,15 @@ class Plan:
         return pairs
 
     def eval_set_columns(self) -> dict:
-        """Columns of the evaluation sets: '<set> <metric>' (and '<set> CIDEr (<domain>)' per domain)."""
+        """Columns of the evaluation sets: '<set> <metric>' (and '<set> CIDEr (<domain>)' per domain), and
+        '<mcq set> acc.' (circular when configured) / '<mcq set> acc. (plain)'."""
         from .shapes import DOMAINS
         cols = {}
-        for name, es in self.c["eval_sets"].items():
+        for name, m in self.mcq_sets().items():
+            cols[f"{name} acc."] = [f"mcq_{name}", ["accuracy"], True, 1, None]  # percent (× evaluate.scale)
+            if m["circular"]:
+                cols[f"{name} acc. (plain)"] = [f"mcq_{name}", ["accuracy_plain"], True, 1, None]
+        for name, es in self.eval_sets().items():
             for m in es["metrics"]:
                 if m == "SPICE" and "SPICE" not in self.c["evaluate"]["metrics"]:
                     continue
@@ -301,7 +330,8 @@ class Plan:
 
     def eval_inputs(self, key: str) -> dict:
         inputs = {"data": self.data_inputs(), "heldout": self.heldout_pairs_path()}
-        inputs["sets"] = [es["json"] for es in self.c["eval_sets"].values() if es["source"] == "karpathy"]
+        inputs["sets"] = [es["json"] for es in self.eval_sets().values() if es["source"] == "karpathy"] + \
+            [m["path"] for m in self.mcq_sets().values() if m.get("path") and "*" not in m["path"]]
         if key != "base" or self.base_is_output():
             inputs["model"] = self.model_dir(key)
         ref = self.reference_of(key)
@@ -391,8 +421,9 @@ class Plan:
                 "l_floor": d["l_floor"] if d["l_floor"] != "mean" else -5.0, "tau": d["tau"],
                 "reference": self.reference_of(key), "n_bins": self.c["probes"]["n_bins"],
                 "topk_beams": e["topk_beams"],
-                "eval_sets": [{"name": n, "data": self.eval_set_data(n), "domains": self.c["eval_sets"][n]["domains"],
-                               "out": f"{self.out}/eval/{key}/captions_{n}.json"} for n in self.eval_set_names()]}
+                "eval_sets": [{"name": n, "data": self.eval_set_data(n), "domains": self.eval_sets()[n]["domains"],
+                               "out": f"{self.out}/eval/{key}/captions_{n}.json"} for n in self.eval_set_names()],
+                "mcq_sets": self.mcq_specs(key)}
 
     def sample_spec(self, stage1: str, seed, threads: int) -> dict:
         o = self.c["negatives"]["onpolicy"]
@@ -483,6 +514,7 @@ class Plan:
                     files += [f"{self.out}/eval/{k}/scores.json", f"{self.out}/eval/{k}/measures.json"]
                     if tname in ("main", "ablation") or table.get("kind") == "paper":
                         files += [f"{self.out}/eval/{k}/scores_{n}.json" for n in self.eval_set_names()]
+                        files += [f"{self.out}/eval/{k}/mcq_{n}.json" for n in self.mcq_names()]
                     if "conv. step" in columns and self.run_dir(k):
                         files.append(f"{self.run_dir(k)}/probes.csv")
         return sorted(set(files))

@@ -24,9 +24,14 @@ from .stats import (convergence_step, difference_ci, ece_difference_ci, paired_b
                     win_rate)
 
 CAPTION_METRICS = ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "SPICE")
+# Metrics whose corpus value is the mean of the per-image values: a bootstrap over images resamples that
+# same statistic. BLEU-4 and METEOR are corpus-level (pooled n-gram / alignment statistics): no per-image
+# bootstrap for them (their single-seed cells get no interval).
+MEAN_OF_IMAGES = ("ROUGE-L", "CIDEr", "SPICE")
 # column name -> (file, json path, scaled by the caption scale, digits, per-image path or None)
 COLUMNS = {
-    **{m: ("scores", ["corpus", m], True, 1, ["per_image", m]) for m in CAPTION_METRICS},
+    **{m: ("scores", ["corpus", m], True, 1, ["per_image", m] if m in MEAN_OF_IMAGES else None)
+       for m in CAPTION_METRICS},
     "top-5 CIDEr": ("scores", ["beams", "corpus", "CIDEr"], True, 1, None),
     "top-5 SPICE": ("scores", ["beams", "corpus", "SPICE"], True, 1, None),
     "ECE": ("measures", ["test", "ece"], False, 3, None),
@@ -65,9 +70,9 @@ class RunData:
 
     def value(self, key: str, col: str):
         """(value, per-image values or None, n/a reason or None) of one run for one column."""
-        file, path, scaled, _, per_path = COLUMNS[col]
+        file, path, scaled, _, per_path = COLUMNS.get(col) or self.spec["extra_columns"][col]
         if key == "trivial" and file != "scores":
-            return None, None, NOT_A_MODEL
+            return None, None, NOT_A_MODEL if file == "measures" else "the trivial baseline is scored on the test split only"
         doc = self.doc(key, file)
         if doc is None:
             return None, None, f"{file}.json missing for {key}"
@@ -76,6 +81,13 @@ class RunData:
         per = _lookup(doc, per_path) if per_path else None
         if isinstance(per, dict):
             per = [per[k] for k in sorted(per, key=str)]
+        if per is not None and file == "measures":
+            # corpus TV/JS/top-1/entropy pool positions: weight each image by its number of positions, so the
+            # bootstrapped statistic (a mean over images) is the corpus value itself
+            counts = _lookup(doc, ["test", "per_image", "positions"])
+            if counts:
+                scale_w = len(counts) / sum(counts)
+                per = [p * c * scale_w for p, c in zip(per, counts)]
         if v is None:
             reason = _lookup(doc, ["na_reasons", path[-1]]) or _lookup(doc, ["beams", "na_reasons", path[-1]])
             if reason is None and col in ("TV", "JS"):
@@ -190,6 +202,8 @@ def _add(reasons: dict, col: str, why):
 def digits_of(col: str) -> int:
     if col in COLUMNS:
         return COLUMNS[col][3]
+    if " " in col and any(m in col for m in CAPTION_METRICS):  # an evaluation-set column
+        return 1
     return 0 if col == "conv. step" else (3 if col == "win-rate vs SFT" else 1)
 
 
@@ -261,13 +275,18 @@ def paper_table(spec: dict) -> dict:
     scale = float(spec.get("scale", 100))
     rows_by_name = spec["rows_by_name"]  # {"main": {name: keys}, "ablation": {name: keys}}
     qty_col = {"CIDEr": "CIDEr", "BLEU-4": "BLEU-4", "METEOR": "METEOR", "SPICE": "SPICE", "TV": "TV", "JS": "JS",
-               "ECE": "ECE", "top-1 mass": "top-1", "CIDEr (ablation)": "CIDEr", "top-1": "top-1"}
+               "ECE": "ECE", "top-1 mass": "top-1", "CIDEr (ablation)": "CIDEr", "top-1": "top-1",
+               "MMMU acc.": "mmmu acc.", "MMBench1.1 acc.": "mmbench acc."}
     body, reasons = [], {}
     for item in paper["numbers"]:
         table = "ablation" if item["quantity"].endswith("(ablation)") else "main"
         keys = rows_by_name.get(table, {}).get(item["method"])
         col = qty_col[item["quantity"]]
-        if keys is None:
+        if col not in COLUMNS and col not in spec.get("extra_columns", {}):
+            ours = "n/a"
+            reasons[f"{item['quantity']} / {item['method']}"] = (
+                f"no evaluation set configured for it (an MCQ set named {col.split()[0]!r} in mcq_sets)")
+        elif keys is None:
             ours = "n/a"
             reasons[f"{item['quantity']} / {item['method']}"] = f"no row named {item['method']!r} in table {table}"
         else:

@@ -88,12 +88,23 @@ def win_rate(a: list, b: list) -> float:
 
 
 def convergence_step(steps: list, values: list, frac: float = 0.95):
-    """First step whose value reaches `frac` × the final value (None without a positive final value)."""
+    """The step from which the curve stays within (1 − frac) = 5% of its final value (None without a
+    positive final value).
+
+    For a rising curve this is "the validation CIDEr-D reaches 95% of its final value" (PAPER.md) and then
+    stays there; the "stays" part also makes it meaningful for curves that fall (DPO degrading a
+    model) or oscillate, where "first reaches" would trivially be step 0."""
     pts = [(s, v) for s, v in zip(steps, values) if v is not None and np.isfinite(v)]
     if not pts or pts[-1][1] <= 0:
         return None
-    target = frac * pts[-1][1]
-    return next(s for s, v in pts if v >= target)
+    final = pts[-1][1]
+    tol = (1 - frac) * final
+    step = pts[-1][0]
+    for s, v in reversed(pts):
+        if abs(v - final) > tol:
+            break
+        step = s
+    return step
 
 
 def ece_np(conf: np.ndarray, correct: np.ndarray, n_bins: int = 15) -> float:

@@ -91,6 +91,14 @@ def test_gpu_configs_validate_and_dry_run_with_placeholder_paths(tmp_path, name)
            "sentences": [{"raw": "a cat"}]}
     json.dump({"images": [img]}, open(os.path.join(coco, "dataset_coco.json"), "w"))
     open(os.path.join(coco, "negatives_gpt4o.jsonl"), "w").write('{"image_id": 1, "negative": "a dog"}\n')
+    for folder in ("flickr30k", "nocaps"):  # the paper config's extra evaluation sets
+        os.makedirs(os.path.join(wf, "data", folder, "images"))
+    json.dump({"images": [img]}, open(os.path.join(wf, "data", "flickr30k", "dataset_flickr30k.json"), "w"))
+    json.dump({"images": [dict(img, domain="in-domain", split="val")]},
+              open(os.path.join(wf, "data", "nocaps", "nocaps_val.json"), "w"))
+    os.makedirs(os.path.join(wf, "data", "mmmu", "validation"))
+    os.makedirs(os.path.join(wf, "data", "mmbench"))
+    open(os.path.join(wf, "data", "mmbench", "MMBench_DEV_EN_V11.tsv"), "w").write("index\tquestion\n")
     cfg = os.path.join("config", f"{name}.yaml")
     run(["cwdpo", "validate-config", "--configfile", cfg], cwd=wf)
     out = run([sys.executable, "-m", "snakemake", "-n", "--configfile", cfg], cwd=wf)

@@ -84,6 +84,10 @@ def test_stats_helpers():
     assert stats.verdict(-0.1, 0.5, ">") == "inconclusive" and stats.verdict(-0.5, -0.1, "<") == "holds"
     assert stats.win_rate([1, 2, 3, 4], [0, 2, 5, 1]) == pytest.approx((1 + 0.5 + 0 + 1) / 4)
     assert stats.convergence_step([0, 10, 20, 30], [0.1, 0.5, 0.96, 1.0]) == 20
+    # reaching 95% once is not enough: it must stay within 5% of the final value
+    assert stats.convergence_step([0, 10, 20, 30, 40], [0.1, 0.97, 0.5, 0.96, 1.0]) == 30
+    # a falling curve (a degrading model) settles when it stops moving, not at step 0
+    assert stats.convergence_step([0, 10, 20, 30], [2.0, 1.5, 1.02, 1.0]) == 20
     d, lo, hi = stats.paired_bootstrap_ci([1.0, 2.0, 3.0, 4.0] * 10, [0.0, 1.0, 2.5, 3.0] * 10)
     assert d == pytest.approx(0.875) and lo < d < hi and lo > 0  # differences 1, 1, 0.5, 1
     # seeds >= 3: a t-interval over paired per-seed differences

@@ -112,8 +112,15 @@ def test_paper_table_has_the_papers_numbers_and_a_verdict_per_claim(micro_run):
     for col in ("ECE", "TV", "JS", "top-1", "win-rate vs SFT", "conv. step"):
         assert col in main[0]
     cw_row = next(r for r in main if r["method"] == "CW-DPO")
-    for col in ("ECE", "TV", "JS", "top-1", "win-rate vs SFT", "mean w_c", "pref. acc."):
+    for col in ("ECE", "TV", "JS", "top-1", "win-rate vs SFT", "mean w_c", "pref. acc.", "conv. step",
+                # the extra evaluation sets: the shapes OOD split per domain, and the MCQ set
+                "shapes_ood CIDEr", "shapes_ood CIDEr (in-domain)", "shapes_ood CIDEr (near-domain)",
+                "shapes_ood CIDEr (out-of-domain)", "shapes_mcq acc.", "shapes_mcq acc. (plain)"):
         assert math.isfinite(float(cw_row[col])), col
+    ablation = list(csv.DictReader(open(os.path.join(res, "tables", "ablation.csv"))))
+    assert "shapes_mcq acc." in ablation[0] and "shapes_ood CIDEr (out-of-domain)" in ablation[0]
+    mmmu = [r for r in numbers if r["quantity_or_claim"] == "MMMU acc."]
+    assert mmmu and mmmu[0]["paper"] == "74.6 (accuracy, %)" and mmmu[0]["ours"] == "n/a"
 
 
 @pytest.mark.slow
@@ -129,3 +136,91 @@ def test_probes_csv_per_run_and_report_html(micro_run):
     assert len(html) > 10000
     for name in TABLES + FIGURES:
         assert name in html
+
+
+DETERMINISM_FILES = [
+    "data/dataset_shapes.json", "data/validated.json",
+    "base/pretrain/metrics.json", "base/pretrain/train_log.csv",
+    "stage1/sft_c/s0/metrics.json", "stage1/sft_c/s0/train_log.csv", "stage1/sft_c/s0/probes.csv",
+    "negatives/sft_c/s0/onpolicy.jsonl", "negatives/sft_c/s0/pairs_mix.jsonl", "negatives/sft_c/s0/ref_mix.json",
+    "negatives/sft_c/s0/probe.jsonl",
+    "stage2/sft_c/s0/cw_dpo/metrics.json", "stage2/sft_c/s0/cw_dpo/train_log.csv",
+    "stage2/sft_c/s0/cw_dpo/probes.csv",
+    "eval/stage2/sft_c/s0/cw_dpo/captions.json", "eval/stage2/sft_c/s0/cw_dpo/measures.json",
+]
+
+
+@pytest.mark.slow
+def test_two_fresh_runs_give_byte_identical_metrics_and_tables(micro_run, tmp_path):
+    """A second run of the same config in another folder: every metric JSON/CSV on the CW-DPO path, its
+    scores and the tables are byte-identical (timestamps and durations live in timing.json/benchmarks)."""
+    import json
+    import sys
+    other = copy_workflow(tmp_path / "again")
+    key = "stage2/sft_c/s0/cw_dpo"
+    run([sys.executable, "-m", "snakemake", f"results/micro/eval/{key}/captions.json", "--cores", "2",
+         "--configfile", "micro.yaml"], cwd=other)
+    for rel in DETERMINISM_FILES:
+        a = open(os.path.join(micro_run, "results", "micro", rel), "rb").read()
+        b = open(os.path.join(other, "results", "micro", rel), "rb").read()
+        assert a == b, rel
+    # scoring alone gives the bytes the one scoring job of the full run gave
+    out = os.path.join(other, "scores.json")
+    run(["cwdpo", "score", "--captions", os.path.join(other, "results", "micro", "eval", key, "captions.json"),
+         "--out", out, "--metrics", "BLEU-4,METEOR,ROUGE-L,CIDEr,SPICE"])
+    assert open(out, "rb").read() == open(os.path.join(micro_run, "results", "micro", "eval", key, "scores.json"),
+                                          "rb").read()
+    # tables are a pure function of those files: written again, they are the same bytes
+    import yaml
+    from cwdpo.config import validate_config
+    from cwdpo.plan import Plan, deep_merge
+    from cwdpo.report import write_table
+    cfg = deep_merge(yaml.safe_load(open(os.path.join(micro_run, "config", "config.yaml"))),
+                     yaml.safe_load(open(os.path.join(micro_run, "micro.yaml"))))
+    plan = Plan(validate_config(cfg))
+    cwd = os.getcwd()
+    os.chdir(micro_run)
+    try:
+        for name in ("main", "paper"):
+            stem = os.path.join(str(tmp_path), name)
+            write_table(plan.table_spec(name), stem)
+            for ext in ("md", "csv", "tex"):
+                assert open(f"{stem}.{ext}", "rb").read() == \
+                    open(os.path.join("results", "micro", "tables", f"{name}.{ext}"), "rb").read(), (name, ext)
+    finally:
+        os.chdir(cwd)
+
+
+@pytest.mark.slow
+def test_killed_training_job_completes_with_rerun_incomplete_resuming_the_checkpoint(tmp_path):
+    """SIGKILL the training process mid-pretraining (a node preemption): snakemake reports the job failed
+    and marks its outputs incomplete; `--rerun-incomplete` then finishes the job from its latest checkpoint
+    instead of starting over."""
+    import glob
+    import json
+    import signal
+    import subprocess
+    import sys
+    import time
+    wf = copy_workflow(tmp_path / "wf")
+    with open(os.path.join(wf, "slow.yaml"), "w") as f:
+        f.write("pretrain: {steps: 400}\ntrain: {save_steps: 20}\n")
+    target = "results/micro/base/pretrain/metrics.json"
+    cmd = [sys.executable, "-m", "snakemake", target, "--cores", "2", "--configfile", "micro.yaml", "slow.yaml"]
+    proc = subprocess.Popen(cmd, cwd=wf, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    pattern = os.path.join(wf, "results", "micro", "base", "pretrain", "checkpoints", "checkpoint-40",
+                           "trainer_state.json")
+    deadline = time.time() + 600
+    while time.time() < deadline and not glob.glob(pattern):
+        time.sleep(0.05)
+    ps = subprocess.run(["ps", "-eo", "pid=,sid=,args="], capture_output=True, text=True).stdout.splitlines()
+    victims = [int(line.split()[0]) for line in ps if line.split()[1] == str(proc.pid) and " train --spec" in line]
+    assert victims, "no training process found"
+    for pid in victims:
+        os.kill(pid, signal.SIGKILL)
+    assert proc.wait(timeout=300) != 0  # snakemake saw the job die
+    assert glob.glob(pattern) and not os.path.exists(os.path.join(wf, target))
+    run(cmd + ["--rerun-incomplete"], cwd=wf)
+    metrics = json.load(open(os.path.join(wf, target)))
+    assert metrics["steps"] == 400 and metrics["resumed_from"].startswith("checkpoint-")
+    assert int(metrics["resumed_from"].split("-")[1]) >= 40

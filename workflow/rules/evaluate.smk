@@ -9,6 +9,7 @@ rule evaluate:
         captions=f"{OUT}/eval/{{key}}/captions.json",
         measures=f"{OUT}/eval/{{key}}/measures.json",
         sets=[f"{OUT}/eval/{{key}}/captions_{name}.json" for name in P.eval_set_names()],
+        mcq=[f"{OUT}/eval/{{key}}/mcq_{name}.json" for name in P.mcq_names()],
     log:
         f"{OUT}/logs/eval/{{key}}/evaluate.log",
     benchmark:
