@@ -146,6 +146,19 @@ def load_records(d: dict, bad_log: BadInputLog | None = None) -> list[ImageRecor
     return [r for r in records if r.image_id not in excluded]
 
 
+def iter_jsonl(path: str):
+    """(line number, 'file:line', parsed object or the JSONDecodeError) of every non-empty line."""
+    with open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                obj = e
+            yield lineno, f"{path}:{lineno}", obj
+
+
 def stable_fraction(key: str, salt: str) -> float:
     """A deterministic number in [0, 1) from a string key (independent of Python's hash seed)."""
     digest = hashlib.sha256(f"{salt}:{key}".encode()).digest()

@@ -292,14 +292,19 @@ def completion_logps(model, batch: SeqBatch, image_token_id: int, keep_logits: b
     target_mask = batch.completion_mask[:, 1:]
     rows, cols = target_mask.nonzero(as_tuple=True)
     h = hidden[rows, cols]  # hidden state at t predicts token t+1
+    return logps_from_hidden(core, h, batch.input_ids[rows, cols + 1], rows, batch.n_rows, keep_logits)
+
+
+def logps_from_hidden(core, h: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor, n_rows: int,
+                      keep_logits: bool = False) -> CompletionLogps:
+    """LM head on the hidden states [T, H] that predict the response tokens `targets` [T] (of rows `rows`),
+    then per-token log-probs and their per-row sums, counts and means."""
     logits = core.lm_head(h)
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()
-    targets = batch.input_ids[rows, cols + 1]
     token_logps = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    n = batch.n_rows
-    sums = torch.zeros(n, dtype=token_logps.dtype, device=token_logps.device).index_add(0, rows, token_logps)
-    counts = torch.zeros(n, dtype=token_logps.dtype, device=token_logps.device).index_add(
+    sums = torch.zeros(n_rows, dtype=token_logps.dtype, device=token_logps.device).index_add(0, rows, token_logps)
+    counts = torch.zeros(n_rows, dtype=token_logps.dtype, device=token_logps.device).index_add(
         0, rows, torch.ones_like(token_logps))
     means = sums / counts.clamp(min=1)
     return CompletionLogps(token_logps, rows, sums, means, counts,

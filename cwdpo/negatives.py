@@ -221,36 +221,34 @@ def read_external(path: str, known_ids=None, on_bad_input: str = "error", bad_lo
     Returns {image_id (str): [negative dicts]}. A malformed line raises `DataError` naming file:line (or is
     skipped and logged with `on_bad_input='skip'`); an unknown image id is an error when `known_ids` is given.
     """
+    from .data import iter_jsonl
     out: dict = {}
-    with open(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
+    for _, where, obj in iter_jsonl(path):
+        try:
+            if isinstance(obj, json.JSONDecodeError):
+                raise ValueError(f"not valid JSON ({obj.msg})")
+            if not isinstance(obj, dict):
+                raise ValueError("line is not a JSON object")
+            if "image_id" not in obj or not isinstance(obj["image_id"], (str, int)) or isinstance(obj["image_id"], bool):
+                raise ValueError("missing or non-string/int 'image_id'")
+            neg = obj.get("negative")
+            if not isinstance(neg, str) or not neg.strip():
+                raise ValueError("missing or empty 'negative'")
+            if "score" in obj and not isinstance(obj["score"], (int, float)):
+                raise ValueError("'score' must be a number")
+            if "kind" in obj and not isinstance(obj["kind"], str):
+                raise ValueError("'kind' must be a string")
+            image_id = str(obj["image_id"])
+            if known_ids is not None and image_id not in known_ids:
+                raise ValueError(f"unknown image_id {image_id!r}")
+        except (ValueError, json.JSONDecodeError) as e:
+            if on_bad_input == "skip":
+                if bad_log is not None:
+                    bad_log.add(where, str(e))
                 continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
-                if not isinstance(obj, dict):
-                    raise ValueError("line is not a JSON object")
-                if "image_id" not in obj or not isinstance(obj["image_id"], (str, int)) or isinstance(obj["image_id"], bool):
-                    raise ValueError("missing or non-string/int 'image_id'")
-                neg = obj.get("negative")
-                if not isinstance(neg, str) or not neg.strip():
-                    raise ValueError("missing or empty 'negative'")
-                if "score" in obj and not isinstance(obj["score"], (int, float)):
-                    raise ValueError("'score' must be a number")
-                if "kind" in obj and not isinstance(obj["kind"], str):
-                    raise ValueError("'kind' must be a string")
-                image_id = str(obj["image_id"])
-                if known_ids is not None and image_id not in known_ids:
-                    raise ValueError(f"unknown image_id {image_id!r}")
-            except (ValueError, json.JSONDecodeError) as e:
-                if on_bad_input == "skip":
-                    if bad_log is not None:
-                        bad_log.add(where, str(e))
-                    continue
-                raise DataError(f"{where}: {e}") from None
-            out.setdefault(image_id, []).append({"text": neg.strip(), "source": "external",
-                                                 "kind": obj.get("kind", "external")})
+            raise DataError(f"{where}: {e}") from None
+        out.setdefault(image_id, []).append({"text": neg.strip(), "source": "external",
+                                             "kind": obj.get("kind", "external")})
     return out
 
 
@@ -402,33 +400,31 @@ def _text_of(turns, role: str, where: str) -> str:
 def read_pairs(path: str, expected_prompt: str | None = None) -> list:
     """Read a pairs JSONL into trainer items {image, chosen, rejected, image_id, source, kind, score};
     a malformed line raises `DataError` naming file:line."""
+    from .data import iter_jsonl
     items = []
-    with open(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
-                images = obj["images"]
-                if not isinstance(images, list) or len(images) != 1 or not isinstance(images[0], str):
-                    raise ValueError("'images' must be a list with one image path")
-                user = obj["prompt"]
-                if not isinstance(user, list) or user[0].get("role") != "user":
-                    raise ValueError("'prompt' must be a user turn")
-                prompt_text = _text_of(user, "user", where)
-                if expected_prompt is not None and prompt_text != expected_prompt:
-                    raise ValueError(f"prompt {prompt_text!r} differs from the configured prompt {expected_prompt!r}")
-                chosen = _text_of(obj["chosen"], "assistant", where)
-                rejected = _text_of(obj["rejected"], "assistant", where)
-                if not chosen.strip() or not rejected.strip():
-                    raise ValueError("empty chosen or rejected text")
-                if obj.get("source") is not None and obj["source"] not in SOURCES:
-                    raise ValueError(f"'source' must be one of {', '.join(SOURCES)}")
-            except (KeyError, ValueError, TypeError, AttributeError, json.JSONDecodeError) as e:
-                msg = f"missing key {e}" if isinstance(e, KeyError) else str(e)
-                raise DataError(f"{where}: {msg}") from None
-            items.append({"image": images[0], "chosen": chosen, "rejected": rejected,
-                          "image_id": str(obj.get("image_id", "")), "source": obj.get("source"),
-                          "kind": obj.get("kind"), "score": obj.get("score")})
+    for _, where, obj in iter_jsonl(path):
+        try:
+            if isinstance(obj, json.JSONDecodeError):
+                raise ValueError(f"not valid JSON ({obj.msg})")
+            images = obj["images"]
+            if not isinstance(images, list) or len(images) != 1 or not isinstance(images[0], str):
+                raise ValueError("'images' must be a list with one image path")
+            user = obj["prompt"]
+            if not isinstance(user, list) or user[0].get("role") != "user":
+                raise ValueError("'prompt' must be a user turn")
+            prompt_text = _text_of(user, "user", where)
+            if expected_prompt is not None and prompt_text != expected_prompt:
+                raise ValueError(f"prompt {prompt_text!r} differs from the configured prompt {expected_prompt!r}")
+            chosen = _text_of(obj["chosen"], "assistant", where)
+            rejected = _text_of(obj["rejected"], "assistant", where)
+            if not chosen.strip() or not rejected.strip():
+                raise ValueError("empty chosen or rejected text")
+            if obj.get("source") is not None and obj["source"] not in SOURCES:
+                raise ValueError(f"'source' must be one of {', '.join(SOURCES)}")
+        except (KeyError, ValueError, TypeError, AttributeError, json.JSONDecodeError) as e:
+            msg = f"missing key {e}" if isinstance(e, KeyError) else str(e)
+            raise DataError(f"{where}: {msg}") from None
+        items.append({"image": images[0], "chosen": chosen, "rejected": rejected,
+                      "image_id": str(obj.get("image_id", "")), "source": obj.get("source"),
+                      "kind": obj.get("kind"), "score": obj.get("score")})
     return items

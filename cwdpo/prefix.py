@@ -46,7 +46,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .logprobs import CompletionLogps, SeqBatch, completion_logps, image_features
+from .logprobs import CompletionLogps, SeqBatch, completion_logps, image_features, logps_from_hidden
 from .models import unwrap
 
 _MASK_IMPLEMENTATIONS = ("eager", "sdpa")
@@ -359,16 +359,7 @@ def completion_logps_shared_prefix(model, batch: SeqBatch, image_token_id: int, 
         h = _cache_hidden(core, text_model, batch, grp, feats, image_token_id, rows, cols)
     else:
         raise ValueError(f"method must be 'packed' or 'cache', not {method!r}")
-    logits = core.lm_head(h)
-    if logits.dtype in (torch.float16, torch.bfloat16):
-        logits = logits.float()
-    token_logps = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    sums = torch.zeros(n, dtype=token_logps.dtype, device=token_logps.device).index_add(0, rows, token_logps)
-    counts = torch.zeros(n, dtype=token_logps.dtype, device=token_logps.device).index_add(
-        0, rows, torch.ones_like(token_logps))
-    means = sums / counts.clamp(min=1)
-    return CompletionLogps(token_logps, rows, sums, means, counts,
-                           logits if keep_logits else None, targets if keep_logits else None)
+    return logps_from_hidden(core, h, targets, rows, n, keep_logits)
 
 
 # ---------------------------------------------------------------------------------------------------------
