@@ -68,7 +68,9 @@ def cmd_build_model(a):
 def cmd_train(a):
     _quiet_hf()
     from .train import run_training
-    metrics = run_training(_spec(a.spec), a.out)
+    spec = _spec(a.spec)
+    spec.setdefault("train", {})["threads"] = a.threads
+    metrics = run_training(spec, a.out)
     print(json.dumps(metrics, sort_keys=True))
 
 
@@ -76,7 +78,7 @@ def cmd_evaluate(a):
     """Beam-search captions on the test split + teacher-forced measures on the held-out pairs."""
     _quiet_hf()
     spec = _spec(a.spec)
-    _threads(spec.get("threads", 0))
+    _threads(a.threads)
     from .data import read_json, write_json
     from .evaluate import generate_captions, pair_measures, test_measures
     from .logprobs import Encoder
@@ -180,7 +182,7 @@ def cmd_sample_onpolicy(a):
                            min_pixels=spec.get("min_pixels"), max_pixels=spec.get("max_pixels"),
                            dtype=spec.get("dtype", "float32"), max_response_tokens=spec.get("max_response_tokens", 64),
                            trust_remote_code=spec.get("trust_remote_code", False), batch_size=int(o["batch_size"]),
-                           threads=spec.get("threads", 0), llm_kwargs=o.get("vllm"))
+                           threads=a.threads, llm_kwargs=o.get("vllm"))
     texts = sampler.sample([r.path for r in stage2 + probe], k=int(o["k"]), temperature=float(o["temperature"]),
                            top_p=float(o["top_p"]), max_new_tokens=int(o["max_new_tokens"]), seed=int(spec["seed"]))
     scored = score_samples(stage2, texts[:len(stage2)], corpus_scorer(finetune), float(o["threshold"]))
@@ -249,7 +251,7 @@ def cmd_make_pairs(a):
 def cmd_ref_logps(a):
     _quiet_hf()
     spec = _spec(a.spec)
-    _threads(spec.get("threads", 0))
+    _threads(a.threads)
     from .reference import reference_logps
     doc = reference_logps(spec["model"], a.pairs, a.out, base=spec.get("base"), dtype=spec.get("dtype", "float32"),
                           prompt=spec["prompt"], min_pixels=spec.get("min_pixels"), max_pixels=spec.get("max_pixels"),
@@ -364,13 +366,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--spec", required=True)
     sp.add_argument("--out", required=True)
     sp = add("train", cmd_train, "train one model (pretrain/SFT/SFT-C/DPO/Focal-DPO/CW-DPO)")
+    sp.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     sp.add_argument("--spec", required=True)
     sp.add_argument("--out", required=True)
     sp = add("evaluate", cmd_evaluate, "beam-search captions + teacher-forced measures of one model")
+    sp.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     sp.add_argument("--spec", required=True)
     sp.add_argument("--captions", required=True)
     sp.add_argument("--measures", required=True)
     sp = add("sample-onpolicy", cmd_sample_onpolicy, "K samples per Stage-2 image from a model (hf or vllm)")
+    sp.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     sp.add_argument("--spec", required=True)
     sp.add_argument("--out", required=True)
     sp.add_argument("--summary", required=True)
@@ -384,6 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", required=True)
     sp.add_argument("--summary", required=True)
     sp = add("ref-logps", cmd_ref_logps, "cache the reference model's log-probs of a pairs file")
+    sp.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     sp.add_argument("--spec", required=True)
     sp.add_argument("--pairs", required=True)
     sp.add_argument("--out", required=True)

@@ -391,33 +391,33 @@ class Plan:
                 "trust_remote_code": m["trust_remote_code"],
                 "base": None if self.tiny else self.c["model"]["source"]}
 
-    def train_settings(self, threads: int) -> dict:
-        return {**self.c["train"], "threads": threads}
+    def train_settings(self) -> dict:
+        return dict(self.c["train"])
 
-    def pretrain_spec(self, threads: int) -> dict:
+    def pretrain_spec(self) -> dict:
         hp = {k: v for k, v in self.c["pretrain"].items() if k != "enabled"}
         return {**self.common_model_spec(), "method": "sft", "init": self.base_init_dir(), "seed": self.c["pretrain_seed"],
-                "data": self.data_spec("pretrain"), "hparams": hp, "train": self.train_settings(threads),
+                "data": self.data_spec("pretrain"), "hparams": hp, "train": self.train_settings(),
                 "lora": None}
 
-    def stage1_spec(self, recipe: str, seed: int, threads: int) -> dict:
+    def stage1_spec(self, recipe: str, seed: int) -> dict:
         r = deep_merge(self.c["stage1"]["defaults"], self.c["stage1"]["recipes"][recipe])
         method = r.pop("method")
         spec = {**self.common_model_spec(), "method": method, "init": self.stage1_init(), "seed": int(seed),
                 "data": self.data_spec("finetune", stage="stage1"), "hparams": r,
-                "train": self.train_settings(threads), "lora": self.c["model"]["lora"],
+                "train": self.train_settings(), "lora": self.c["model"]["lora"],
                 "probes": self.probes_spec("base", seed, stage=1)}
         if method == "sft_c":  # only SFT-C reads negatives: other recipes do not rerun when they change
             spec["negatives"] = self.negatives_cfg(("onpolicy", "sets"))
             spec["data_seed"] = self.c["data"]["shapes"]["seed"]
         return spec
 
-    def eval_spec(self, key: str, threads: int) -> dict:
+    def eval_spec(self, key: str) -> dict:
         e = self.c["evaluate"]
         d = self.c["stage2"]["defaults"]
         return {**self.common_model_spec(), "model": self.model_dir(key), "data": self.data_spec("test"),
                 "num_beams": e["num_beams"], "max_new_tokens": e["max_new_tokens"], "batch_size": e["batch_size"],
-                "threads": threads, "heldout_pairs": self.heldout_pairs_path(),
+                "heldout_pairs": self.heldout_pairs_path(),
                 "l_floor": d["l_floor"] if d["l_floor"] != "mean" else -5.0, "tau": d["tau"],
                 "reference": self.reference_of(key), "n_bins": self.c["probes"]["n_bins"],
                 "topk_beams": e["topk_beams"],
@@ -425,12 +425,12 @@ class Plan:
                                "out": f"{self.out}/eval/{key}/captions_{n}.json"} for n in self.eval_set_names()],
                 "mcq_sets": self.mcq_specs(key)}
 
-    def sample_spec(self, stage1: str, seed, threads: int) -> dict:
+    def sample_spec(self, stage1: str, seed) -> dict:
         o = self.c["negatives"]["onpolicy"]
         return {**self.common_model_spec(), "model": self.stage_init(stage1, seed), "onpolicy": o,
                 "seed": int(o["seed"]) + int(seed), "data": self.data_spec("finetune", stage="stage2"),
                 "probe_data": self.data_spec("probe") if self.probes_enabled() else None,
-                "probe_images": self.c["probes"]["images"], "threads": threads}
+                "probe_images": self.c["probes"]["images"]}
 
     def pairs_spec(self, stage1: str, seed, negset: str) -> dict:
         n = self.c["negatives"]
@@ -445,11 +445,11 @@ class Plan:
                 "negatives": {**self.negatives_cfg(("onpolicy", "sets", "external")), "external": None},
                 "rho": 1.0, "p_easy": n["p_easy"], "seed": 12345}
 
-    def ref_spec(self, stage1: str, seed, threads: int) -> dict:
+    def ref_spec(self, stage1: str, seed) -> dict:
         return {**self.common_model_spec(), "model": self.stage_init(stage1, seed),
-                "batch_size": self.c["stage2"]["ref_batch_size"], "threads": threads}
+                "batch_size": self.c["stage2"]["ref_batch_size"]}
 
-    def stage2_spec(self, stage1: str, seed, stage2: str, threads: int) -> dict:
+    def stage2_spec(self, stage1: str, seed, stage2: str) -> dict:
         r = self.stage2_recipe(stage2)
         method = r.pop("method")
         negset = r.pop("negatives")
@@ -457,7 +457,7 @@ class Plan:
         return {**self.common_model_spec(), "method": method, "init": self.stage_init(stage1, seed), "seed": int(seed),
                 "data": self.data_spec("finetune", stage="stage2"), "hparams": r,
                 "pairs": f"{d}/pairs_{negset}.jsonl", "ref_logps": f"{d}/ref_{negset}.json",
-                "train": self.train_settings(threads), "lora": self.c["model"]["lora"],
+                "train": self.train_settings(), "lora": self.c["model"]["lora"],
                 "probes": self.probes_spec(stage1, seed, stage=2)}
 
     def trivial_spec(self) -> dict:

@@ -394,8 +394,10 @@ def run_training(spec: dict, out_dir: str) -> dict:
     metrics = {"method": spec["method"], "steps": int(trainer.state.global_step), "seed": int(spec["seed"]),
                "final_loss": last.get("loss"), "l_floor": hp.get("l_floor"), "data": summary,
                "resumed_from": os.path.basename(resume) if resume else None,
-               "parameters": sum(p.numel() for p in model.parameters()),
-               "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+               # ZeRO-3 partitions parameters into placeholders: count their full sizes (ds_numel)
+               "parameters": sum(getattr(p, "ds_numel", 0) or p.numel() for p in model.parameters()),
+               "trainable_parameters": sum(getattr(p, "ds_numel", 0) or p.numel() for p in model.parameters()
+                                           if p.requires_grad)}
     if not trainer.is_world_process_zero():  # torchrun: one writer of the run's files
         return metrics
     processor.save_pretrained(model_dir)

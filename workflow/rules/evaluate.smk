@@ -18,9 +18,9 @@ rule evaluate:
     resources:
         gpu=P.gpus("infer"),
     params:
-        spec=lambda wc, threads: dumps(P.eval_spec(wc.key, threads)),
+        spec=lambda wc: dumps(P.eval_spec(wc.key)),
     shell:
-        "cwdpo evaluate --spec {params.spec:q} --captions {output.captions:q} "
+        "cwdpo evaluate --spec {params.spec:q} --threads {threads} --captions {output.captions:q} "
         "--measures {output.measures:q} > {log:q} 2>&1"
 
 

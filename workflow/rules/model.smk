@@ -35,8 +35,8 @@ if P.tiny and config["pretrain"]["enabled"]:
         resources:
             gpu=P.gpus("train"),
         params:
-            spec=lambda wc, threads: dumps(P.pretrain_spec(threads)),
+            spec=dumps(P.pretrain_spec()),
             out=lambda wc, output: os.path.dirname(output.metrics),
             launch=P.launcher("train"),
         shell:
-            "{params.launch} train --spec {params.spec:q} --out {params.out:q} > {log:q} 2>&1"
+            "{params.launch} train --spec {params.spec:q} --out {params.out:q} --threads {threads} > {log:q} 2>&1"

@@ -18,9 +18,9 @@ rule sample_onpolicy:
     resources:
         gpu=P.gpus("infer"),
     params:
-        spec=lambda wc, threads: dumps(P.sample_spec(wc.stage1, wc.seed, threads)),
+        spec=lambda wc: dumps(P.sample_spec(wc.stage1, wc.seed)),
     shell:
-        "cwdpo sample-onpolicy --spec {params.spec:q} --out {output.samples:q} "
+        "cwdpo sample-onpolicy --spec {params.spec:q} --threads {threads} --out {output.samples:q} "
         "--summary {output.summary:q} > {log:q} 2>&1"
 
 
@@ -58,9 +58,9 @@ rule ref_logps:
     resources:
         gpu=P.gpus("infer"),
     params:
-        spec=lambda wc, threads: dumps(P.ref_spec(wc.stage1, wc.seed, threads)),
+        spec=lambda wc: dumps(P.ref_spec(wc.stage1, wc.seed)),
     shell:
-        "cwdpo ref-logps --spec {params.spec:q} --pairs {input.pairs:q} --out {output:q} > {log:q} 2>&1"
+        "cwdpo ref-logps --spec {params.spec:q} --threads {threads} --pairs {input.pairs:q} --out {output:q} > {log:q} 2>&1"
 
 
 # The fixed probe set of every run that starts from this model (learning-dynamics probes during training).

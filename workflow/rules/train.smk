@@ -18,11 +18,11 @@ rule stage1:
     resources:
         gpu=P.gpus("train"),
     params:
-        spec=lambda wc, threads: dumps(P.stage1_spec(wc.stage1, wc.seed, threads)),
+        spec=lambda wc: dumps(P.stage1_spec(wc.stage1, wc.seed)),
         out=lambda wc, output: os.path.dirname(output.metrics),
         launch=P.launcher("train"),
     shell:
-        "{params.launch} train --spec {params.spec:q} --out {params.out:q} > {log:q} 2>&1"
+        "{params.launch} train --spec {params.spec:q} --out {params.out:q} --threads {threads} > {log:q} 2>&1"
 
 
 rule stage2:
@@ -41,10 +41,8 @@ rule stage2:
     resources:
         gpu=P.gpus("train"),
     params:
-        spec=lambda wc, threads: dumps(
-            P.stage2_spec(wc.stage1, wc.seed, wc.stage2, threads)
-        ),
+        spec=lambda wc: dumps(P.stage2_spec(wc.stage1, wc.seed, wc.stage2)),
         out=lambda wc, output: os.path.dirname(output.metrics),
         launch=P.launcher("train"),
     shell:
-        "{params.launch} train --spec {params.spec:q} --out {params.out:q} > {log:q} 2>&1"
+        "{params.launch} train --spec {params.spec:q} --out {params.out:q} --threads {threads} > {log:q} 2>&1"
