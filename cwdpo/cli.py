@@ -54,7 +54,7 @@ def cmd_prepare_data(a):
 
 def cmd_build_model(a):
     _quiet_hf()
-    from .data import load_karpathy, write_json
+    from .data import write_json
     from .models import build_tiny
     spec = _spec(a.spec)
     records = _records(spec["data"])

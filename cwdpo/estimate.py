@@ -11,7 +11,6 @@ No network; torch only for the meta-device parameter count.
 from __future__ import annotations
 
 import json
-import math
 import os
 
 # Published Qwen2.5-VL configurations (config.json of the hub repos), so the paper config is priced

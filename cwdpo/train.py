@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import glob
 import json
-import math
 import os
 import random
 import re
@@ -23,8 +22,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from . import losses as L
 from .data import file_sha256, load_records, read_json, stage_split, write_json, write_rows_csv, write_text
 from .logprobs import Collator, Encoder, SeqBatch, completion_logps
-from .reference import reference_logps  # noqa: F401  (re-exported for callers of cwdpo.train)
-from .models import load_model, load_processor, model_fingerprint, unwrap
+from .models import load_model, load_processor, unwrap
 
 STAGE1_METHODS = ("sft", "sft_c")
 STAGE2_METHODS = ("dpo", "focal_dpo", "cw_dpo")

@@ -1,8 +1,6 @@
 """Extra evaluation sets: the shapes OOD split (held-out combinations), NoCaps-style per-domain scores."""
 import json
 import os
-import random
-import subprocess
 
 import pytest
 

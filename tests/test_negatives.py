@@ -1,8 +1,6 @@
 """Negatives: gentle (one attribute), easy (other images, shuffled, off-topic), external JSONL, on-policy
 samples, mixing ratio ρ, and the TRL-format pairs file."""
-import copy
 import json
-import os
 import random
 
 import pytest

@@ -154,7 +154,6 @@ DETERMINISM_FILES = [
 def test_two_fresh_runs_give_byte_identical_metrics_and_tables(micro_run, tmp_path):
     """A second run of the same config in another folder: every metric JSON/CSV on the CW-DPO path, its
     scores and the tables are byte-identical (timestamps and durations live in timing.json/benchmarks)."""
-    import json
     import sys
     other = copy_workflow(tmp_path / "again")
     key = "stage2/sft_c/s0/cw_dpo"

@@ -4,8 +4,8 @@ import math
 import os
 
 import pytest
-import torch
 
+from cwdpo import reference as R
 from cwdpo import train as T
 from cwdpo.data import read_json
 from cwdpo.negatives import build_pairs, write_pairs
@@ -36,7 +36,6 @@ def _spec(method, init, data_json, **extra):
 
 
 def test_reference_logps_computed_once_and_cached(tiny_model_dir, pairs_file, tmp_path, monkeypatch):
-    import cwdpo.reference as R
     calls = {"n": 0}
     real = R.completion_logps
 
@@ -46,19 +45,19 @@ def test_reference_logps_computed_once_and_cached(tiny_model_dir, pairs_file, tm
 
     monkeypatch.setattr(R, "completion_logps", counting)
     out = str(tmp_path / "ref.json")
-    doc = T.reference_logps(tiny_model_dir, pairs_file, out, base=None, dtype="float32", prompt=PROMPT,
+    doc = R.reference_logps(tiny_model_dir, pairs_file, out, base=None, dtype="float32", prompt=PROMPT,
                             min_pixels=None, max_pixels=None, max_response_tokens=40, batch_size=8)
     assert calls["n"] == 3 and doc["n_pairs"] == 24  # one forward per batch of 8 pairs
     assert all(math.isfinite(x) for x in doc["ref_chosen_logps"] + doc["ref_rejected_logps"])
     mtime = os.path.getmtime(out)
-    again = T.reference_logps(tiny_model_dir, pairs_file, out, base=None, dtype="float32", prompt=PROMPT,
+    again = R.reference_logps(tiny_model_dir, pairs_file, out, base=None, dtype="float32", prompt=PROMPT,
                               min_pixels=None, max_pixels=None, max_response_tokens=40, batch_size=8)
     assert calls["n"] == 3 and os.path.getmtime(out) == mtime and again == doc  # cache hit: no forward
     # a different pairs file is a cache miss (the key holds the pairs' hash)
     other = str(tmp_path / "pairs2.jsonl")
     with open(pairs_file) as f, open(other, "w") as g:
         g.write("".join(list(f)[:8]))
-    T.reference_logps(tiny_model_dir, other, out, base=None, dtype="float32", prompt=PROMPT,
+    R.reference_logps(tiny_model_dir, other, out, base=None, dtype="float32", prompt=PROMPT,
                       min_pixels=None, max_pixels=None, max_response_tokens=40, batch_size=8)
     assert calls["n"] == 4
 
@@ -66,7 +65,7 @@ def test_reference_logps_computed_once_and_cached(tiny_model_dir, pairs_file, tm
 @pytest.mark.parametrize("method", ["dpo", "focal_dpo", "cw_dpo"])
 def test_stage2_reuses_cached_reference_across_epochs(tiny_model_dir, shapes_dir, pairs_file, tmp_path, method):
     ref = str(tmp_path / "ref.json")
-    T.reference_logps(tiny_model_dir, pairs_file, ref, base=None, dtype="float32", prompt=PROMPT,
+    R.reference_logps(tiny_model_dir, pairs_file, ref, base=None, dtype="float32", prompt=PROMPT,
                       min_pixels=None, max_pixels=None, max_response_tokens=40)
     spec = _spec(method, tiny_model_dir, os.path.join(shapes_dir, "dataset_shapes.json"),
                  pairs=pairs_file, ref_logps=ref)
@@ -108,7 +107,7 @@ def test_stage2_refuses_reference_of_other_pairs(tiny_model_dir, shapes_dir, pai
     with open(pairs_file) as f, open(other, "w") as g:
         g.write("".join(list(f)[:8]))
     ref = str(tmp_path / "ref.json")
-    T.reference_logps(tiny_model_dir, other, ref, base=None, dtype="float32", prompt=PROMPT,
+    R.reference_logps(tiny_model_dir, other, ref, base=None, dtype="float32", prompt=PROMPT,
                       min_pixels=None, max_pixels=None, max_response_tokens=40)
     spec = _spec("dpo", tiny_model_dir, os.path.join(shapes_dir, "dataset_shapes.json"), pairs=pairs_file,
                  ref_logps=ref)
@@ -147,7 +146,7 @@ def test_lora_stage1_then_stage2_continues_the_adapter(tiny_model_dir, shapes_di
     assert os.path.isfile(os.path.join(adapter, "adapter_config.json"))
     assert m1["trainable_parameters"] < m1["parameters"] / 5
     ref = str(tmp_path / "ref.json")
-    T.reference_logps(adapter, pairs_file, ref, base=tiny_model_dir, dtype="float32", prompt=PROMPT,
+    R.reference_logps(adapter, pairs_file, ref, base=tiny_model_dir, dtype="float32", prompt=PROMPT,
                       min_pixels=None, max_pixels=None, max_response_tokens=40)
     spec2 = _spec("cw_dpo", adapter, os.path.join(shapes_dir, "dataset_shapes.json"), pairs=pairs_file,
                   ref_logps=ref, lora=lora, base=tiny_model_dir)

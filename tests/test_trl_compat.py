@@ -1,7 +1,5 @@
 """Our pairs file is read by TRL's DPOTrainer unchanged (TRL 1.16, the `bench`/`test` extra)."""
-import json
 import math
-import os
 
 import pytest
 
