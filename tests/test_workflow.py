@@ -2,6 +2,7 @@
 import os
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -32,6 +33,16 @@ def test_dry_run_parses_without_torch_and_fast(tmp_path, workdir):
     assert "torch/transformers imported" not in out.stdout + out.stderr
     # generous bound for loaded CI machines; `cwdpo bench` reports the measured figure
     assert elapsed < 20
+
+
+def test_unlock_and_cleanup_work_without_cores(workdir):
+    """`snakemake --unlock` after a killed run takes no --cores: the Snakefile must parse without them."""
+    locks = Path(workdir) / ".snakemake" / "locks"
+    locks.mkdir(parents=True)
+    (locks / "0.input.lock").write_text("stale\n")
+    out = run([sys.executable, "-m", "snakemake", "--unlock"], cwd=workdir)
+    assert "Unlocked working directory" in out.stdout + out.stderr
+    assert not list(locks.glob("*.lock"))
 
 
 def test_lint_is_clean(workdir):

@@ -31,7 +31,7 @@ if P.tiny and config["pretrain"]["enabled"]:
             f"{OUT}/logs/pretrain.log",
         benchmark:
             f"{OUT}/benchmarks/pretrain.tsv"
-        threads: workflow.cores
+        threads: lambda wildcards: workflow.cores  # a callable: `snakemake --unlock` (no --cores) must parse
         resources:
             gpu=P.gpus("train"),
         params:
