@@ -247,19 +247,33 @@ def dag_timings(workdir: str, experiment_dir: str) -> dict:
 
 
 def pipeline_costs(experiment_dir: str) -> dict:
-    """Totals of the Snakemake `benchmark:` files of a finished run and its wall time from the newest log."""
-    rows = []
+    """Totals of the Snakemake `benchmark:` files of a finished run, and its wall time from file times:
+    from the earliest job start (a benchmark file's mtime minus its `s`, or the earliest log) to the
+    newest benchmark, log, table or figure file. Snakemake records no run-level timing itself."""
+    rows, starts, ends = [], [], []
     for path in glob.glob(os.path.join(experiment_dir, "benchmarks", "**", "*.tsv"), recursive=True):
         with open(path) as f:
             lines = f.read().strip().splitlines()
         if len(lines) >= 2:
             head, vals = lines[0].split("\t"), lines[-1].split("\t")
-            rows.append(dict(zip(head, vals)))
+            row = dict(zip(head, vals))
+            rows.append(row)
+            end = os.path.getmtime(path)
+            starts.append(end - float(row["s"]))
+            ends.append(end)
     if not rows:
         return {"na": f"no benchmark files under {experiment_dir}/benchmarks"}
+    for sub in ("logs", "tables", "figures"):
+        for path in glob.glob(os.path.join(experiment_dir, sub, "**", "*"), recursive=True):
+            if os.path.isfile(path):
+                t = os.path.getmtime(path)
+                ends.append(t)
+                if sub == "logs":
+                    starts.append(t)
     seconds = sum(float(r["s"]) for r in rows)
     peak = max(float(r["max_rss"]) for r in rows if r.get("max_rss") not in (None, "", "NA"))
-    return {"jobs_with_benchmarks": len(rows), "sum_job_seconds": seconds, "max_job_rss_mb": peak}
+    return {"jobs_with_benchmarks": len(rows), "sum_job_seconds": seconds, "max_job_rss_mb": peak,
+            "wall_s": max(ends) - min(starts)}
 
 
 def run_bench(out_dir: str, quick: bool = False, threads: int = 0, large: bool = True, workdir: str = ".",
@@ -362,6 +376,7 @@ def render_markdown(r: dict) -> str:
               "Pipeline (Snakemake benchmark files): " + (
                   r["pipeline"]["na"] if "na" in r["pipeline"] else
                   f"{r['pipeline']['jobs_with_benchmarks']} jobs, {r['pipeline']['sum_job_seconds']:.0f} job-seconds, "
-                  f"max job RSS {r['pipeline']['max_job_rss_mb']:.0f} MB") + ".", "",
+                  f"max job RSS {r['pipeline']['max_job_rss_mb']:.0f} MB; wall ≈ {r['pipeline']['wall_s'] / 60:.1f} min, "
+                  "first job start to last output, from file times") + ".", "",
               f"Peak RSS of this benchmark: {r['peak_rss_mb']:.0f} MB.", ""]
     return "\n".join(lines)

@@ -15,6 +15,11 @@ import json
 import os
 import re
 
+# Caption metrics whose corpus value is the mean of the per-image values: a bootstrap over images resamples
+# that same statistic. BLEU-4 and METEOR are corpus-level (pooled n-gram / alignment statistics): no
+# per-image bootstrap for them (their single-seed cells get no interval).
+MEAN_OF_IMAGES = ("ROUGE-L", "CIDEr", "SPICE")
+
 STAGE1_METHODS = ("sft", "sft_c")
 STAGE2_METHODS = ("dpo", "focal_dpo", "cw_dpo")
 NAME_RE = r"[A-Za-z0-9][A-Za-z0-9_.-]*"
@@ -267,7 +272,9 @@ class Plan:
             for m in es["metrics"]:
                 if m == "SPICE" and "SPICE" not in self.c["evaluate"]["metrics"]:
                     continue
-                cols[f"{name} {m}"] = [f"scores_{name}", ["corpus", m], True, 1, ["per_image", m]]
+                # corpus-level metrics (BLEU-4, METEOR) get no per-image bootstrap, as in the main columns
+                cols[f"{name} {m}"] = [f"scores_{name}", ["corpus", m], True, 1,
+                                       ["per_image", m] if m in MEAN_OF_IMAGES else None]
             if es["domains"]:
                 for d in DOMAINS:
                     cols[f"{name} CIDEr ({d})"] = [f"scores_{name}", ["domains", d, "corpus", "CIDEr"], True, 1,

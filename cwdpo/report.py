@@ -19,14 +19,11 @@ import os
 import numpy as np
 
 from .data import read_json, write_text
+from .plan import MEAN_OF_IMAGES
 from .stats import (convergence_step, difference_ci, ece_difference_ci, paired_bootstrap_ci, seed_ci, verdict,
                     win_rate)
 
 CAPTION_METRICS = ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "SPICE")
-# Metrics whose corpus value is the mean of the per-image values: a bootstrap over images resamples that
-# same statistic. BLEU-4 and METEOR are corpus-level (pooled n-gram / alignment statistics): no per-image
-# bootstrap for them (their single-seed cells get no interval).
-MEAN_OF_IMAGES = ("ROUGE-L", "CIDEr", "SPICE")
 # column name -> (file, json path, scaled by the caption scale, digits, per-image path or None)
 COLUMNS = {
     **{m: ("scores", ["corpus", m], True, 1, ["per_image", m] if m in MEAN_OF_IMAGES else None)

@@ -106,3 +106,28 @@ def test_gpu_configs_validate_and_dry_run_with_placeholder_paths(tmp_path, name)
     assert "stage2" in text and "sample_onpolicy" in text and "evaluate" in text
     if name == "paper":
         assert "torchrun --standalone --nproc_per_node 8 -m cwdpo.cli train" in text
+
+
+def test_pipeline_costs_sum_benchmarks_and_span_the_run_from_file_times(tmp_path):
+    """Two benchmarked jobs (60 s ending at t0+100, 30 s ending at t0+200) and a table written at t0+230:
+    90 job-seconds, the larger RSS, wall = (t0+230) - (t0+40) = 190 s."""
+    from cwdpo.bench import pipeline_costs
+    t0 = 1_700_000_000
+    head = "s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n"
+    for name, s, rss, end in (("a.tsv", 60.0, 500.0, t0 + 100), ("sub/b.tsv", 30.0, 900.0, t0 + 200)):
+        p = tmp_path / "benchmarks" / name
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(head + f"{s}\t0:00:{int(s)}\t{rss}\t1\t1\t1\t0\t0\t50\t{s}\n")
+        os.utime(p, (end, end))
+    log = tmp_path / "logs" / "x.log"
+    log.parent.mkdir()
+    log.write_text("")
+    os.utime(log, (t0 + 150, t0 + 150))
+    table = tmp_path / "tables" / "main.md"
+    table.parent.mkdir()
+    table.write_text("")
+    os.utime(table, (t0 + 230, t0 + 230))
+    c = pipeline_costs(str(tmp_path))
+    assert c["jobs_with_benchmarks"] == 2 and c["sum_job_seconds"] == 90.0 and c["max_job_rss_mb"] == 900.0
+    assert c["wall_s"] == pytest.approx(190.0)
+    assert "na" in pipeline_costs(str(tmp_path / "missing"))

@@ -43,6 +43,29 @@ def test_main_table_has_finite_numbers_for_every_computable_metric(micro_run):
 
 
 @pytest.mark.slow
+def test_every_interval_is_of_the_statistic_in_its_cell(micro_run):
+    """Each cell's 95% interval (t over seeds, or a bootstrap of per-image values for one run) contains the
+    cell's value: a bootstrap of per-image BLEU-4/METEOR (corpus-level metrics) would not."""
+    import glob
+    checked = 0
+    for path in glob.glob(os.path.join(micro_run, "results", "micro", "tables", "*.csv")):
+        rows = list(csv.DictReader(open(path)))
+        for r in rows:
+            for col in r:
+                if col + "_ci_lo" not in r or r[col + "_ci_lo"] in ("", None) or r[col] == "n/a":
+                    continue
+                lo, hi, v = float(r[col + "_ci_lo"]), float(r[col + "_ci_hi"]), float(r[col])
+                assert lo - 1e-9 <= v <= hi + 1e-9, (os.path.basename(path), r[r.__iter__().__next__()], col, lo, v, hi)
+                checked += 1
+    assert checked > 50
+    main = list(csv.DictReader(open(os.path.join(micro_run, "results", "micro", "tables", "main.csv"))))
+    base = next(r for r in main if r["method"] == "base")
+    for col in base:  # one run: corpus-level metrics, of the test split or of an evaluation set, get no interval
+        if col.endswith(("BLEU-4", "METEOR")):
+            assert base[col + "_ci_lo"] == "", col
+
+
+@pytest.mark.slow
 def test_every_rule_wrote_its_log_and_training_its_benchmark(micro_run):
     res = os.path.join(micro_run, "results", "micro")
     assert os.path.getsize(os.path.join(res, "logs", "pretrain.log")) > 0
