@@ -30,7 +30,7 @@ from conftest import REPO, run
 from test_containers import write_apptainer_shim
 
 WORKFLOW_ITEMS = ("Snakefile", "workflow", "config", "profiles")
-RUN_TIMEOUT_S = 480
+RUN_TIMEOUT_S = 900
 GPU_RULES = ("pretrain", "stage1", "stage2", "sample_onpolicy", "ref_logps", "evaluate")
 # rules the slurm.yaml DAG must contain (others, e.g. data validation, may come and go)
 EXPECTED_RULES = ("prepare_data", "build_model", "make_pairs", "trivial_baseline", "stage1", "ref_logps", "stage2",
