@@ -55,7 +55,7 @@ def test_every_interval_is_of_the_statistic_in_its_cell(micro_run):
                 if col + "_ci_lo" not in r or r[col + "_ci_lo"] in ("", None) or r[col] == "n/a":
                     continue
                 lo, hi, v = float(r[col + "_ci_lo"]), float(r[col + "_ci_hi"]), float(r[col])
-                assert lo - 1e-9 <= v <= hi + 1e-9, (os.path.basename(path), r[r.__iter__().__next__()], col, lo, v, hi)
+                assert lo - 1e-9 <= v <= hi + 1e-9, (os.path.basename(path), next(iter(r.values())), col, lo, v, hi)
                 checked += 1
     assert checked > 50
     main = list(csv.DictReader(open(os.path.join(micro_run, "results", "micro", "tables", "main.csv"))))
