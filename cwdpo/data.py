@@ -147,8 +147,8 @@ def load_records(d: dict, bad_log: BadInputLog | None = None) -> list[ImageRecor
 
 
 def iter_jsonl(path: str):
-    """(line number, 'file:line', parsed object or the JSONDecodeError) of every non-empty line."""
-    with open(path) as f:
+    """(line number, 'file:line', parsed object or the JSONDecodeError) of every non-empty line (UTF-8)."""
+    with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue

@@ -340,13 +340,10 @@ def _rows_jsonl(file: str, cache_dir: str | None, bad):
     except DataError:
         pass
     import json
-    with open(file, encoding="utf-8") as f:
-        lines = [line for line in f if line.strip()]
-    for i, line in enumerate(lines):
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            bad(i, None, _Bad("invalid JSON", f"not valid JSON ({e.msg})"))
+    from .data import iter_jsonl
+    for i, (_, _, row) in enumerate(iter_jsonl(file)):  # i: the row among non-empty lines
+        if isinstance(row, json.JSONDecodeError):
+            bad(i, None, _Bad("invalid JSON", f"not valid JSON ({row.msg})"))
             continue
         if not isinstance(row, dict):
             bad(i, None, _Bad("invalid JSON", "line is not a JSON object"))
