@@ -91,11 +91,17 @@ def cmd_evaluate(a):
                        trust_remote_code=spec.get("trust_remote_code", False))
     encoder = Encoder(processor, spec["prompt"], spec.get("max_response_tokens", 64))
     paths = [r.path for r in records]
-    caps = generate_captions(model, encoder, paths, num_beams=int(spec["num_beams"]),
-                             max_new_tokens=int(spec["max_new_tokens"]), batch_size=int(spec["batch_size"]))
-    doc = {"captions": {r.image_id: c[0] for r, c in zip(records, caps)},
-           "references": {r.image_id: r.captions for r in records},
-           "decoding": {"num_beams": spec["num_beams"], "max_new_tokens": spec["max_new_tokens"]}}
+
+    def caption_doc(recs, desc="generate"):
+        """Beam-search captions (the spec's beam size) of `recs` with their references, for `cwdpo score`."""
+        caps = generate_captions(model, encoder, [r.path for r in recs], num_beams=int(spec["num_beams"]),
+                                 max_new_tokens=int(spec["max_new_tokens"]), batch_size=int(spec["batch_size"]),
+                                 desc=desc)
+        return {"captions": {r.image_id: c[0] for r, c in zip(recs, caps)},
+                "references": {r.image_id: r.captions for r in recs},
+                "decoding": {"num_beams": spec["num_beams"], "max_new_tokens": spec["max_new_tokens"]}}
+
+    doc = caption_doc(records)
     if int(spec.get("topk_beams", 0)) > 1:  # the "top-5 beams" of Figure F-stage1: all k beams of a size-k search
         k = int(spec["topk_beams"])
         beams = generate_captions(model, encoder, paths, num_beams=k, num_return=k,
@@ -105,12 +111,7 @@ def cmd_evaluate(a):
     write_json(a.captions, doc)
     for es in spec.get("eval_sets", []):  # Flickr30k / NoCaps / shapes OOD: captions with the loaded model
         recs = _records(es["data"])
-        out = generate_captions(model, encoder, [r.path for r in recs], num_beams=int(spec["num_beams"]),
-                                max_new_tokens=int(spec["max_new_tokens"]), batch_size=int(spec["batch_size"]),
-                                desc=f"generate {es['name']}")
-        set_doc = {"captions": {r.image_id: c[0] for r, c in zip(recs, out)},
-                   "references": {r.image_id: r.captions for r in recs},
-                   "decoding": {"num_beams": spec["num_beams"], "max_new_tokens": spec["max_new_tokens"]}}
+        set_doc = caption_doc(recs, desc=f"generate {es['name']}")
         if es.get("domains"):
             set_doc["domains"] = {r.image_id: r.domain for r in recs}
         write_json(es["out"], set_doc)
@@ -351,9 +352,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cwdpo", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
 
-    def add(name, fn, help_):
+    def add(name, fn, help_, threads=False):
         sp = sub.add_parser(name, help=help_)
         sp.set_defaults(fn=fn)
+        if threads:  # torch commands: the rules pass Snakemake's `threads` here
+            sp.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
         return sp
 
     sp = add("prepare-data", cmd_prepare_data, "generate the embedded `shapes` dataset (Karpathy format)")
@@ -365,17 +368,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("build-model", cmd_build_model, "build the tiny random-init Qwen2.5-VL + tokenizer + processor")
     sp.add_argument("--spec", required=True)
     sp.add_argument("--out", required=True)
-    sp = add("train", cmd_train, "train one model (pretrain/SFT/SFT-C/DPO/Focal-DPO/CW-DPO)")
-    sp.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    sp = add("train", cmd_train, "train one model (pretrain/SFT/SFT-C/DPO/Focal-DPO/CW-DPO)", threads=True)
     sp.add_argument("--spec", required=True)
     sp.add_argument("--out", required=True)
-    sp = add("evaluate", cmd_evaluate, "beam-search captions + teacher-forced measures of one model")
-    sp.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    sp = add("evaluate", cmd_evaluate, "beam-search captions + teacher-forced measures of one model", threads=True)
     sp.add_argument("--spec", required=True)
     sp.add_argument("--captions", required=True)
     sp.add_argument("--measures", required=True)
-    sp = add("sample-onpolicy", cmd_sample_onpolicy, "K samples per Stage-2 image from a model (hf or vllm)")
-    sp.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    sp = add("sample-onpolicy", cmd_sample_onpolicy, "K samples per Stage-2 image from a model (hf or vllm)", threads=True)
     sp.add_argument("--spec", required=True)
     sp.add_argument("--out", required=True)
     sp.add_argument("--summary", required=True)
@@ -388,8 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--onpolicy", default=None)
     sp.add_argument("--out", required=True)
     sp.add_argument("--summary", required=True)
-    sp = add("ref-logps", cmd_ref_logps, "cache the reference model's log-probs of a pairs file")
-    sp.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    sp = add("ref-logps", cmd_ref_logps, "cache the reference model's log-probs of a pairs file", threads=True)
     sp.add_argument("--spec", required=True)
     sp.add_argument("--pairs", required=True)
     sp.add_argument("--out", required=True)
@@ -410,10 +409,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("figure", cmd_figure, "draw a figure (PNG + PDF) from the runs' probes and measures")
     sp.add_argument("--spec", required=True)
     sp.add_argument("--out", required=True, help="output stem: writes <out>.png and <out>.pdf")
-    sp = add("bench", cmd_bench, "step-time ratios, cached reference, TRL peer, shared prefix, throughput")
+    sp = add("bench", cmd_bench, "step-time ratios, cached reference, TRL peer, shared prefix, throughput",
+             threads=True)
     sp.add_argument("--quick", action="store_true", help="tiny model only, few steps (for CI)")
     sp.add_argument("--out", default="results/bench")
-    sp.add_argument("--threads", type=int, default=0)
     sp.add_argument("--no-large", action="store_true", help="skip the larger random-init model")
     sp.add_argument("--workdir", default=".", help="the workflow folder for the DAG timings")
     sp.add_argument("--experiment-dir", default="results/tiny", help="a finished run for the pipeline costs")
