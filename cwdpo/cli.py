@@ -205,7 +205,7 @@ def cmd_probe_set(a):
     """The fixed probe set of the runs that start from a model: probe images + positive, gentle, easy and
     on-policy negatives (the model's lowest-scoring sample)."""
     from .data import write_text
-    from .probes import build_probe_set
+    from .negatives import build_probe_set
     spec = _spec(a.spec)
     records = _records(spec["probe_data"])[: int(spec.get("probe_images", 10 ** 9))]
     samples = {}
@@ -275,24 +275,32 @@ def cmd_trivial(a):
 
 def cmd_score(a):
     from .data import read_json, write_json
-    from .metrics import MeteorPool, score_beams, score_captions
+    from .metrics import METRIC_NAMES, MeteorPool, ptb_tokenize, score_beams, score_caption_sets
     if len(a.captions) != len(a.out):
         sys.exit("cwdpo score: give one --out per --captions file")
-    metrics = a.metrics.split(",") if a.metrics else None
-    meteor = MeteorPool()
-    for cap_path, out_path in zip(a.captions, a.out):
-        doc = read_json(cap_path)
-        kwargs = {"metrics": metrics} if metrics else {}
-        result = score_captions(doc["references"], doc["captions"], meteor=meteor, **kwargs)
+    metrics = a.metrics.split(",") if a.metrics else list(METRIC_NAMES)
+    docs = [read_json(p) for p in a.captions]
+    # one PTB tokenizer JVM for every caption, reference and beam of every file (memoised per caption)
+    ptb_tokenize({f"{n}:{kind}:{k}": v if isinstance(v, list) else [v]
+                  for n, doc in enumerate(docs) for kind in ("references", "captions", "beams")
+                  for k, v in (doc.get(kind) or {}).items()})
+    sets, where = [], []  # every file, and for NoCaps-style files every domain on its own (its own df)
+    for n, doc in enumerate(docs):
+        sets.append((doc["references"], doc["captions"]))
+        where.append((n, None))
+        for d in sorted(set((doc.get("domains") or {}).values())):
+            ids = [i for i, dom in doc["domains"].items() if dom == d]
+            sets.append(({i: doc["references"][i] for i in ids}, {i: doc["captions"][i] for i in ids}))
+            where.append((n, d))
+    results = [{} for _ in docs]
+    for (n, domain), scored in zip(where, score_caption_sets(sets, metrics, meteor=MeteorPool())):
+        if domain is None:
+            results[n] = scored
+        else:
+            results[n].setdefault("domains", {})[domain] = scored
+    for cap_path, out_path, doc, result in zip(a.captions, a.out, docs, results):
         if doc.get("beams"):
-            result["beams"] = score_beams(doc["references"], doc["beams"],
-                                          [m for m in ("CIDEr", "SPICE") if metrics is None or m in metrics])
-        if doc.get("domains"):  # NoCaps-style: every domain scored on its own (its own df), then all
-            result["domains"] = {}
-            for d in sorted(set(doc["domains"].values())):
-                ids = [i for i, dom in doc["domains"].items() if dom == d]
-                result["domains"][d] = score_captions({i: doc["references"][i] for i in ids},
-                                                      {i: doc["captions"][i] for i in ids}, meteor=meteor, **kwargs)
+            result["beams"] = score_beams(doc["references"], doc["beams"], [m for m in ("CIDEr", "SPICE") if m in metrics])
         for metric, reason in result["na_reasons"].items():
             print(f"[cwdpo score] {cap_path}: {metric} = n/a ({reason})", file=sys.stderr)
         write_json(out_path, result)

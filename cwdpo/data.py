@@ -159,6 +159,16 @@ def iter_jsonl(path: str):
             yield lineno, f"{path}:{lineno}", obj
 
 
+def read_jsonl(path: str) -> list:
+    """Every object of a JSONL file (UTF-8); a malformed line raises `DataError` naming file:line."""
+    rows = []
+    for _, where, obj in iter_jsonl(path):
+        if isinstance(obj, json.JSONDecodeError):
+            raise DataError(f"{where}: not valid JSON ({obj.msg})")
+        rows.append(obj)
+    return rows
+
+
 def stable_fraction(key: str, salt: str) -> float:
     """A deterministic number in [0, 1) from a string key (independent of Python's hash seed)."""
     digest = hashlib.sha256(f"{salt}:{key}".encode()).digest()

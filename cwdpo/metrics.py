@@ -34,30 +34,34 @@ def _pkg_dir() -> str:
     return os.path.abspath(list(spec.submodule_search_locations)[0])
 
 
+_PTB_MEMO: dict = {}  # caption → PTB-tokenized caption, for this process
+
+
 def ptb_tokenize(captions: dict) -> dict:
     """PTB-tokenize {key: [caption, ...]} → {key: [tokenized lower-case caption, ...]} (punctuation removed).
 
     Same command and post-processing as `pycocoevalcap.tokenizer.PTBTokenizer`, but the input file lives
-    in the system temp folder, so it works from a read-only installation.
+    in the system temp folder, so it works from a read-only installation. With `-preserveLines` every
+    caption is one line tokenized on its own, so each distinct caption is sent to Java once per process
+    (a scoring job sees the same references and many identical captions across models) — one JVM start
+    per call that has anything new.
     """
-    jar = os.path.join(_pkg_dir(), "tokenizer", "stanford-corenlp-3.4.1.jar")
-    keys = [k for k, caps in captions.items() for _ in caps]
-    sentences = "\n".join(c.replace("\n", " ") for caps in captions.values() for c in caps)
-    with tempfile.NamedTemporaryFile("w", delete=False, suffix=".txt") as f:
-        f.write(sentences)
-        path = f.name
-    try:
-        out = subprocess.run(["java", "-cp", jar, "edu.stanford.nlp.process.PTBTokenizer", "-preserveLines",
-                              "-lowerCase", path], capture_output=True, check=True).stdout.decode()
-    finally:
-        os.remove(path)
-    lines = out.split("\n")
-    result: dict = {}
-    for k, line in zip(keys, lines):
-        result.setdefault(k, []).append(" ".join(w for w in line.rstrip().split(" ") if w not in PUNCTUATIONS))
-    for k in captions:  # keys whose captions were all empty
-        result.setdefault(k, [""] * len(captions[k]))
-    return result
+    new = sorted({c.replace("\n", " ") for caps in captions.values() for c in caps} - _PTB_MEMO.keys())
+    if new:
+        jar = os.path.join(_pkg_dir(), "tokenizer", "stanford-corenlp-3.4.1.jar")
+        with tempfile.NamedTemporaryFile("w", delete=False, suffix=".txt") as f:
+            f.write("\n".join(new))
+            path = f.name
+        try:
+            out = subprocess.run(["java", "-cp", jar, "edu.stanford.nlp.process.PTBTokenizer", "-preserveLines",
+                                  "-lowerCase", path], capture_output=True, check=True).stdout.decode()
+        finally:
+            os.remove(path)
+        lines = out.split("\n")
+        for i, caption in enumerate(new):
+            line = lines[i] if i < len(lines) else ""
+            _PTB_MEMO[caption] = " ".join(w for w in line.rstrip().split(" ") if w not in PUNCTUATIONS)
+    return {k: [_PTB_MEMO[c.replace("\n", " ")] for c in caps] for k, caps in captions.items()}
 
 
 def simple_tokenize(text: str) -> str:
@@ -89,6 +93,14 @@ class CiderD:
             for ngram in {g for ref in refs for g in _ngrams(ref, n)}:
                 self.df[ngram] += 1
         self.ref_len = math.log(float(len(corpus_refs)))
+        self._vectors: dict = {}  # sentence → its tf-idf vectors (df is fixed per instance)
+        self._scores: dict = {}  # (candidate, references) → score
+
+    def _vector(self, sentence: str):
+        vec = self._vectors.get(sentence)
+        if vec is None:
+            vec = self._vectors[sentence] = self._vec(_ngrams(sentence, self.n))
+        return vec
 
     def _vec(self, counts: dict):
         vec = [defaultdict(float) for _ in range(self.n)]
@@ -108,19 +120,39 @@ class CiderD:
         penalty = math.exp(-((lh - lr) ** 2) / (2 * self.sigma ** 2))
         total = 0.0
         for k in range(self.n):
-            val = sum(min(v, vr[k].get(g, 0.0)) * vr[k].get(g, 0.0) for g, v in vh[k].items())
+            ref_k = vr[k]
+            val = 0.0
+            for g, v in vh[k].items():  # n-grams absent from the reference add min(v, 0)·0 = 0
+                rv = ref_k.get(g)
+                if rv:
+                    val += min(v, rv) * rv
             if nh[k] != 0 and nr[k] != 0:
                 val /= nh[k] * nr[k]
             total += val * penalty
         return total / self.n
 
     def score_one(self, candidate: str, refs: list) -> float:
-        h = self._vec(_ngrams(candidate, self.n))
-        return 10.0 * sum(self._sim(h, self._vec(_ngrams(r, self.n))) for r in refs) / len(refs)
+        key = (candidate, tuple(refs))
+        if key not in self._scores:
+            h = self._vector(candidate)
+            self._scores[key] = 10.0 * sum(self._sim(h, self._vector(r)) for r in refs) / len(refs)
+        return self._scores[key]
 
     def score(self, candidates: list, refs: list) -> np.ndarray:
         """Per-item CIDEr-D of candidates[i] against refs[i] (tokenized strings)."""
         return np.array([self.score_one(c, r) for c, r in zip(candidates, refs)], dtype=np.float64)
+
+
+_CIDER_BY_REFS: dict = {}
+
+
+def cider_for(refs: list) -> CiderD:
+    """The CIDEr-D scorer whose df is this reference set (one per distinct set per process, so its
+    memoised vectors serve every model scored against the same references)."""
+    key = tuple(tuple(r) for r in refs)
+    if key not in _CIDER_BY_REFS:
+        _CIDER_BY_REFS[key] = CiderD(refs)
+    return _CIDER_BY_REFS[key]
 
 
 def spice_status() -> tuple[bool, str]:
@@ -169,17 +201,83 @@ def run_spice(gts_tok: dict, res_tok: dict) -> tuple[float, dict]:
     return float(np.mean(list(per.values()))), per
 
 
+_BLEU_COOKED: dict = {}  # (hypothesis, references, n) → cooked (refs, test); (references, n) → cooked refs
+_ROUGE_L: dict = {}  # (hypothesis, references) → ROUGE-L of the segment
+
+
+def bleu(gts: dict, res: dict, n: int = 4) -> tuple[list, list]:
+    """pycocoevalcap's `Bleu(n).compute_score(gts, res)` (option "closest"), each segment cooked once per
+    process: the corpus BLEU sums the segments' cooked n-gram counts, which depend only on
+    (hypothesis, references)."""
+    from pycocoevalcap.bleu.bleu_scorer import BleuScorer, cook_refs, cook_test
+    scorer = BleuScorer(n=n)
+    for i in gts:
+        (hypothesis,) = res[i]
+        key = (hypothesis, tuple(gts[i]), n)
+        if key not in _BLEU_COOKED:
+            refs_key = (tuple(gts[i]), n)
+            if refs_key not in _BLEU_COOKED:
+                _BLEU_COOKED[refs_key] = cook_refs(gts[i], n=n)
+            cref = _BLEU_COOKED[refs_key]
+            _BLEU_COOKED[key] = (cref, cook_test(hypothesis, cref, n=n))
+        cref, ctest = _BLEU_COOKED[key]
+        scorer.crefs.append(cref)
+        scorer.ctest.append(ctest)
+    return scorer.compute_score(option="closest", verbose=0)
+
+
+def rouge_l(gts: dict, res: dict) -> tuple[float, np.ndarray]:
+    """pycocoevalcap's `Rouge().compute_score(gts, res)`: the mean of per-segment ROUGE-L (β = 1.2), each
+    segment computed once per process."""
+    from pycocoevalcap.rouge.rouge import Rouge
+    rouge = Rouge()
+    scores = []
+    for i in gts:
+        key = (res[i][0], tuple(gts[i]))
+        if key not in _ROUGE_L:
+            _ROUGE_L[key] = rouge.calc_score(res[i], gts[i])
+        scores.append(_ROUGE_L[key])
+    return np.mean(np.array(scores)), np.array(scores)
+
+
 class MeteorPool:
-    """One METEOR JVM for many scoring calls: it loads its paraphrase tables once (~10 s)."""
+    """One METEOR JVM for many scoring calls (it loads its paraphrase tables once, ~10 s), with every
+    segment's statistics memoised.
+
+    `compute_score` is pycocoevalcap's `Meteor.compute_score` protocol: one "SCORE ||| refs ||| hyp" line
+    per segment returns that segment's sufficient statistics, then one "EVAL ||| stats ||| ..." line
+    returns each segment's score and the corpus score computed from the statistics. A segment's
+    statistics depend only on (hypothesis, references), so a (hypothesis, references) pair already seen —
+    the same caption from another model, a NoCaps domain re-scoring its segments — is not aligned again.
+    """
 
     def __init__(self):
         self._meteor = None
+        self._stats: dict = {}
 
     def get(self):
         if self._meteor is None:
             from pycocoevalcap.meteor.meteor import Meteor
             self._meteor = Meteor()
         return self._meteor
+
+    def compute_score(self, gts: dict, res: dict) -> tuple[float, list]:
+        """(corpus METEOR, [segment METEOR in the order of `gts`]); `res` {id: [hypothesis]}."""
+        meteor = self.get()
+        ids = list(gts)
+        with meteor.lock:
+            stats = []
+            for i in ids:
+                (hypothesis,) = res[i]
+                key = (hypothesis, tuple(gts[i]))
+                if key not in self._stats:
+                    self._stats[key] = meteor._stat(hypothesis, gts[i])
+                stats.append(self._stats[key])
+            meteor.meteor_p.stdin.write(("EVAL" + "".join(f" ||| {s}" for s in stats) + "\n").encode())
+            meteor.meteor_p.stdin.flush()
+            scores = [float(meteor.meteor_p.stdout.readline().strip()) for _ in ids]
+            score = float(meteor.meteor_p.stdout.readline().strip())
+        return score, scores
 
 
 def score_captions(gts: dict, res: dict, metrics=METRIC_NAMES, tokenize: bool = True,
@@ -201,24 +299,22 @@ def score_captions(gts: dict, res: dict, metrics=METRIC_NAMES, tokenize: bool = 
         r = {k: [simple_tokenize(res[k])] for k in ids}
     corpus, per, na = {}, {}, {}
     if "BLEU-4" in metrics:
-        from pycocoevalcap.bleu.bleu import Bleu
-        score, scores = Bleu(4).compute_score(g, r, verbose=0)
+        score, scores = bleu(g, r)
         corpus["BLEU-4"] = float(score[3])
         per["BLEU-4"] = {str(k): float(s) for k, s in zip(ids, scores[3])}
     if "METEOR" in metrics:
         if shutil.which("java") is None:
             corpus["METEOR"], na["METEOR"] = None, "java not found on PATH"
         else:
-            score, scores = (meteor or MeteorPool()).get().compute_score(g, r)
+            score, scores = (meteor or MeteorPool()).compute_score(g, r)
             corpus["METEOR"] = float(score)
             per["METEOR"] = {str(k): float(s) for k, s in zip(ids, scores)}
     if "ROUGE-L" in metrics:
-        from pycocoevalcap.rouge.rouge import Rouge
-        score, scores = Rouge().compute_score(g, r)
+        score, scores = rouge_l(g, r)
         corpus["ROUGE-L"] = float(score)
         per["ROUGE-L"] = {str(k): float(s) for k, s in zip(ids, scores)}
     if "CIDEr" in metrics:
-        scorer = CiderD([g[k] for k in ids])
+        scorer = cider_for([g[k] for k in ids])
         scores = scorer.score([r[k][0] for k in ids], [g[k] for k in ids])
         corpus["CIDEr"] = float(scores.mean())
         per["CIDEr"] = {str(k): float(s) for k, s in zip(ids, scores)}
@@ -235,6 +331,26 @@ def score_captions(gts: dict, res: dict, metrics=METRIC_NAMES, tokenize: bool = 
     return {"corpus": corpus, "per_image": per, "na_reasons": na}
 
 
+def score_caption_sets(sets: list, metrics=METRIC_NAMES, meteor: MeteorPool | None = None) -> list:
+    """`score_captions` of every (gts, res) in `sets`, METEOR's JVM working in a second thread meanwhile.
+
+    METEOR's time is spent in its own (Java) process, so its segments are aligned while this process
+    computes BLEU, ROUGE-L, CIDEr-D and SPICE; the results are the same as scoring each set alone.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+    others = [m for m in metrics if m != "METEOR"]
+    meteor = meteor or MeteorPool()
+    ptb_tokenize({f"{n}:{k}": [*gts[k], res[k]] for n, (gts, res) in enumerate(sets) for k in gts})
+    with ThreadPoolExecutor(1) as pool:
+        meteor_done = pool.submit(lambda: [score_captions(g, r, ["METEOR"], meteor=meteor) for g, r in sets]) \
+            if "METEOR" in metrics else None
+        results = [score_captions(g, r, others) for g, r in sets]
+        for result, met in zip(results, meteor_done.result() if meteor_done else []):
+            for part in ("corpus", "per_image", "na_reasons"):
+                result[part].update(met[part])
+    return results
+
+
 def score_beams(gts: dict, beams: dict, metrics=("CIDEr", "SPICE")) -> dict:
     """"Top-k beams" scores (Figure F-stage1): every beam of every image scored against the image's
     references, averaged over the k beams — it rewards a model whose whole beam is good, not only its
@@ -246,7 +362,7 @@ def score_beams(gts: dict, beams: dict, metrics=("CIDEr", "SPICE")) -> dict:
     g = {i: tok[f"g{i}"] for i in ids}
     corpus, na = {"k": k}, {}
     if "CIDEr" in metrics:
-        scorer = CiderD([g[i] for i in ids])
+        scorer = cider_for([g[i] for i in ids])
         per = [float(scorer.score(tok[f"b{i}"], [g[i]] * k).mean()) for i in ids]
         corpus["CIDEr"] = float(np.mean(per))
     if "SPICE" in metrics:

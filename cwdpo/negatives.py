@@ -214,6 +214,25 @@ def easy_negative(rec, caption_index: int, rng: random.Random, kinds, others: li
 # ---------------------------------------------------------------------------------------------------
 # external negatives
 
+def build_probe_set(records: list, samples: dict, cfg: dict, seed: int = 0) -> list:
+    """Rows {image, image_id, positive, gentle, easy, onpolicy} for the probe images.
+
+    gentle/easy come from `cwdpo.negatives` with a fixed seed; onpolicy is the lowest-scoring sample of
+    the image in `samples` ({image_id: [sample dicts with text/score]}), or None without samples.
+    """
+    rows = []
+    for rec in records:
+        rng = random.Random(f"probe:{seed}:{rec.image_id}")
+        gentle = gentle_negative(rec, 0, rng, cfg.get("gentle_kinds", ["colour", "shape", "size", "count",
+                                                                      "relation"]), cfg.get("heldout", ()))
+        easy = easy_negative(rec, 0, rng, cfg.get("easy_kinds", ["other_image", "shuffled", "off_topic"]), records)
+        cands = [s for s in samples.get(rec.image_id, []) if s["text"].strip() and not s.get("is_reference")]
+        onpolicy = min(cands, key=lambda s: (s["score"], s["text"]))["text"] if cands else None
+        rows.append({"image": rec.path, "image_id": rec.image_id, "positive": rec.captions[0],
+                     "gentle": gentle["text"] if gentle else None, "easy": easy["text"], "onpolicy": onpolicy})
+    return rows
+
+
 def read_external(path: str, known_ids=None, on_bad_input: str = "error", bad_log=None) -> dict:
     """Read an external negatives JSONL: one object per line,
     {"image_id": str|int, "negative": non-empty str[, "kind": str][, "score": number][, "positive": str]}.

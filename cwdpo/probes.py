@@ -17,40 +17,15 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 
 import torch
 from transformers import TrainerCallback
 
+from .data import read_jsonl
 from .dynamics import distribution_measures
 from .logprobs import completion_logps
 
 KINDS = ("positive", "gentle", "easy", "onpolicy")
-
-
-def build_probe_set(records: list, samples: dict, cfg: dict, seed: int = 0) -> list:
-    """Rows {image, image_id, positive, gentle, easy, onpolicy} for the probe images.
-
-    gentle/easy come from `cwdpo.negatives` with a fixed seed; onpolicy is the lowest-scoring sample of
-    the image in `samples` ({image_id: [sample dicts with text/score]}), or None without samples.
-    """
-    from .negatives import easy_negative, gentle_negative
-    rows = []
-    for rec in records:
-        rng = random.Random(f"probe:{seed}:{rec.image_id}")
-        gentle = gentle_negative(rec, 0, rng, cfg.get("gentle_kinds", ["colour", "shape", "size", "count",
-                                                                      "relation"]), cfg.get("heldout", ()))
-        easy = easy_negative(rec, 0, rng, cfg.get("easy_kinds", ["other_image", "shuffled", "off_topic"]), records)
-        cands = [s for s in samples.get(rec.image_id, []) if s["text"].strip() and not s.get("is_reference")]
-        onpolicy = min(cands, key=lambda s: (s["score"], s["text"]))["text"] if cands else None
-        rows.append({"image": rec.path, "image_id": rec.image_id, "positive": rec.captions[0],
-                     "gentle": gentle["text"] if gentle else None, "easy": easy["text"], "onpolicy": onpolicy})
-    return rows
-
-
-def read_jsonl(path: str) -> list:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 class ProbeCallback(TrainerCallback):

@@ -326,7 +326,8 @@ def make_probe_callback(spec: dict, encoder: Encoder, out_dir: str):
     p = spec.get("probes")
     if not p or not p.get("enabled", True) or not p.get("rows"):
         return None
-    from .probes import ProbeCallback, read_jsonl
+    from .data import read_jsonl
+    from .probes import ProbeCallback
     rows = read_jsonl(p["rows"])[: int(p.get("images", 10 ** 9))]
     val_records = None
     if p.get("val_interval") and p.get("val"):

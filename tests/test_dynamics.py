@@ -100,7 +100,7 @@ def test_probe_callback_runs_on_the_tiny_model_and_writes_finite_values(tiny_mod
                                                                        tmp_path):
     import json
     from cwdpo import train as T
-    from cwdpo.probes import build_probe_set
+    from cwdpo.negatives import build_probe_set
     recs = [r for r in shapes_records if r.split == "test"][:6]
     samples = {r.image_id: [{"text": "a red circle", "score": 0.1}] for r in recs}
     rows = build_probe_set(recs, samples, {}, seed=0)

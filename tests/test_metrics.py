@@ -59,3 +59,53 @@ def test_all_metrics_finite_and_perfect_caption_scores_high():
     for m in ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr"):
         assert np.isfinite(out["corpus"][m]) and out["corpus"][m] > worse["corpus"][m]
         assert set(out["per_image"][m]) == set(GTS)
+
+
+def test_ptb_memo_tokenizes_each_caption_once_and_agrees_with_one_shot_tokenization(monkeypatch):
+    caps = {"a": ["A dog's ball, \"red\".", "", "Two  cats."], "b": ["Two  cats.", "A dog's ball, \"red\"."]}
+    metrics._PTB_MEMO.clear()
+    first = metrics.ptb_tokenize(caps)
+    theirs = PTBTokenizer().tokenize({k: [{"caption": c} for c in v] for k, v in caps.items()})
+    assert first == theirs and first["a"][1] == ""
+
+    def no_java(*args, **kwargs):
+        raise AssertionError("Java started for captions already tokenized")
+    monkeypatch.setattr(metrics.subprocess, "run", no_java)
+    assert metrics.ptb_tokenize({"z": caps["b"][::-1]}) == {"z": first["b"][::-1]}
+
+
+def test_meteor_pool_equals_pycocoevalcap_and_reuses_segment_statistics():
+    from pycocoevalcap.meteor.meteor import Meteor
+    g = metrics.ptb_tokenize(GTS)
+    r = metrics.ptb_tokenize({k: [v] for k, v in RES.items()})
+    reference = Meteor()
+    theirs, theirs_per = reference.compute_score(g, r)
+    pool = metrics.MeteorPool()
+    ours, ours_per = pool.compute_score(g, r)
+    assert ours == theirs and ours_per == theirs_per and 0 < ours < 1
+    calls = []
+    stat = pool.get()._stat
+    pool.get()._stat = lambda *a: calls.append(a) or stat(*a)
+    sub = {k: g[k] for k in ("3", "1")}  # a subset in another order: its own corpus score, no new alignment
+    sub_score, sub_per = pool.compute_score(sub, {k: r[k] for k in sub})
+    assert calls == []
+    assert (sub_score, sub_per) == reference.compute_score(sub, {k: r[k] for k in sub})
+    assert sub_per == [ours_per[2], ours_per[0]]
+
+
+def test_memoised_bleu_rouge_cider_equal_pycocoevalcap_on_repeated_and_reordered_sets():
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.rouge.rouge import Rouge
+    g = metrics.ptb_tokenize(GTS)
+    r = metrics.ptb_tokenize({k: [v] for k, v in RES.items()})
+    perfect = {k: [g[k][0]] for k in g}
+    for res in (r, perfect, r, {k: r[k] for k in ("3", "1", "2")}):  # repeats are served from the memo
+        gts = {k: g[k] for k in res}
+        assert metrics.bleu(gts, res) == Bleu(4).compute_score(gts, res, verbose=0)
+        ours, ours_per = metrics.rouge_l(gts, res)
+        theirs, theirs_per = Rouge().compute_score(gts, res)
+        assert ours == theirs and list(ours_per) == list(theirs_per)
+        score, per = Cider().compute_score(gts, res)
+        cider = metrics.cider_for([gts[k] for k in gts]).score([res[k][0] for k in gts], [gts[k] for k in gts])
+        np.testing.assert_allclose(cider, per, atol=1e-12)
+        assert cider.mean() == pytest.approx(score, abs=1e-12)
