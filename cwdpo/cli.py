@@ -89,7 +89,8 @@ def cmd_evaluate(a):
                                spec.get("trust_remote_code", False))
     model = load_model(spec["model"], base=spec.get("base"), dtype=spec.get("dtype", "float32"),
                        trust_remote_code=spec.get("trust_remote_code", False))
-    encoder = Encoder(processor, spec["prompt"], spec.get("max_response_tokens", 64))
+    encoder = Encoder(processor, spec["prompt"], spec.get("max_response_tokens", 64),
+                      pixel_cache_mb=float(spec.get("pixel_cache_mb", 0)))  # test images: 3 passes
     paths = [r.path for r in records]
 
     def caption_doc(recs, desc="generate"):

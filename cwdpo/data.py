@@ -68,6 +68,25 @@ def verify_image(path: str) -> str | None:
     return None
 
 
+_CAPTION_FILES: dict = {}  # (path, mtime_ns, size) → parsed caption file, for this process
+
+
+def _caption_file(json_path: str):
+    """The parsed caption file, read once per process while unchanged (a job reads its splits separately)."""
+    try:
+        st = os.stat(json_path)
+    except FileNotFoundError:
+        raise DataError(f"{json_path}: caption file not found") from None
+    key = (os.path.abspath(json_path), st.st_mtime_ns, st.st_size)
+    if key not in _CAPTION_FILES:
+        try:
+            with open(json_path) as f:
+                _CAPTION_FILES[key] = json.load(f)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{json_path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    return _CAPTION_FILES[key]
+
+
 def load_karpathy(json_path: str, image_root: str | None = None, splits=None, on_bad_input: str = "error",
                   bad_log: BadInputLog | None = None, check_files: bool = True,
                   verify_images: bool = False) -> list[ImageRecord]:
@@ -78,13 +97,7 @@ def load_karpathy(json_path: str, image_root: str | None = None, splits=None, on
     image (index and id), or with `on_bad_input='skip'` the image is skipped and logged in `bad_log`.
     """
     image_root = image_root if image_root is not None else os.path.dirname(json_path)
-    try:
-        with open(json_path) as f:
-            doc = json.load(f)
-    except FileNotFoundError:
-        raise DataError(f"{json_path}: caption file not found") from None
-    except json.JSONDecodeError as e:
-        raise DataError(f"{json_path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    doc = _caption_file(json_path)
     if not isinstance(doc, dict) or not isinstance(doc.get("images"), list):
         raise DataError(f"{json_path}: top level must be an object with an 'images' list (Karpathy format)")
     wanted = None if splits is None else set([splits] if isinstance(splits, str) else splits)

@@ -176,7 +176,10 @@ class Encoder:
 
     def build(self, images: list, rows: list) -> SeqBatch:
         """A batch from unique `images` (PIL or paths) and `rows` = [(image_index, response_text)]."""
-        pixel_values, grids = self.encode_images(images)
+        return self.build_encoded(*self.encode_images(images), rows)
+
+    def build_encoded(self, pixel_values: torch.Tensor, grids: torch.Tensor, rows: list) -> SeqBatch:
+        """`build` from images already through `encode_images` (pixel_values [P, D], grids [M, 3])."""
         responses = self.response_ids([text for _, text in rows])
         seqs, comp_starts, positions = [], [], []
         for (img_idx, _), resp in zip(rows, responses):

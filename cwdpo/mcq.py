@@ -815,14 +815,15 @@ def loglik_scores(model, encoder_for, items: list, pres: list, batch_size: int =
     model.eval()
     out = []
     runs = list(_chunks(pres, [len(p.responses) for p in pres], max(1, int(batch_size))))
+    encoded = (None, None)  # (item index, its encoded image): an item's rotations come one after another
     for run in tqdm(runs, desc="mcq loglik", disable=not progress, mininterval=2.0):
-        images, batches, keys, truncated = {}, [], [], []
+        batches, keys, truncated = [], [], []
         enc = None
         for p in run:
             enc = encoder_for(p.prompt)
-            if p.item_index not in images:
-                images[p.item_index] = item_image(items[p.item_index])
-            batches.append(enc.build([images[p.item_index]], [(0, r) for r in p.responses]))
+            if encoded[0] != p.item_index:
+                encoded = (p.item_index, enc.encode_images([item_image(items[p.item_index])]))
+            batches.append(enc.build_encoded(*encoded[1], [(0, r) for r in p.responses]))
             keys.append(p.item_index)
             lengths = [len(x) for x in enc.tokenizer(p.responses, add_special_tokens=False)["input_ids"]]
             truncated.append(sum(n > enc.max_response_tokens for n in lengths))

@@ -427,7 +427,7 @@ class Plan:
                 "heldout_pairs": self.heldout_pairs_path(),
                 "l_floor": d["l_floor"] if d["l_floor"] != "mean" else -5.0, "tau": d["tau"],
                 "reference": self.reference_of(key), "n_bins": self.c["probes"]["n_bins"],
-                "topk_beams": e["topk_beams"],
+                "topk_beams": e["topk_beams"], "pixel_cache_mb": self.c["train"]["pixel_cache_mb"],
                 "eval_sets": [{"name": n, "data": self.eval_set_data(n), "domains": self.eval_sets()[n]["domains"],
                                "out": f"{self.out}/eval/{key}/captions_{n}.json"} for n in self.eval_set_names()],
                 "mcq_sets": self.mcq_specs(key)}

@@ -41,6 +41,23 @@ def test_reads_hand_made_karpathy_file(tmp_path):
     assert [r.image_id for r in load_karpathy(path, root, splits=["train", "restval"])] == ["1000", "1001"]
 
 
+def test_caption_file_is_parsed_once_per_process_and_reread_when_it_changes(tmp_path, monkeypatch):
+    import cwdpo.data as data
+    path, root = _write_karpathy(tmp_path)
+    parses = []
+    real_load = data.json.load
+    monkeypatch.setattr(data.json, "load", lambda f: parses.append(f.name) or real_load(f))
+    load_karpathy(path, root, splits="test")
+    load_karpathy(path, root, splits=["train"])
+    assert parses == [path]
+    doc = json.loads(open(path).read())
+    doc["images"][2]["sentences"][0]["raw"] = "A changed caption, longer than before."
+    with open(path, "w") as f:
+        json.dump(doc, f)
+    assert load_karpathy(path, root, splits="test")[0].captions[0] == "A changed caption, longer than before."
+    assert parses == [path, path]
+
+
 def test_reads_flickr_style_file_without_filepath(tmp_path):
     path, root = _write_karpathy(tmp_path, with_filepath=False)
     recs = load_karpathy(path, root, splits="test")
