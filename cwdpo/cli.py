@@ -301,7 +301,8 @@ def cmd_score(a):
             results[n].setdefault("domains", {})[domain] = scored
     for cap_path, out_path, doc, result in zip(a.captions, a.out, docs, results):
         if doc.get("beams"):
-            result["beams"] = score_beams(doc["references"], doc["beams"], [m for m in ("CIDEr", "SPICE") if m in metrics])
+            result["beams"] = score_beams(doc["references"], doc["beams"],
+                                          [m for m in ("CIDEr", "SPICE") if m in metrics])
         for metric, reason in result["na_reasons"].items():
             print(f"[cwdpo score] {cap_path}: {metric} = n/a ({reason})", file=sys.stderr)
         write_json(out_path, result)
