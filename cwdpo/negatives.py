@@ -212,13 +212,14 @@ def easy_negative(rec, caption_index: int, rng: random.Random, kinds, others: li
 
 
 # ---------------------------------------------------------------------------------------------------
-# external negatives
+# the probe set of the learning-dynamics callback (cwdpo.probes)
 
 def build_probe_set(records: list, samples: dict, cfg: dict, seed: int = 0) -> list:
     """Rows {image, image_id, positive, gentle, easy, onpolicy} for the probe images.
 
-    gentle/easy come from `cwdpo.negatives` with a fixed seed; onpolicy is the lowest-scoring sample of
-    the image in `samples` ({image_id: [sample dicts with text/score]}), or None without samples.
+    gentle/easy come from `gentle_negative` / `easy_negative` with a fixed seed per image; onpolicy is the
+    lowest-scoring sample of the image in `samples` ({image_id: [sample dicts with text/score]}), or None
+    without samples. No torch: the probe-set rule runs in a job of its own.
     """
     rows = []
     for rec in records:
@@ -232,6 +233,9 @@ def build_probe_set(records: list, samples: dict, cfg: dict, seed: int = 0) -> l
                      "gentle": gentle["text"] if gentle else None, "easy": easy["text"], "onpolicy": onpolicy})
     return rows
 
+
+# ---------------------------------------------------------------------------------------------------
+# external negatives
 
 def read_external(path: str, known_ids=None, on_bad_input: str = "error", bad_log=None) -> dict:
     """Read an external negatives JSONL: one object per line,
