@@ -84,19 +84,24 @@ class CiderD:
 
     score = 10/|R| · Σ_r mean_n [ Σ_g min(v_h, v_r)·v_r / (|v_h||v_r|) ] · exp(-(len_h - len_r)² / (2σ²)),
     v = tf · (log N - log max(1, df)), N = number of images in the corpus. Inputs are tokenized strings.
+    With `memo`, every sentence's vectors and every (candidate, references) score are kept for the life of
+    the instance (the scoring job re-scores the same captions for many models); without it nothing is kept,
+    so a scorer that sees each sample once (on-policy ranking, a whole corpus of them) does not grow.
     """
 
-    def __init__(self, corpus_refs: list, n: int = 4, sigma: float = 6.0):
+    def __init__(self, corpus_refs: list, n: int = 4, sigma: float = 6.0, memo: bool = False):
         self.n, self.sigma = n, sigma
         self.df: dict = defaultdict(float)
         for refs in corpus_refs:
             for ngram in {g for ref in refs for g in _ngrams(ref, n)}:
                 self.df[ngram] += 1
         self.ref_len = math.log(float(len(corpus_refs)))
-        self._vectors: dict = {}  # sentence → its tf-idf vectors (df is fixed per instance)
-        self._scores: dict = {}  # (candidate, references) → score
+        self._vectors = {} if memo else None  # sentence → its tf-idf vectors (df is fixed per instance)
+        self._scores = {} if memo else None  # (candidate, references) → score
 
     def _vector(self, sentence: str):
+        if self._vectors is None:
+            return self._vec(_ngrams(sentence, self.n))
         vec = self._vectors.get(sentence)
         if vec is None:
             vec = self._vectors[sentence] = self._vec(_ngrams(sentence, self.n))
@@ -132,11 +137,16 @@ class CiderD:
         return total / self.n
 
     def score_one(self, candidate: str, refs: list) -> float:
+        if self._scores is None:
+            return self._score_one(candidate, refs)
         key = (candidate, tuple(refs))
         if key not in self._scores:
-            h = self._vector(candidate)
-            self._scores[key] = 10.0 * sum(self._sim(h, self._vector(r)) for r in refs) / len(refs)
+            self._scores[key] = self._score_one(candidate, refs)
         return self._scores[key]
+
+    def _score_one(self, candidate: str, refs: list) -> float:
+        h = self._vector(candidate)
+        return 10.0 * sum(self._sim(h, self._vector(r)) for r in refs) / len(refs)
 
     def score(self, candidates: list, refs: list) -> np.ndarray:
         """Per-item CIDEr-D of candidates[i] against refs[i] (tokenized strings)."""
@@ -151,7 +161,7 @@ def cider_for(refs: list) -> CiderD:
     memoised vectors serve every model scored against the same references)."""
     key = tuple(tuple(r) for r in refs)
     if key not in _CIDER_BY_REFS:
-        _CIDER_BY_REFS[key] = CiderD(refs)
+        _CIDER_BY_REFS[key] = CiderD(refs, memo=True)
     return _CIDER_BY_REFS[key]
 
 
@@ -201,7 +211,8 @@ def run_spice(gts_tok: dict, res_tok: dict) -> tuple[float, dict]:
     return float(np.mean(list(per.values()))), per
 
 
-_BLEU_COOKED: dict = {}  # (hypothesis, references, n) → cooked (refs, test); (references, n) → cooked refs
+_BLEU_REFS: dict = {}  # (references, n) → pycocoevalcap's cooked references
+_BLEU_SEGMENTS: dict = {}  # (hypothesis, references, n) → cooked (references, test)
 _ROUGE_L: dict = {}  # (hypothesis, references) → ROUGE-L of the segment
 
 
@@ -213,14 +224,13 @@ def bleu(gts: dict, res: dict, n: int = 4) -> tuple[list, list]:
     scorer = BleuScorer(n=n)
     for i in gts:
         (hypothesis,) = res[i]
-        key = (hypothesis, tuple(gts[i]), n)
-        if key not in _BLEU_COOKED:
-            refs_key = (tuple(gts[i]), n)
-            if refs_key not in _BLEU_COOKED:
-                _BLEU_COOKED[refs_key] = cook_refs(gts[i], n=n)
-            cref = _BLEU_COOKED[refs_key]
-            _BLEU_COOKED[key] = (cref, cook_test(hypothesis, cref, n=n))
-        cref, ctest = _BLEU_COOKED[key]
+        refs_key = (tuple(gts[i]), n)
+        key = (hypothesis, *refs_key)
+        if key not in _BLEU_SEGMENTS:
+            if refs_key not in _BLEU_REFS:
+                _BLEU_REFS[refs_key] = cook_refs(gts[i], n=n)
+            _BLEU_SEGMENTS[key] = (_BLEU_REFS[refs_key], cook_test(hypothesis, _BLEU_REFS[refs_key], n=n))
+        cref, ctest = _BLEU_SEGMENTS[key]
         scorer.crefs.append(cref)
         scorer.ctest.append(ctest)
     return scorer.compute_score(option="closest", verbose=0)

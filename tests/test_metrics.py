@@ -109,3 +109,13 @@ def test_memoised_bleu_rouge_cider_equal_pycocoevalcap_on_repeated_and_reordered
         cider = metrics.cider_for([gts[k] for k in gts]).score([res[k][0] for k in gts], [gts[k] for k in gts])
         np.testing.assert_allclose(cider, per, atol=1e-12)
         assert cider.mean() == pytest.approx(score, abs=1e-12)
+
+
+def test_cider_memo_is_opt_in_and_changes_no_score():
+    """The scoring job's scorer keeps vectors and scores; a ranking scorer (one look per sample) keeps none."""
+    corpus = [[metrics.simple_tokenize(c) for c in v] for v in GTS.values()]
+    cands = [metrics.simple_tokenize(RES[k]) for k in GTS] * 2
+    plain, memo = metrics.CiderD(corpus), metrics.CiderD(corpus, memo=True)
+    np.testing.assert_array_equal(plain.score(cands, corpus * 2), memo.score(cands, corpus * 2))
+    assert plain._vectors is None and plain._scores is None
+    assert len(memo._scores) == 3 and len(memo._vectors) == 3 + sum(len(r) for r in corpus)
