@@ -2,7 +2,8 @@
 #   snakemake --cores all                       # the embedded tiny default (CPU, minutes)
 #   snakemake --cores all --use-singularity     # GPU rules in the container image
 #   snakemake --profile profiles/slurm          # on a Slurm cluster
-# Thin on purpose: every rule calls the `cwdpo` CLI; paths and specs come from cwdpo.plan (no torch here).
+# Thin on purpose: every rule calls the `cwdpo` CLI; paths come from cwdpo.paths, specs from cwdpo.plan
+# (no torch here).
 from snakemake.utils import min_version
 
 min_version("9.0")

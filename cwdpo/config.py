@@ -1,16 +1,28 @@
-"""Config loading and validation outside Snakemake (CLI commands, tests), with the workflow's own schema.
+"""The config: loading, the JSON schema (which holds every default) and the checks across keys.
 
-Snakemake validates with `snakemake.utils.validate` (workflow/rules/common.smk); this module applies the
-same JSON schema and the same default filling, and formats errors as "key: problem (allowed: ...)".
+Snakemake validates with `snakemake.utils.validate` and then `check_config` (workflow/rules/common.smk);
+`load_config` does the same outside Snakemake (CLI commands, tests): the same schema, the same default
+filling, the same cross-key checks. Every problem is one `ConfigError` line "key: problem (allowed: ...)".
 No torch import.
 """
 from __future__ import annotations
 
+import copy
 import os
+import re
 
 import yaml
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# a name that becomes part of a path (experiment, recipes, sets, tables): no separators, no leading dot
+NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]*"
+STAGE1_METHODS = ("sft", "sft_c")
+STAGE2_METHODS = ("dpo", "focal_dpo", "cw_dpo")
+METHODS = STAGE1_METHODS + STAGE2_METHODS
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; each line of the message names a key."""
 
 
 def schema_path() -> str:
@@ -25,6 +37,17 @@ def schema_path() -> str:
                             "set CWDPO_SCHEMA)")
 
 
+def deep_merge(base: dict, override: dict | None) -> dict:
+    """`base` updated recursively with `override` (a new dict; inputs untouched)."""
+    out = copy.deepcopy(base)
+    for k, v in (override or {}).items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
 def _validator(schema: dict):
     from jsonschema import Draft202012Validator, validators
 
@@ -34,15 +57,10 @@ def _validator(schema: dict):
         if isinstance(instance, dict):
             for prop, subschema in properties.items():
                 if "default" in subschema:
-                    instance.setdefault(prop, _copy(subschema["default"]))
+                    instance.setdefault(prop, copy.deepcopy(subschema["default"]))
         yield from base(validator, properties, instance, sub)
 
     return validators.extend(Draft202012Validator, {"properties": set_defaults})(schema)
-
-
-def _copy(obj):
-    import copy
-    return copy.deepcopy(obj)
 
 
 def format_error(err) -> str:
@@ -50,15 +68,12 @@ def format_error(err) -> str:
     path = ".".join(str(p) for p in err.absolute_path) or "(top level)"
     msg = err.message
     if err.validator == "additionalProperties":
-        return f"{path}: unknown key(s) — {msg}; check for a typo (allowed: {', '.join(sorted(err.schema.get('properties', {})))})"
+        allowed = ", ".join(sorted(err.schema.get("properties", {})))
+        return f"{path}: unknown key(s) — {msg}; check for a typo (allowed: {allowed})"
     if err.validator == "oneOf" and err.context:
         alts = "; ".join(sorted({c.message for c in err.context}))
         return f"{path}: {msg!s} — allowed: {alts}"
     return f"{path}: {msg}"
-
-
-class ConfigValidationError(ValueError):
-    pass
 
 
 def schema_errors(config: dict, schema_file: str | None = None) -> list:
@@ -69,25 +84,113 @@ def schema_errors(config: dict, schema_file: str | None = None) -> list:
     return [format_error(e) for e in sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))]
 
 
+def stage2_recipe(config: dict, name: str) -> dict:
+    """A Stage-2 recipe merged over `stage2.defaults` (every hyperparameter set)."""
+    return deep_merge(config["stage2"]["defaults"], config["stage2"]["recipes"][name])
+
+
+def stage1_recipe(config: dict, name: str) -> dict:
+    """A Stage-1 recipe merged over `stage1.defaults` (every hyperparameter set)."""
+    return deep_merge(config["stage1"]["defaults"], config["stage1"]["recipes"][name])
+
+
+def check_config(config: dict, check_paths: bool = True) -> None:
+    """Checks the schema cannot express: recipe names and methods, table rows naming known recipes,
+    negative sets, required paths. Raises `ConfigError` naming the key."""
+    c = config
+    s1, s2 = c["stage1"]["recipes"], c["stage2"]["recipes"]
+    for name, r in s1.items():
+        if not re.fullmatch(NAME_PATTERN, name) or name == "base":
+            raise ConfigError(f"stage1.recipes: invalid recipe name {name!r}")
+        if r["method"] not in STAGE1_METHODS:
+            raise ConfigError(f"stage1.recipes.{name}.method: {r['method']!r} is not one of "
+                              f"{', '.join(STAGE1_METHODS)}")
+    for name, r in s2.items():
+        if not re.fullmatch(NAME_PATTERN, name):
+            raise ConfigError(f"stage2.recipes: invalid recipe name {name!r}")
+        if r["method"] not in STAGE2_METHODS:
+            raise ConfigError(f"stage2.recipes.{name}.method: {r['method']!r} is not one of "
+                              f"{', '.join(STAGE2_METHODS)}")
+    for tname, table in c["tables"].items():
+        for i, row in enumerate(table.get("rows", [])):
+            where = f"tables.{tname}.rows[{i}]"
+            if row.get("trivial"):
+                continue
+            st1 = row.get("stage1", "base")
+            if st1 != "base" and st1 not in s1:
+                raise ConfigError(f"{where}.stage1: unknown Stage-1 recipe {st1!r}; known: base, {', '.join(s1)}")
+            st2 = row.get("stage2")
+            if st2 is not None and st2 not in s2:
+                raise ConfigError(f"{where}.stage2: unknown Stage-2 recipe {st2!r}; known: {', '.join(s2)}")
+    sets = c["negatives"]["sets"]
+    for name in sets:
+        if not re.fullmatch(NAME_PATTERN, name):
+            raise ConfigError(f"negatives.sets: invalid set name {name!r}")
+    for name in s2:
+        negset = stage2_recipe(c, name)["negatives"]
+        if negset not in sets:
+            raise ConfigError(f"stage2.recipes.{name}.negatives: unknown negatives set {negset!r}; known: "
+                              f"{', '.join(sets)}")
+        if sets[negset]["rho"] < 1 and not c["negatives"]["onpolicy"]["enabled"]:
+            raise ConfigError(f"negatives.sets.{negset}.rho: {sets[negset]['rho']} needs on-policy negatives "
+                              "but negatives.onpolicy.enabled is false (use rho: 1)")
+    if c["data"]["source"] == "karpathy" and not c["data"]["karpathy"].get("json"):
+        raise ConfigError("data.karpathy.json: required when data.source is 'karpathy'")
+    if check_paths:
+        _check_paths(c)
+    if c["model"]["source"] != "tiny" and c["pretrain"]["enabled"]:
+        raise ConfigError("pretrain.enabled: only the tiny model is pretrained by the pipeline; set it to "
+                          "false for a hub or local model")
+
+
+def _check_paths(c: dict) -> None:
+    """Paths the config names must exist before any job runs (the error names the key)."""
+    paths = []
+    if c["data"]["source"] == "karpathy":
+        paths += [("data.karpathy.json", c["data"]["karpathy"]["json"]),
+                  ("data.karpathy.image_root", c["data"]["karpathy"].get("image_root"))]
+    paths.append(("negatives.external", c["negatives"].get("external")))
+    for name, m in c["mcq_sets"].items():
+        if m["enabled"] and m["format"] != "shapes":
+            if not m.get("path"):
+                raise ConfigError(f"mcq_sets.{name}.path: required for format {m['format']}")
+            if "*" not in m["path"]:
+                paths.append((f"mcq_sets.{name}.path", m["path"]))
+    for name, es in c["eval_sets"].items():
+        if es["enabled"] and es["source"] == "karpathy":
+            if not es.get("json"):
+                raise ConfigError(f"eval_sets.{name}.json: required for a Karpathy-format evaluation set")
+            paths += [(f"eval_sets.{name}.json", es["json"]), (f"eval_sets.{name}.image_root", es.get("image_root"))]
+    paths.append(("train.deepspeed", c["train"].get("deepspeed")))
+    src = c["model"]["source"]
+    if src != "tiny" and (src.startswith(("/", "./", "../", "~")) or os.path.isdir(src)):
+        paths.append(("model.source", os.path.expanduser(src)))
+    for key, path in paths:
+        if path and not os.path.exists(path):
+            raise ConfigError(f"{key}: {path!r} does not exist")
+
+
 def validate_config(config: dict, schema_file: str | None = None, check_paths: bool = True) -> dict:
-    """Validate `config` in place (filling defaults); raise ConfigValidationError naming the key."""
+    """Validate `config` in place (filling defaults) and check it across keys; raise `ConfigError`."""
     errors = schema_errors(config, schema_file)
     if errors:
-        raise ConfigValidationError("invalid config:\n  " + "\n  ".join(errors))
-    from .plan import ConfigError, Plan
+        raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
     try:
-        Plan(config, check_paths=check_paths)  # cross-key checks (recipe names, required paths)
+        check_config(config, check_paths=check_paths)
     except ConfigError as e:
-        raise ConfigValidationError(f"invalid config:\n  {e}") from None
+        raise ConfigError(f"invalid config:\n  {e}") from None
     return config
+
+
+def default_config_path() -> str:
+    """The workflow's default config (config/config.yaml beside the schema's workflow/ folder)."""
+    return os.path.normpath(os.path.join(os.path.dirname(schema_path()), "..", "..", "config", "config.yaml"))
 
 
 def load_config(path: str, overrides: dict | None = None, check_paths: bool = True) -> dict:
     """Read a YAML config the way `snakemake --configfile path` does — merged over the workflow's default
     config/config.yaml — apply `overrides` (nested dict), validate and fill defaults."""
-    from .plan import deep_merge
-    default = os.path.join(os.path.dirname(os.path.dirname(schema_path())), "..", "config", "config.yaml")
-    default = os.path.normpath(default)
+    default = default_config_path()
     config = {}
     if os.path.isfile(default) and os.path.abspath(default) != os.path.abspath(path):
         with open(default) as f:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass, field
 
 
@@ -144,19 +145,46 @@ def load_karpathy(json_path: str, image_root: str | None = None, splits=None, on
     return out
 
 
-def load_records(d: dict, bad_log: BadInputLog | None = None) -> list[ImageRecord]:
-    """The images of a data spec {json, image_root, splits, on_bad_input, validated}.
+def load_records(d, bad_log: BadInputLog | None = None) -> list[ImageRecord]:
+    """All images of the splits of a data spec (a `cwdpo.specs.DataSpec`), whatever its `stage`.
 
     `validated` is the report of the `validate_data` rule, which checked every image once (file present,
     decodes, captions non-empty): with `on_bad_input: skip` the images it lists are left out here
     without checking the files again; with `error` that rule has already stopped the workflow.
     """
     excluded = set()
-    if d.get("validated") and os.path.isfile(d["validated"]):
-        excluded = {x["image_id"] for x in read_json(d["validated"]).get("items", []) if x.get("image_id")}
-    records = load_karpathy(d["json"], d.get("image_root"), d["splits"], on_bad_input=d.get("on_bad_input", "error"),
-                            bad_log=bad_log, check_files=not d.get("validated"))
+    if d.validated and os.path.isfile(d.validated):
+        excluded = {x["image_id"] for x in read_json(d.validated).get("items", []) if x.get("image_id")}
+    records = load_karpathy(d.json, d.image_root, d.splits, on_bad_input=d.on_bad_input, bad_log=bad_log,
+                            check_files=not d.validated)
     return [r for r in records if r.image_id not in excluded]
+
+
+def stage_records(records: list, d) -> list:
+    """The share of `records` the spec's `stage` takes (stage1 / stage2 of `stage_split`); all without one."""
+    if d.stage is None:
+        return records
+    first, second = stage_split(records, d.stage1_fraction)
+    return first if d.stage == "stage1" else second
+
+
+def validate_data(spec, out: str) -> list:
+    """`cwdpo validate-data` (a `ValidateSpec`): every image and caption checked once, before any training
+    job — file present, decodes, non-empty captions, required Karpathy fields. `error`: raises `DataError`
+    naming file and image; `skip`: writes them to the report. Returns the skipped items."""
+    bad = BadInputLog()
+    records = load_karpathy(spec.json, spec.image_root, None, on_bad_input=spec.on_bad_input, bad_log=bad,
+                            verify_images=True)
+    counts: dict = {}
+    for r in records:
+        counts[r.split] = counts.get(r.split, 0) + 1
+    write_json(out, {"json": spec.json, "on_bad_input": spec.on_bad_input, "images": counts, **bad.summary()})
+    return bad.skipped
+
+
+def caption_tokens(raw: str) -> list[str]:
+    """Karpathy-style tokens: lower-cased alphanumeric words (the Java-free tokenizer of every caption)."""
+    return re.findall(r"[a-z0-9]+", raw.lower())
 
 
 def iter_jsonl(path: str):
@@ -198,6 +226,15 @@ def stage_split(records: list, stage1_fraction: float, salt: str = "stage-split"
     n1 = int(round(stage1_fraction * len(ranked)))
     first = {r.image_id for r in ranked[:n1]}
     return [r for r in records if r.image_id in first], [r for r in records if r.image_id not in first]
+
+
+def write_trivial(spec, out: str) -> None:
+    """`cwdpo trivial` (a `TrivialSpec`): the most frequent training caption for every test image."""
+    caption = most_frequent_caption(load_records(spec.train))
+    test = load_records(spec.test)
+    write_json(out, {"captions": {r.image_id: caption for r in test},
+                     "references": {r.image_id: r.captions for r in test},
+                     "decoding": {"trivial": "most frequent training caption", "caption": caption}})
 
 
 def most_frequent_caption(records: list) -> str:

@@ -1,4 +1,4 @@
-"""Learning-dynamics and calibration measurements (PAPER.md § Measurements) — pure functions of logits.
+"""Learning-dynamics and calibration measurements (docs/method.md § Measurements) — pure functions of logits.
 
 All take next-token logits at teacher-forced response positions, shape [T, V] (T positions pooled over
 sequences), and return floats or small tensors:

@@ -39,16 +39,15 @@ def count_parameters(text: dict, vision: dict) -> dict:
     """Parameters of a Qwen2.5-VL model with these text/vision sizes, counted on the meta device."""
     import torch
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-    head_dim = text["hidden_size"] // text["num_attention_heads"]
-    half = head_dim // 2
-    t = half // 4
-    h = (half - t) // 2
+    from .models import mrope_section
     cfg = Qwen2_5_VLConfig(
         text_config=dict(vocab_size=text["vocab_size"], hidden_size=text["hidden_size"],
                          intermediate_size=text["intermediate_size"], num_hidden_layers=text["num_hidden_layers"],
                          num_attention_heads=text["num_attention_heads"],
                          num_key_value_heads=text["num_key_value_heads"],
-                         rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [t, h, half - t - h]},
+                         rope_parameters={"rope_type": "default", "rope_theta": 1e6,
+                                          "mrope_section": mrope_section(text["hidden_size"]
+                                                                         // text["num_attention_heads"])},
                          tie_word_embeddings=text["tie_word_embeddings"], bos_token_id=None, eos_token_id=None,
                          pad_token_id=None),
         vision_config=dict(vision, out_hidden_size=text["hidden_size"]),
@@ -65,13 +64,14 @@ def model_sizes(config: dict) -> dict:
     m = config["model"]
     src = m["source"]
     if src == "tiny":
+        from .models import TINY_WINDOW
         t = m["tiny"]
         text = dict(hidden_size=t["hidden_size"], num_hidden_layers=t["num_hidden_layers"],
                     num_attention_heads=t["num_attention_heads"], num_key_value_heads=t["num_key_value_heads"],
                     intermediate_size=t["intermediate_size"], vocab_size=t["vocab_size"], tie_word_embeddings=True)
         vision = dict(depth=t["vision_depth"], hidden_size=t["vision_hidden_size"],
                       intermediate_size=t["vision_intermediate_size"], num_heads=t["vision_num_heads"], patch_size=14,
-                      spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                      spatial_merge_size=2, temporal_patch_size=2, window_size=TINY_WINDOW,
                       fullatt_block_indexes=list(range(t["vision_depth"])))
         return {**count_parameters(text, vision), "source": "config model.tiny (vocab_size as requested; the trained "
                                                             "tokenizer may be smaller)"}
@@ -132,8 +132,10 @@ def dataset_stats(config: dict, image_hw=None) -> dict:
 
 def estimate(config: dict, mfu: float = 0.40, peak_flops: float = H100_BF16_DENSE, image_hw=None) -> dict:
     """Tokens, FLOPs and GPU-hours of every rule of the DAG of `config` (a validated config dict)."""
+    from .config import stage1_recipe, stage2_recipe
+    from .paths import ModelKey
     from .plan import Plan
-    plan = Plan(config, check_paths=False)
+    plan = Plan(config)
     params = model_sizes(config)
     n = params["total"]
     m = config["model"]
@@ -160,24 +162,23 @@ def estimate(config: dict, mfu: float = 0.40, peak_flops: float = H100_BF16_DENS
 
     def examples(hp):
         gpus = max(1, plan.gpus("train"))
-        return int(hp["steps"]) * int(hp["batch_size"]) * int(hp.get("grad_accum", 1)) * gpus
+        return int(hp["steps"]) * int(hp["batch_size"]) * int(hp["grad_accum"]) * gpus
 
     keys = plan.eval_keys()
-    stage1_runs = sorted({(k.split("/")[1], k.split("/")[2]) for k in keys if k.startswith("stage1/")} |
-                         {(k.split("/")[1], k.split("/")[2]) for k in keys if k.startswith("stage2/")
-                          and k.split("/")[1] != "base"})
-    stage2_runs = sorted({tuple(k.split("/")[1:]) for k in keys if k.startswith("stage2/")})
+    parsed = [ModelKey.parse(k) for k in keys]
+    stage1_runs = sorted({(k.stage1, k.seed) for k in parsed if k.kind != "base" and k.stage1 != "base"})
+    stage2_runs = sorted({(k.stage1, k.seed, k.stage2) for k in parsed if k.kind == "stage2"})
     starts = sorted({(s1, s) for s1, s, _ in stage2_runs})
-    negsets = sorted({(s1, s, plan.stage2_recipe(s2)["negatives"]) for s1, s, s2 in stage2_runs})
+    negsets = sorted({(s1, s, plan.stage2_negset(s2)) for s1, s, s2 in stage2_runs})
 
     if plan.tiny and config["pretrain"]["enabled"]:
         hp = config["pretrain"]
         add("pretrain", 1, hp["steps"] * hp["batch_size"] * (prefix + cap_tokens), 6 * n, "full finetune, 6N/token")
     for recipe in sorted({s1 for s1, _ in stage1_runs}):
-        r = {**config["stage1"]["defaults"], **config["stage1"]["recipes"][recipe]}
+        r = stage1_recipe(config, recipe)
         jobs = sum(1 for s1, _ in stage1_runs if s1 == recipe)
         if r["method"] == "sft_c":
-            frac = float(r.get("penalty_fraction", 1.0))
+            frac = float(r["penalty_fraction"])
             per = prefix + (1 + frac) * cap_tokens if shared else (1 + frac) * (prefix + cap_tokens)
         else:
             per = prefix + cap_tokens
@@ -187,11 +188,12 @@ def estimate(config: dict, mfu: float = 0.40, peak_flops: float = H100_BF16_DENS
     sampled = [(s1, s) for s1, s in starts if any(plan.needs_onpolicy(ns) for a, b, ns in negsets if (a, b) == (s1, s))]
     if o["enabled"] and sampled:
         per = (n_stage2_images + n_probe) * (prefix + o["k"] * cap_tokens)
-        add("sample_onpolicy", len(sampled), per, 2 * n, f"prefill + {o['k']} samples of ~{cap_tokens:.0f} tokens, 2N/token")
+        add("sample_onpolicy", len(sampled), per, 2 * n,
+            f"prefill + {o['k']} samples of ~{cap_tokens:.0f} tokens, 2N/token")
     pairs = n_stage2_images * config["negatives"]["pairs_per_image"]
     add("ref_logps", len(negsets), pairs * 2 * (prefix + cap_tokens), 2 * n, "forward only, chosen + rejected rows")
     for s2 in sorted({s2 for _, _, s2 in stage2_runs}):
-        r = plan.stage2_recipe(s2)
+        r = stage2_recipe(config, s2)
         jobs = sum(1 for _, _, x in stage2_runs if x == s2)
         per = prefix + 2 * cap_tokens if shared else 2 * (prefix + cap_tokens)
         add(f"stage2 ({s2})", jobs, examples(r) * per, train_mult * n, f"{'LoRA 4N' if lora else '6N'}/token")
@@ -202,7 +204,8 @@ def estimate(config: dict, mfu: float = 0.40, peak_flops: float = H100_BF16_DENS
     per_eval = n_test * (2 * prefix + beams * cap_tokens) + 2 * n_test * (prefix + cap_tokens) + \
         heldout * 2 * (prefix + cap_tokens)
     add("evaluate", len(keys), per_eval, 2 * n,
-        f"beam {e['num_beams']} + top-{e['topk_beams']} beams, teacher-forced test (policy + reference), held-out pairs")
+        f"beam {e['num_beams']} + top-{e['topk_beams']} beams, teacher-forced test (policy + reference), "
+        "held-out pairs")
     total = {k: sum(r[k] for r in rows) for k in ("jobs", "tokens", "flops", "gpu_hours")}
     return {"experiment": config["experiment"], "parameters": params, "lora": lora, "image_tokens": img_tok,
             "prefix_tokens": prefix, "caption_tokens": cap_tokens, "dataset": ds, "mfu": mfu, "peak_flops": peak_flops,
@@ -214,7 +217,8 @@ def render(est: dict) -> str:
     p = est["parameters"]
     head = (f"cwdpo estimate — experiment {est['experiment']}: {p['total'] / 1e9:.3f} B parameters "
             f"({p['vision'] / 1e6:.0f} M vision; {p['source']}), {'LoRA' if est['lora'] else 'full finetune'}; "
-            f"{est['image_tokens']} image tokens ({est['dataset']['image_hw'][0]}×{est['dataset']['image_hw'][1]} images), "
+            f"{est['image_tokens']} image tokens "
+            f"({est['dataset']['image_hw'][0]}×{est['dataset']['image_hw'][1]} images), "
             f"{est['prefix_tokens']} prefix + {est['caption_tokens']:.1f} caption tokens per sequence; "
             f"MFU {est['mfu']:.0%} of {est['peak_flops'] / 1e12:.0f} TFLOP/s; data: {est['dataset']['source']}")
     body = [[r["rule"], r["jobs"], f"{r['tokens']:.3g}", f"{r['flops']:.3g}", f"{r['gpu_hours']:.4g}", r["note"]]

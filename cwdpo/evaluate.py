@@ -1,65 +1,15 @@
-"""Caption generation (batched HF `generate`, beam search) and the evaluation summaries of a run.
+"""Evaluation of one model (`cwdpo evaluate`): beam-search captions of the test split and of every
+evaluation set, multiple-choice accuracy, and the teacher-forced measures (held-out pairs; entropy,
+top-1 mass, ECE, Brier, TV/JS to the reference on the test split) — docs/method.md § Measurements.
 
-Scoring itself (pycocoevalcap) lives in `cwdpo.metrics`, which needs no torch.
+Scoring the captions (pycocoevalcap) lives in `cwdpo.metrics`, which needs no torch.
 """
 from __future__ import annotations
 
 import torch
-from tqdm import tqdm
-
-from .logprobs import Encoder
-
-
-def prompt_batch(encoder: Encoder, images: list) -> dict:
-    """Left-padded generation inputs (input_ids, attention_mask, mm_token_type_ids, pixel_values, grid)."""
-    pixel_values, grids = encoder.encode_images(images)
-    prompts = [encoder.prompt_ids(g)[0] for g in grids]
-    length = max(len(p) for p in prompts)
-    n = len(prompts)
-    input_ids = torch.full((n, length), encoder.pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((n, length), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        input_ids[i, length - len(p):] = torch.tensor(p)
-        attention_mask[i, length - len(p):] = 1
-    mm = (input_ids == encoder.image_token_id).to(torch.int32)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "mm_token_type_ids": mm,
-            "pixel_values": pixel_values, "image_grid_thw": grids}
-
-
-def decode(encoder: Encoder, sequences: torch.Tensor, prompt_len: int) -> list:
-    texts = encoder.tokenizer.batch_decode(sequences[:, prompt_len:], skip_special_tokens=True)
-    return [" ".join(t.split()) for t in texts]
-
-
-@torch.no_grad()
-def generate_captions(model, encoder: Encoder, image_paths: list, *, num_beams: int = 3, num_return: int = 1,
-                      max_new_tokens: int = 40, batch_size: int = 64, do_sample: bool = False,
-                      temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None,
-                      desc: str = "generate") -> list:
-    """Captions for `image_paths`: a list (one per image) of `num_return` strings, best first.
-
-    Beam search (`num_beams`, no sampling) by default; with `do_sample` the `num_return` samples use
-    temperature/top-p and the generator is seeded per batch from `seed` (reproducible on CPU).
-    """
-    model.eval()
-    out = []
-    for s in tqdm(range(0, len(image_paths), batch_size), desc=desc, mininterval=2.0):
-        chunk = image_paths[s:s + batch_size]
-        inputs = prompt_batch(encoder, chunk)
-        inputs = {k: v.to(model.device) for k, v in inputs.items()}
-        kwargs = dict(max_new_tokens=max_new_tokens, num_return_sequences=num_return,
-                      eos_token_id=encoder.eos_id, pad_token_id=encoder.pad_id)
-        if do_sample:
-            if seed is not None:
-                torch.manual_seed(int(seed) * 100_003 + s)
-            kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, num_beams=1)
-        else:
-            kwargs.update(do_sample=False, num_beams=max(num_beams, num_return))
-        seqs = model.generate(**inputs, **kwargs)
-        texts = decode(encoder, seqs, inputs["input_ids"].shape[1])
-        for i in range(len(chunk)):
-            out.append(texts[i * num_return:(i + 1) * num_return])
-    return out
+from .data import load_records, read_json, write_json
+from .generation import generate_captions
+from .logprobs import Collator, Encoder, SeqBatch, completion_logps
 
 
 @torch.no_grad()
@@ -70,15 +20,12 @@ def pair_measures(model, encoder: Encoder, pairs: list, *, l_floor: float, tau: 
     above the negative); w_c = mean σ((ℓ̄(y_l|x) − ℓ_floor)/τ), the cooling weight CW-DPO would give these
     negatives; avg_logp_chosen/rejected = mean token-mean log-probs ℓ̄. Also per-source breakdowns.
     """
-    from .logprobs import completion_logps
-    from .logprobs import Collator
     model.eval()
     collate = Collator(encoder, "pair")
     sums_c, sums_r, means_c, means_r, sources = [], [], [], [], []
     for s in range(0, len(pairs), batch_size):
         chunk = pairs[s:s + batch_size]
         items = [{**p, "pair_index": i} for i, p in enumerate(chunk)]
-        from .logprobs import SeqBatch
         b = SeqBatch.from_dict(collate(items)["batch"]).to(model.device)
         out = completion_logps(model, b, encoder.image_token_id)
         n = len(chunk)
@@ -104,7 +51,7 @@ def pair_measures(model, encoder: Encoder, pairs: list, *, l_floor: float, tau: 
 @torch.no_grad()
 def test_measures(model, encoder: Encoder, records: list, *, ref_model=None, n_bins: int = 15,
                   batch_size: int = 32) -> dict:
-    """Teacher-forced measures on the first reference caption of every test image (PAPER.md § Measurements).
+    """Teacher-forced measures on the first reference caption of every test image (docs/method.md § Measurements).
 
     Entropy, top-1 mass, token-level ECE (`n_bins` equal-width bins; confidence = top-1 prob, correct =
     top-1 is the reference token) and Brier; with `ref_model`, TV and JS between the model's and the
@@ -113,7 +60,6 @@ def test_measures(model, encoder: Encoder, records: list, *, ref_model=None, n_b
     per-position confidence/correctness.
     """
     from .dynamics import brier, ece, per_position, reliability_bins
-    from .logprobs import completion_logps
     model.eval()
     keys = ["entropy", "top1", "conf", "correct"] + (["tv", "js"] if ref_model is not None else [])
     pooled = {k: [] for k in keys}
@@ -152,3 +98,53 @@ def test_measures(model, encoder: Encoder, records: list, *, ref_model=None, n_b
         result["tv"] = float(cat["tv"].mean())
         result["js"] = float(cat["js"].mean())
     return result
+
+
+def caption_doc(model, encoder: Encoder, records: list, spec, desc: str = "generate") -> dict:
+    """Beam-search captions (the spec's beam size) of `records` with their references, for `cwdpo score`."""
+    caps = generate_captions(model, encoder, [r.path for r in records], num_beams=spec.num_beams,
+                             max_new_tokens=spec.max_new_tokens, batch_size=spec.batch_size, desc=desc)
+    return {"captions": {r.image_id: c[0] for r, c in zip(records, caps)},
+            "references": {r.image_id: r.captions for r in records},
+            "decoding": {"num_beams": spec.num_beams, "max_new_tokens": spec.max_new_tokens}}
+
+
+def run(spec, captions_out: str, measures_out: str, threads: int = 0) -> None:
+    """Evaluate `spec.model` (an `EvalSpec`): captions of the test split (and its top-k beams), of every
+    evaluation set and the MCQ sets, then the teacher-forced measures; writes `captions_out`, each set's
+    `out`, and `measures_out`."""
+    from .models import load_for_inference, set_threads
+    from .negatives import read_pairs
+    set_threads(threads)
+    records = load_records(spec.data)
+    model, processor = load_for_inference(spec.model, spec.vlm)
+    encoder = Encoder(processor, spec.vlm.prompt, spec.vlm.max_response_tokens,
+                      pixel_cache_mb=spec.pixel_cache_mb)  # test images: 3 passes
+    doc = caption_doc(model, encoder, records, spec)
+    if spec.topk_beams > 1:  # the "top-5 beams" of Figure F-stage1: all k beams of a size-k search
+        k = spec.topk_beams
+        beams = generate_captions(model, encoder, [r.path for r in records], num_beams=k, num_return=k,
+                                  max_new_tokens=spec.max_new_tokens, batch_size=max(1, spec.batch_size // k),
+                                  desc=f"top-{k} beams")
+        doc["beams"] = {r.image_id: b for r, b in zip(records, beams)}
+    write_json(captions_out, doc)
+    for es in spec.eval_sets:  # Flickr30k / NoCaps / shapes OOD: captions with the loaded model
+        recs = load_records(es.data)
+        set_doc = caption_doc(model, encoder, recs, spec, desc=f"generate {es.name}")
+        if es.domains:
+            set_doc["domains"] = {r.image_id: r.domain for r in recs}
+        write_json(es.out, set_doc)
+    for m in spec.mcq_sets:  # multiple-choice VQA accuracy with the loaded model
+        from .mcq import evaluate_set
+        write_json(m.out, evaluate_set(model, processor, m, on_bad_input=spec.data.on_bad_input), indent=None)
+    l_floor = spec.l_floor
+    if spec.run_metrics:  # a Stage-2 run's own (resolved) floor
+        l_floor = read_json(spec.run_metrics)["l_floor"]
+    measures = {"heldout": pair_measures(model, encoder, read_pairs(spec.heldout_pairs, spec.vlm.prompt),
+                                         l_floor=float(l_floor), tau=float(spec.tau),
+                                         batch_size=spec.forward_batch_size)}
+    ref_model = load_for_inference(spec.reference, spec.vlm, processor=False)[0] if spec.reference else None
+    measures["test"] = test_measures(model, encoder, records, ref_model=ref_model, n_bins=spec.n_bins,
+                                     batch_size=spec.forward_batch_size)
+    measures["test"]["reference"] = spec.reference
+    write_json(measures_out, measures, indent=None)

@@ -188,7 +188,8 @@ def fig_calibration(series: dict, out_stem: str):
                    label="accuracy per bin")
             ax.plot(conf_sum[has] / counts[has], acc_sum[has] / counts[has], "k.", ms=3, label="(mean conf., acc.)")
             eces = [d["ece"] for d in docs]
-            ax.set_title(f"{name}: ECE {np.mean(eces):.3f}" + (f" ± {np.std(eces, ddof=1):.3f}" if len(eces) > 1 else ""))
+            spread = f" ± {np.std(eces, ddof=1):.3f}" if len(eces) > 1 else ""
+            ax.set_title(f"{name}: ECE {np.mean(eces):.3f}{spread}")
         else:
             ax.set_title(f"{name}: n/a")
         ax.set_xlim(0, 1)
@@ -220,8 +221,53 @@ def write_figure(spec: dict, out_stem: str):
         for r in spec["rows"]:
             floors = [read_json(p).get("l_floor") for p in r["metrics"] if os.path.isfile(p)]
             rows.append({**r, "l_floor": float(np.mean(floors)) if floors else None})
-        fig_floor(rows, out_stem, spec.get("scale", 100.0))
+        fig_floor(rows, out_stem, spec["scale"])
     elif kind == "calibration":
         fig_calibration(spec["series"], out_stem)
     else:
         raise ValueError(f"unknown figure {kind!r}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# figure specs (built from the plan at workflow parse time; no torch)
+
+def _series_keys(plan, series: dict) -> list:
+    """[(label, model keys)] in config order (a list: JSON specs sort dict keys, colours follow order)."""
+    return [(label, plan.row_keys({"name": label, **sel})) for label, sel in series.items()]
+
+
+def figure_spec(plan, name: str) -> dict:
+    """The spec of `cwdpo figure` for figure `name` of the config."""
+    from .report import table_rows
+    f = plan.enabled_figures()[name]
+    spec = {"kind": name, "scale": plan.c["evaluate"]["scale"]}
+    if name in ("stage1", "squeeze"):
+        spec["series"] = [[label, [plan.run_file(k, "probes") for k in keys if plan.run_file(k)]]
+                          for label, keys in _series_keys(plan, f["series"])]
+        if name == "stage1" and "SPICE" not in plan.c["evaluate"]["metrics"]:
+            spec["spice_reason"] = "SPICE is not in evaluate.metrics"
+        elif name == "stage1":
+            spec["spice_reason"] = ("SPICE over training steps is not probed (it runs a Java parser per "
+                                    "call); the final top-5 SPICE is in scores.json when available")
+    elif name == "calibration":
+        spec["series"] = [[label, [plan.path("measures", key=k) for k in keys]]
+                          for label, keys in _series_keys(plan, f["series"])]
+    elif name == "floor":
+        spec["rows"] = []
+        for row in table_rows(plan, plan.c["tables"][f["table"]]):
+            keys = row["keys"]
+            runs = [k for k in keys if plan.run_file(k)]
+            spec["rows"].append({"name": row["name"], "scores": [plan.path("scores", key=k) for k in keys],
+                                 "measures": [plan.path("measures", key=k) for k in keys],
+                                 "probes": [plan.run_file(k, "probes") for k in runs],
+                                 "metrics": [plan.run_file(k, "metrics") for k in runs]})
+    return spec
+
+
+def figure_inputs(plan, name: str) -> list:
+    """Every file the figure reads (its rule's inputs)."""
+    spec = figure_spec(plan, name)
+    files = [p for _, paths in spec.get("series", []) for p in paths]
+    for r in spec.get("rows", []):
+        files += r["scores"] + r["measures"] + r["probes"] + r["metrics"]
+    return sorted(set(files))

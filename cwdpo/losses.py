@@ -1,6 +1,6 @@
 """The training objectives of "Learning Dynamics of VLM Finetuning" (arXiv 2510.11978) — pure torch, no I/O.
 
-Notation (PAPER.md): for a pair (x, y_w, y_l), log π(y|x) is the *summed* response log-prob,
+Notation (docs/method.md): for a pair (x, y_w, y_l), log π(y|x) is the *summed* response log-prob,
 Δ_w = log π_θ(y_w|x) − log π_ref(y_w|x), Δ_l likewise for the loser y_l, and ℓ̄_θ(y|x) the *token-mean*
 log-prob. Every DPO-family function takes per-example tensors of shape [B] and returns
 `(losses [B], info)`, where `info` holds detached diagnostics (rewards βΔ, margins, accuracies, ...).

@@ -6,7 +6,7 @@
   σ = 6, n = 1..4, ×10) — the formula pycocoevalcap reports as "CIDEr" — with document frequencies taken
   from a *fixed reference corpus*. With the corpus = the evaluated set it equals pycocoevalcap's `Cider`
   exactly; with the whole reference corpus it gives a caption the same score alone or in a batch
-  (needed to rank on-policy samples, PAPER.md § Negatives).
+  (needed to rank on-policy samples, docs/method.md § Negatives).
 - SPICE needs Stanford CoreNLP 3.6.0 jars that pycocoevalcap downloads on first use; when they are
   absent (no network) SPICE is reported as `None` with the reason — never a made-up number.
 
@@ -23,9 +23,15 @@ from collections import defaultdict
 
 import numpy as np
 
+from .data import caption_tokens, read_json, write_json
+
 PUNCTUATIONS = {"''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-", ".", "?", "!", ",", ":", "-", "--",
                 "...", ";"}
 METRIC_NAMES = ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "SPICE")
+# Metrics whose corpus value is the mean of the per-image values: a bootstrap over images resamples that
+# same statistic. BLEU-4 and METEOR are corpus-level (pooled n-gram / alignment statistics): no per-image
+# bootstrap for them (their single-seed cells get no interval).
+MEAN_OF_IMAGES = ("ROUGE-L", "CIDEr", "SPICE")
 
 
 def _pkg_dir() -> str:
@@ -65,9 +71,8 @@ def ptb_tokenize(captions: dict) -> dict:
 
 
 def simple_tokenize(text: str) -> str:
-    """Java-free tokenization for cheap scoring (on-policy ranking): lower case, punctuation stripped."""
-    import re
-    return " ".join(re.findall(r"[a-z0-9]+", text.lower()))
+    """Java-free tokenization for cheap scoring (on-policy ranking): the caption's Karpathy tokens joined."""
+    return " ".join(caption_tokens(text))
 
 
 def _ngrams(sentence: str, n: int = 4) -> dict:
@@ -153,6 +158,11 @@ class CiderD:
         return np.array([self.score_one(c, r) for c, r in zip(candidates, refs)], dtype=np.float64)
 
 
+def corpus_scorer(corpus_records: list) -> CiderD:
+    """CIDEr-D with document frequencies from the references of `corpus_records` (Java-free tokenizer)."""
+    return CiderD([[simple_tokenize(c) for c in r.captions] for r in corpus_records])
+
+
 _CIDER_BY_REFS: dict = {}
 
 
@@ -185,6 +195,17 @@ def java_major() -> int:
         return int(v.split(".")[1]) if v.startswith("1.") else int(v.split(".")[0])
     except Exception:
         return 0
+
+
+def spice_or_reason(compute):
+    """(compute(), None) when SPICE can run and succeeds, else (None, the reason it is n/a)."""
+    ok, reason = spice_status()
+    if not ok:
+        return None, reason
+    try:
+        return compute(), None
+    except (subprocess.CalledProcessError, OSError, ValueError) as e:
+        return None, f"spice-1.0.jar failed: {e}"
 
 
 def run_spice(gts_tok: dict, res_tok: dict) -> tuple[float, dict]:
@@ -329,16 +350,11 @@ def score_captions(gts: dict, res: dict, metrics=METRIC_NAMES, tokenize: bool = 
         corpus["CIDEr"] = float(scores.mean())
         per["CIDEr"] = {str(k): float(s) for k, s in zip(ids, scores)}
     if "SPICE" in metrics:
-        ok, reason = spice_status()
-        if ok:
-            try:
-                corpus["SPICE"], spice_per = run_spice(g, r)
-                per["SPICE"] = {str(k): v for k, v in spice_per.items()}
-            except (subprocess.CalledProcessError, OSError, ValueError) as e:
-                corpus["SPICE"], na["SPICE"] = None, f"spice-1.0.jar failed: {e}"
-        else:
-            corpus["SPICE"], na["SPICE"] = None, reason
-    return {"corpus": corpus, "per_image": per, "na_reasons": na}
+        scored, na["SPICE"] = spice_or_reason(lambda: run_spice(g, r))
+        corpus["SPICE"] = scored[0] if scored else None
+        if scored:
+            per["SPICE"] = {str(k): v for k, v in scored[1].items()}
+    return {"corpus": corpus, "per_image": per, "na_reasons": {k: v for k, v in na.items() if v}}
 
 
 def score_caption_sets(sets: list, metrics=METRIC_NAMES, meteor: MeteorPool | None = None) -> list:
@@ -376,13 +392,41 @@ def score_beams(gts: dict, beams: dict, metrics=("CIDEr", "SPICE")) -> dict:
         per = [float(scorer.score(tok[f"b{i}"], [g[i]] * k).mean()) for i in ids]
         corpus["CIDEr"] = float(np.mean(per))
     if "SPICE" in metrics:
-        ok, reason = spice_status()
-        if ok:
-            try:
-                vals = [run_spice(g, {i: [tok[f"b{i}"][j]] for i in ids})[0] for j in range(k)]
-                corpus["SPICE"] = float(np.mean(vals))
-            except (subprocess.CalledProcessError, OSError, ValueError) as e:
-                corpus["SPICE"], na["SPICE"] = None, f"spice-1.0.jar failed: {e}"
+        vals, na["SPICE"] = spice_or_reason(lambda: [run_spice(g, {i: [tok[f"b{i}"][j]] for i in ids})[0]
+                                                     for j in range(k)])
+        corpus["SPICE"] = float(np.mean(vals)) if vals else None
+    return {"corpus": corpus, "na_reasons": {m: v for m, v in na.items() if v}}
+
+
+def score_files(caption_paths: list, out_paths: list, metrics=METRIC_NAMES) -> None:
+    """`cwdpo score`: every caption file (captions, references, optional beams and per-image domains)
+    scored into its scores file. One PTB-tokenizer JVM for every caption of every file, one METEOR JVM;
+    a file with domains (NoCaps) is also scored per domain, each domain with its own document frequencies."""
+    import sys
+    if len(caption_paths) != len(out_paths):
+        raise ValueError("give one scores path per captions file")
+    docs = [read_json(p) for p in caption_paths]
+    ptb_tokenize({f"{n}:{kind}:{k}": v if isinstance(v, list) else [v]
+                  for n, doc in enumerate(docs) for kind in ("references", "captions", "beams")
+                  for k, v in (doc.get(kind) or {}).items()})
+    sets, where = [], []  # every file, and for NoCaps-style files every domain on its own (its own df)
+    for n, doc in enumerate(docs):
+        sets.append((doc["references"], doc["captions"]))
+        where.append((n, None))
+        for d in sorted(set((doc.get("domains") or {}).values())):
+            ids = [i for i, dom in doc["domains"].items() if dom == d]
+            sets.append(({i: doc["references"][i] for i in ids}, {i: doc["captions"][i] for i in ids}))
+            where.append((n, d))
+    results = [{} for _ in docs]
+    for (n, domain), scored in zip(where, score_caption_sets(sets, metrics, meteor=MeteorPool())):
+        if domain is None:
+            results[n] = scored
         else:
-            corpus["SPICE"], na["SPICE"] = None, reason
-    return {"corpus": corpus, "na_reasons": na}
+            results[n].setdefault("domains", {})[domain] = scored
+    for cap_path, out_path, doc, result in zip(caption_paths, out_paths, docs, results):
+        if doc.get("beams"):
+            result["beams"] = score_beams(doc["references"], doc["beams"],
+                                          [m for m in ("CIDEr", "SPICE") if m in metrics])
+        for metric, reason in result["na_reasons"].items():
+            print(f"[cwdpo score] {cap_path}: {metric} = n/a ({reason})", file=sys.stderr)
+        write_json(out_path, result)

@@ -32,6 +32,8 @@ TINY_CHAT_TEMPLATE = (
 )
 
 _SHIM_REGISTERED = False
+# the tiny vision tower attends over windows of 112 px, i.e. one window per 112 x 112 image
+TINY_WINDOW = 112
 
 
 def has_torchvision() -> bool:
@@ -158,6 +160,21 @@ def load_model(path: str, *, base: str | None = None, dtype: str = "float32", tr
     return model
 
 
+def load_for_inference(path: str, vlm, processor: bool = True):
+    """(model, processor) of a model folder or hub id for inference (frozen, eval mode), with the prompt
+    and image settings of `vlm` (a `cwdpo.specs.Vlm`); processor None when `processor` is False."""
+    proc = load_processor(path, vlm.min_pixels, vlm.max_pixels, vlm.trust_remote_code) if processor else None
+    model = load_model(path, base=vlm.base, dtype=vlm.dtype, trust_remote_code=vlm.trust_remote_code)
+    return model, proc
+
+
+def set_threads(n: int) -> None:
+    """torch's CPU threads (the rule's `threads`); 0 keeps torch's default."""
+    if n and n > 0:
+        import torch
+        torch.set_num_threads(int(n))
+
+
 def unwrap(model):
     """The `...ForConditionalGeneration` module under peft / DeepSpeed / DDP wrappers."""
     m = model
@@ -180,6 +197,26 @@ def model_fingerprint(path: str) -> str:
                 for chunk in iter(lambda: f.read(1 << 20), b""):
                     h.update(chunk)
     return h.hexdigest()
+
+
+def mrope_section(head_dim: int) -> list:
+    """mRoPE sections (temporal, height, width) of a head: they sum to head_dim / 2, split 1/4, 3/8, 3/8 as
+    Qwen2.5-VL's [16, 24, 24] of 128."""
+    half = head_dim // 2
+    t = half // 4
+    h = (half - t) // 2
+    return [t, h, half - t - h]
+
+
+def build_base_init(spec, out_dir: str) -> dict:
+    """`cwdpo build-model`: the tiny model of `spec` (a `BuildModelSpec`) with its tokenizer trained on the
+    captions of `spec.data`; writes the folder and its build_info.json, returns the summary."""
+    from .data import load_records, write_json
+    corpus = [c for r in load_records(spec.data) for c in r.captions]
+    info = build_tiny(out_dir, corpus, {**spec.tiny, "min_pixels": spec.min_pixels, "max_pixels": spec.max_pixels},
+                      spec.prompt, seed=spec.seed)
+    write_json(os.path.join(out_dir, "build_info.json"), info)
+    return info
 
 
 def build_tiny(out_dir: str, corpus: list, spec: dict, prompt: str, seed: int = 0) -> dict:
@@ -213,26 +250,21 @@ def build_tiny(out_dir: str, corpus: list, spec: dict, prompt: str, seed: int = 
                                   chat_template=TINY_CHAT_TEMPLATE)
 
     hidden, heads = int(spec["hidden_size"]), int(spec["num_attention_heads"])
-    head_dim = hidden // heads
-    half = head_dim // 2
-    # mRoPE sections (temporal, height, width) must sum to head_dim / 2; Qwen2.5-VL uses [16, 24, 24] of 64.
-    t_sec = half // 4
-    h_sec = (half - t_sec) // 2
-    mrope = [t_sec, h_sec, half - t_sec - h_sec]
+    mrope = mrope_section(hidden // heads)
     vdepth = int(spec["vision_depth"])
     config = Qwen2_5_VLConfig(
         text_config=dict(
             vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=int(spec["intermediate_size"]),
             num_hidden_layers=int(spec["num_hidden_layers"]), num_attention_heads=heads,
             num_key_value_heads=int(spec["num_key_value_heads"]), max_position_embeddings=4096,
-            rope_parameters={"rope_type": "default", "rope_theta": float(spec.get("rope_theta", 1e4)),
+            rope_parameters={"rope_type": "default", "rope_theta": float(spec["rope_theta"]),
                              "mrope_section": mrope},
             bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
             tie_word_embeddings=True),
         vision_config=dict(
             depth=vdepth, hidden_size=int(spec["vision_hidden_size"]),
             intermediate_size=int(spec["vision_intermediate_size"]), num_heads=int(spec["vision_num_heads"]),
-            patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=int(spec.get("window_size", 112)),
+            patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=TINY_WINDOW,
             out_hidden_size=hidden, fullatt_block_indexes=list(range(vdepth))),
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],

@@ -1,4 +1,4 @@
-"""Negatives (PAPER.md § Negatives) and the preference-pairs file of Stage 2.
+"""Negatives (docs/method.md § Negatives) and the preference-pairs file of Stage 2.
 
 - gentle: a minimally perturbed positive. `shapes`: exactly one attribute of the image's attribute
   record changed (an object's colour, shape or size, the object count, or the relation/location) and the
@@ -19,6 +19,7 @@ conversational) plus `image_id`, `source` (gentle|easy|external|onpolicy), `kind
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import random
@@ -28,6 +29,8 @@ from . import shapes as S
 from .data import DataError
 
 SOURCES = ("gentle", "easy", "external", "onpolicy")
+SHAPES_KINDS = ("colour", "shape", "size", "count", "relation")  # gentle changes of an attribute record
+LEXICON_KINDS = ("colour", "number", "preposition", "noun")  # gentle changes of a real caption
 _LEXICON = None
 
 
@@ -171,13 +174,11 @@ def gentle_lexicon(caption: str, rng: random.Random, kinds) -> dict | None:
 def gentle_negative(rec, caption_index: int, rng: random.Random, kinds, heldout=()) -> dict | None:
     """Attribute-based for `shapes` images (they carry an attribute record), lexicon-based otherwise."""
     if rec.attributes is not None:
-        neg = gentle_shapes(rec, caption_index, rng, [k for k in kinds if k in ("colour", "shape", "size",
-                                                                               "count", "relation")], heldout)
+        neg = gentle_shapes(rec, caption_index, rng, [k for k in kinds if k in SHAPES_KINDS], heldout)
         if neg is not None:
             return neg
-    neg = gentle_lexicon(rec.captions[caption_index], rng, [k for k in kinds if k in ("colour", "number",
-                                                                                       "preposition", "noun")]
-                         or ["colour", "number", "preposition", "noun"])
+    neg = gentle_lexicon(rec.captions[caption_index], rng, [k for k in kinds if k in LEXICON_KINDS]
+                         or list(LEXICON_KINDS))
     if neg is not None and neg["text"].lower() in {c.lower() for c in rec.captions}:
         return None
     return neg
@@ -214,7 +215,7 @@ def easy_negative(rec, caption_index: int, rng: random.Random, kinds, others: li
 # ---------------------------------------------------------------------------------------------------
 # the probe set of the learning-dynamics callback (cwdpo.probes)
 
-def build_probe_set(records: list, samples: dict, cfg: dict, seed: int = 0) -> list:
+def build_probe_set(records: list, samples: dict, cfg, seed: int = 0) -> list:
     """Rows {image, image_id, positive, gentle, easy, onpolicy} for the probe images.
 
     gentle/easy come from `gentle_negative` / `easy_negative` with a fixed seed per image; onpolicy is the
@@ -224,9 +225,8 @@ def build_probe_set(records: list, samples: dict, cfg: dict, seed: int = 0) -> l
     rows = []
     for rec in records:
         rng = random.Random(f"probe:{seed}:{rec.image_id}")
-        gentle = gentle_negative(rec, 0, rng, cfg.get("gentle_kinds", ["colour", "shape", "size", "count",
-                                                                      "relation"]), cfg.get("heldout", ()))
-        easy = easy_negative(rec, 0, rng, cfg.get("easy_kinds", ["other_image", "shuffled", "off_topic"]), records)
+        gentle = gentle_negative(rec, 0, rng, cfg.gentle_kinds, cfg.heldout)
+        easy = easy_negative(rec, 0, rng, cfg.easy_kinds, records)
         cands = [s for s in samples.get(rec.image_id, []) if s["text"].strip() and not s.get("is_reference")]
         onpolicy = min(cands, key=lambda s: (s["score"], s["text"]))["text"] if cands else None
         rows.append({"image": rec.path, "image_id": rec.image_id, "positive": rec.captions[0],
@@ -252,7 +252,8 @@ def read_external(path: str, known_ids=None, on_bad_input: str = "error", bad_lo
                 raise ValueError(f"not valid JSON ({obj.msg})")
             if not isinstance(obj, dict):
                 raise ValueError("line is not a JSON object")
-            if "image_id" not in obj or not isinstance(obj["image_id"], (str, int)) or isinstance(obj["image_id"], bool):
+            ident = obj.get("image_id")
+            if not isinstance(ident, (str, int)) or isinstance(ident, bool):
                 raise ValueError("missing or non-string/int 'image_id'")
             neg = obj.get("negative")
             if not isinstance(neg, str) or not neg.strip():
@@ -278,13 +279,11 @@ def read_external(path: str, known_ids=None, on_bad_input: str = "error", bad_lo
 # ---------------------------------------------------------------------------------------------------
 # Stage 1 (SFT-C) items
 
-def sft_c_items(records: list, cfg: dict, seed: int = 0, external: dict | None = None) -> list:
+def sft_c_items(records: list, cfg, seed: int = 0, external: dict | None = None) -> list:
     """(image, positive, negative) items for SFT-C: every reference caption with one gentle negative
     derived from it (or an external negative of the image when `external` has one). Captions without a
     possible negative are left out."""
-    kind = cfg.get("sft_c_kind", "gentle")
-    gentle_kinds = cfg.get("gentle_kinds", ["colour", "shape", "size", "count", "relation"])
-    easy_kinds = cfg.get("easy_kinds", ["other_image", "shuffled", "off_topic"])
+    kind = cfg.sft_c_kind
     items = []
     for rec in records:
         ext = (external or {}).get(rec.image_id, [])
@@ -293,9 +292,9 @@ def sft_c_items(records: list, cfg: dict, seed: int = 0, external: dict | None =
             if ext:
                 neg = ext[i % len(ext)]
             elif kind == "easy" or (kind == "mixed" and rng.random() < 0.5):
-                neg = easy_negative(rec, i, rng, easy_kinds, records)
+                neg = easy_negative(rec, i, rng, cfg.easy_kinds, records)
             else:
-                neg = gentle_negative(rec, i, rng, gentle_kinds, cfg.get("heldout", ()))
+                neg = gentle_negative(rec, i, rng, cfg.gentle_kinds, cfg.heldout)
             if neg is not None:
                 items.append({"image": rec.path, "positive": positive, "negative": neg["text"],
                               "image_id": rec.image_id, "source": neg["source"], "kind": neg["kind"]})
@@ -305,25 +304,22 @@ def sft_c_items(records: list, cfg: dict, seed: int = 0, external: dict | None =
 # ---------------------------------------------------------------------------------------------------
 # Stage 2 pairs: mixing dataset and on-policy negatives
 
-def dataset_negatives(rec, caption_index: int, rng: random.Random, cfg: dict, others: list,
+def dataset_negatives(rec, caption_index: int, rng: random.Random, cfg, others: list,
                       external: dict | None) -> dict | None:
     """One dataset negative for a positive: external (when the image has one), else easy with probability
     p_easy, else gentle (falling back to easy when no gentle change is possible)."""
     ext = (external or {}).get(rec.image_id)
     if ext:
         return dict(rng.choice(ext))
-    if rng.random() < float(cfg.get("p_easy", 0.5)):
-        return easy_negative(rec, caption_index, rng, cfg.get("easy_kinds", ["other_image", "shuffled", "off_topic"]),
-                             others)
-    neg = gentle_negative(rec, caption_index, rng, cfg.get("gentle_kinds", ["colour", "shape", "size", "count",
-                                                                           "relation"]), cfg.get("heldout", ()))
+    if rng.random() < float(cfg.p_easy):
+        return easy_negative(rec, caption_index, rng, cfg.easy_kinds, others)
+    neg = gentle_negative(rec, caption_index, rng, cfg.gentle_kinds, cfg.heldout)
     if neg is None:
-        neg = easy_negative(rec, caption_index, rng, cfg.get("easy_kinds", ["other_image", "shuffled", "off_topic"]),
-                            others)
+        neg = easy_negative(rec, caption_index, rng, cfg.easy_kinds, others)
     return neg
 
 
-def build_pairs(records: list, cfg: dict, rho: float, seed: int, onpolicy: dict | None = None,
+def build_pairs(records: list, cfg, rho: float, seed: int, onpolicy: dict | None = None,
                 external: dict | None = None, scorer=None, p_easy: float | None = None) -> tuple[list, dict]:
     """Stage-2 preference pairs for `records` with a fraction `rho` of dataset negatives.
 
@@ -332,10 +328,9 @@ def build_pairs(records: list, cfg: dict, rho: float, seed: int, onpolicy: dict 
     stays exactly round(ρ·N) (reported in the summary). Chosen = a reference caption of the image.
     `scorer(text, refs)` gives each negative's score (CIDEr-D, corpus df). Returns (pairs, summary).
     """
-    cfg = dict(cfg)
     if p_easy is not None:
-        cfg["p_easy"] = p_easy
-    per_image = int(cfg.get("pairs_per_image", 2))
+        cfg = dataclasses.replace(cfg, p_easy=p_easy)
+    per_image = int(cfg.pairs_per_image)
     target = per_image * len(records)
     pool = []
     for rec in records:
@@ -451,3 +446,57 @@ def read_pairs(path: str, expected_prompt: str | None = None) -> list:
                       "image_id": str(obj.get("image_id", "")), "source": obj.get("source"),
                       "kind": obj.get("kind"), "score": obj.get("score")})
     return items
+
+
+def read_samples(path: str) -> dict:
+    """{image_id: [kept samples]} from an on-policy samples JSONL."""
+    from .data import read_jsonl
+    return {str(obj["image_id"]): [s for s in obj["samples"] if s["kept"]] for obj in read_jsonl(path)}
+
+
+# ---------------------------------------------------------------------------------------------------
+# the commands
+
+def make_pairs(spec, onpolicy: str | None, out: str, summary_out: str) -> dict:
+    """`cwdpo make-pairs` (a `PairsSpec`): Stage-2 (or held-out) preference pairs of the spec's images —
+    a share ρ of dataset negatives among the on-policy samples of `onpolicy` — in TRL's format, and their
+    summary. Negatives are scored by CIDEr-D with the document frequencies of all the split's images."""
+    from .data import BadInputLog, DataError, load_records, stage_records, write_json
+    from .metrics import simple_tokenize
+    from .metrics import corpus_scorer
+    bad = BadInputLog()
+    corpus = load_records(spec.data, bad_log=bad)
+    records = stage_records(corpus, spec.data)
+    external = None
+    if spec.negatives.external:
+        external = read_external(spec.negatives.external, {r.image_id for r in corpus},
+                                 on_bad_input=spec.data.on_bad_input, bad_log=bad)
+    scorer = corpus_scorer(corpus)
+    pairs, summary = build_pairs(records, spec.negatives, spec.rho, spec.seed,
+                                 onpolicy=read_samples(onpolicy) if onpolicy else None, external=external,
+                                 p_easy=spec.p_easy,
+                                 scorer=lambda text, refs: scorer.score_one(simple_tokenize(text),
+                                                                            [simple_tokenize(r) for r in refs]))
+    if not pairs:
+        raise DataError(f"no pairs (rho={spec.rho}, on-policy pool {summary['onpolicy_pool']}); lower "
+                        "negatives.onpolicy.threshold or raise rho")
+    write_pairs(out, pairs, spec.prompt)
+    summary["bad_input"] = bad.summary()
+    write_json(summary_out, summary)
+    return summary
+
+
+def write_probe_set(spec, onpolicy: str | None, out: str) -> list:
+    """`cwdpo probe-set` (a `ProbeSetSpec`): the fixed probe set of the runs that start from one model —
+    probe images with their positive, gentle, easy and on-policy negatives (the model's lowest-scoring
+    sample of each probe image, from `onpolicy`)."""
+    from .data import iter_jsonl, load_records, write_text
+    records = load_records(spec.probe_data)[: spec.probe_images]
+    samples = {}
+    if onpolicy:
+        for _, _, obj in iter_jsonl(onpolicy):
+            if obj.get("split") == "probe":
+                samples[str(obj["image_id"])] = obj["samples"]
+    rows = build_probe_set(records, samples, spec.negatives, seed=spec.seed)
+    write_text(out, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+    return rows

@@ -2,7 +2,7 @@
 
 The probe set is fixed per run: held-out images (the `probe` split), each with its positive (first
 reference caption), a gentle and an easy dataset negative, and an on-policy negative sampled from the
-model the stage starts from. Every `interval` steps the callback records (PAPER.md § Measurements):
+model the stage starts from. Every `interval` steps the callback records (docs/method.md § Measurements):
 - Δlog p of each kind: ℓ̄_θt(y|x) − ℓ̄_θ0(y|x) (token-mean log-probs, θ0 = start of the stage);
 - on the positives' teacher-forced positions: entropy, top-1 mass, ECE (15 bins) and Brier, and TV / JS
   between π_θt and the reference π_θ0. The reference distributions come from the model itself at
@@ -45,7 +45,7 @@ class ProbeCallback(TrainerCallback):
         self.is_main = True  # under torchrun every rank measures (ZeRO-3 needs all of them), rank 0 writes
         self.scorer = None
         if self.val_records:
-            from .sampling import corpus_scorer
+            from .metrics import corpus_scorer
             self.scorer = corpus_scorer(self.val_records)
 
     # ---- measuring ----
@@ -71,7 +71,7 @@ class ProbeCallback(TrainerCallback):
         return means, torch.cat(logits), torch.cat(targets)
 
     def _val(self, model) -> dict:
-        from .evaluate import generate_captions
+        from .generation import generate_captions
         from .metrics import simple_tokenize
         paths = [r.path for r in self.val_records]
         refs = [[simple_tokenize(c) for c in r.captions] for r in self.val_records]

@@ -7,26 +7,23 @@ import torch
 
 from .data import file_sha256, read_json, write_json
 from .logprobs import Collator, Encoder, SeqBatch, completion_logps
-from .models import load_model, load_processor, model_fingerprint
+from .models import load_for_inference, model_fingerprint, set_threads
 
 
-def reference_logps(model_dir: str, pairs_path: str, out_path: str, *, base: str | None, dtype: str,
-                    prompt: str, min_pixels, max_pixels, max_response_tokens: int, batch_size: int = 32,
-                    trust_remote_code: bool = False) -> dict:
+def reference_logps(model_dir: str, pairs_path: str, out_path: str, vlm, batch_size: int = 32) -> dict:
     """Summed and token-mean log-probs of every pair's chosen and rejected response under the frozen
     reference (the Stage-1 model), computed once and cached in `out_path` (JSON, keyed by the reference
     model's weights hash and the pairs file hash). An existing cache with the same key is reused."""
-    key = {"model": model_fingerprint(model_dir), "pairs": file_sha256(pairs_path), "dtype": dtype,
-           "max_response_tokens": int(max_response_tokens)}
+    key = {"model": model_fingerprint(model_dir), "pairs": file_sha256(pairs_path), "dtype": vlm.dtype,
+           "max_response_tokens": int(vlm.max_response_tokens)}
     if os.path.exists(out_path):
         cached = read_json(out_path)
         if cached.get("key") == key:
             return cached
     from .negatives import read_pairs
-    pairs = read_pairs(pairs_path, prompt)
-    processor = load_processor(model_dir, min_pixels, max_pixels, trust_remote_code)
-    encoder = Encoder(processor, prompt, max_response_tokens)
-    model = load_model(model_dir, base=base, dtype=dtype, trust_remote_code=trust_remote_code)
+    pairs = read_pairs(pairs_path, vlm.prompt)
+    model, processor = load_for_inference(model_dir, vlm)
+    encoder = Encoder(processor, vlm.prompt, vlm.max_response_tokens)
     result = {k: [] for k in ("ref_chosen_logps", "ref_rejected_logps", "ref_chosen_avg", "ref_rejected_avg")}
     collate = Collator(encoder, "pair")
     from tqdm import tqdm
@@ -45,3 +42,7 @@ def reference_logps(model_dir: str, pairs_path: str, out_path: str, *, base: str
     return doc
 
 
+def run(spec, pairs: str, out: str, threads: int = 0) -> dict:
+    """`cwdpo ref-logps` (a `RefSpec`): the cached reference pass of one pairs file."""
+    set_threads(threads)
+    return reference_logps(spec.model, pairs, out, spec.vlm, batch_size=spec.batch_size)

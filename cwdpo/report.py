@@ -1,6 +1,6 @@
 """Comparison tables (tabulate: Markdown, CSV, LaTeX) and the paper-vs-reproduced table.
 
-A table spec (built by `cwdpo.plan.Plan.table_spec`) lists rows, each with the model keys of its seeds,
+A table spec (built by `table_spec` from the plan) lists rows, each with the model keys of its seeds,
 and the columns to show. Each cell is mean ± std over seeds with a 95% interval: a t-interval over
 seeds (≥ 2 seeds), else a bootstrap over test images of the one run. A value that cannot be computed
 prints `n/a` and its reason goes under the table — never a placeholder number, never a paper value.
@@ -19,15 +19,15 @@ import os
 import numpy as np
 
 from .data import read_json, write_text
-from .plan import MEAN_OF_IMAGES
+from .metrics import MEAN_OF_IMAGES, METRIC_NAMES
+from .paths import TRIVIAL
 from .stats import (convergence_step, difference_ci, ece_difference_ci, paired_bootstrap_ci, seed_ci, verdict,
                     win_rate)
 
-CAPTION_METRICS = ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "SPICE")
 # column name -> (file, json path, scaled by the caption scale, digits, per-image path or None)
 COLUMNS = {
     **{m: ("scores", ["corpus", m], True, 1, ["per_image", m] if m in MEAN_OF_IMAGES else None)
-       for m in CAPTION_METRICS},
+       for m in METRIC_NAMES},
     "top-5 CIDEr": ("scores", ["beams", "corpus", "CIDEr"], True, 1, None),
     "top-5 SPICE": ("scores", ["beams", "corpus", "SPICE"], True, 1, None),
     "ECE": ("measures", ["test", "ece"], False, 3, None),
@@ -52,14 +52,14 @@ def _lookup(doc, path):
 
 
 class RunData:
-    """Lazily loaded files of the evaluated runs: eval/<key>/{scores,measures}.json and probes.csv."""
+    """Lazily loaded files of the evaluated runs: their evaluation files (the spec's `files`: a template per
+    kind, `{key}` left in) and probes.csv."""
 
     def __init__(self, spec: dict):
         self.spec, self._cache = spec, {}
 
     def doc(self, key: str, kind: str):
-        path = os.path.join(self.spec["eval_root"], key, f"{kind}.json") if key != "trivial" \
-            else self.spec["trivial_scores"]
+        path = self.spec["files"][kind].format(key=key)
         if path not in self._cache:
             self._cache[path] = read_json(path) if os.path.isfile(path) else None
         return self._cache[path]
@@ -67,13 +67,14 @@ class RunData:
     def value(self, key: str, col: str):
         """(value, per-image values or None, n/a reason or None) of one run for one column."""
         file, path, scaled, _, per_path = COLUMNS.get(col) or self.spec["extra_columns"][col]
-        if key == "trivial" and file != "scores":
-            return None, None, NOT_A_MODEL if file == "measures" else "the trivial baseline is scored on the test split only"
+        if key == TRIVIAL and file != "scores":
+            why = NOT_A_MODEL if file == "measures" else "the trivial baseline is scored on the test split only"
+            return None, None, why
         doc = self.doc(key, file)
         if doc is None:
             return None, None, f"{file}.json missing for {key}"
         v = _lookup(doc, path)
-        scale = float(self.spec.get("scale", 100)) if scaled else 1.0
+        scale = float(self.spec["scale"]) if scaled else 1.0
         per = _lookup(doc, per_path) if per_path else None
         if isinstance(per, dict):
             per = [per[k] for k in sorted(per, key=str)]
@@ -97,8 +98,7 @@ class RunData:
         return [per[k] for k in sorted(per, key=str)] if per else None
 
     def convergence(self, key: str):
-        path = self.spec.get("run_dirs", {}).get(key)
-        probes = os.path.join(path, "probes.csv") if path else None
+        probes = self.spec["probes"].get(key)
         if not probes or not os.path.isfile(probes):
             return None, "no probes.csv with validation CIDEr-D for this run"
         with open(probes) as f:
@@ -139,7 +139,7 @@ def compute_table(spec: dict, data: RunData | None = None) -> tuple[list, list, 
     rows, reasons = [], {}
     first_cider = None
     for r_i, row in enumerate(spec["rows"]):
-        keys = ["trivial"] if row.get("trivial") else row["keys"]
+        keys = [TRIVIAL] if row.get("trivial") else row["keys"]
         cells = {}
         for col in cols:
             vals, pers = [], []
@@ -157,7 +157,7 @@ def compute_table(spec: dict, data: RunData | None = None) -> tuple[list, list, 
                 continue
             if col == "conv. step":
                 for k in keys:
-                    v, why = (None, NOT_A_MODEL) if k == "trivial" else data.convergence(k)
+                    v, why = (None, NOT_A_MODEL) if k == TRIVIAL else data.convergence(k)
                     if k == "base":
                         why = "the base model has no training run to converge in this experiment"
                     if v is None:
@@ -171,9 +171,9 @@ def compute_table(spec: dict, data: RunData | None = None) -> tuple[list, list, 
                     first_cider = (keys, cider)
                     cells[col] = cell_stats([0.0] * len(keys), [])
                     continue
-                runs_a = [{"value": v, "per_image": [x * spec.get("scale", 100) for x in (data.per_image_cider(k) or [])]
+                runs_a = [{"value": v, "per_image": [x * spec["scale"] for x in (data.per_image_cider(k) or [])]
                            or None} for k, v in zip(keys, cider)]
-                runs_b = [{"value": v, "per_image": [x * spec.get("scale", 100) for x in (data.per_image_cider(k) or [])]
+                runs_b = [{"value": v, "per_image": [x * spec["scale"] for x in (data.per_image_cider(k) or [])]
                            or None} for k, v in zip(*first_cider)]
                 d = difference_ci(runs_a, runs_b)
                 cells[col] = {"mean": d["diff"], "std": None, "n": d["n"], "lo": d["lo"], "hi": d["hi"]}
@@ -198,7 +198,7 @@ def _add(reasons: dict, col: str, why):
 def digits_of(col: str) -> int:
     if col in COLUMNS:
         return COLUMNS[col][3]
-    if " " in col and any(m in col for m in CAPTION_METRICS):  # an evaluation-set column
+    if " " in col and any(m in col for m in METRIC_NAMES):  # an evaluation-set column
         return 1
     return 0 if col == "conv. step" else (3 if col == "win-rate vs SFT" else 1)
 
@@ -239,7 +239,7 @@ def write_table(spec: dict, out_stem: str):
         texts = paper_table(spec)
     else:
         cols, rows, reasons = compute_table(spec)
-        texts = render(cols, rows, reasons, spec.get("title", spec["name"]), spec.get("note", ""))
+        texts = render(cols, rows, reasons, spec["title"])
     for ext, text in texts.items():
         write_text(f"{out_stem}.{ext}", text)
 
@@ -268,7 +268,7 @@ def paper_table(spec: dict) -> dict:
     from tabulate import tabulate
     paper = load_paper()
     data = RunData(spec)
-    scale = float(spec.get("scale", 100))
+    scale = float(spec["scale"])
     rows_by_name = spec["rows_by_name"]  # {"main": {name: keys}, "ablation": {name: keys}}
     qty_col = {"CIDEr": "CIDEr", "BLEU-4": "BLEU-4", "METEOR": "METEOR", "SPICE": "SPICE", "TV": "TV", "JS": "JS",
                "ECE": "ECE", "top-1 mass": "top-1", "CIDEr (ablation)": "CIDEr", "top-1": "top-1",
@@ -278,7 +278,7 @@ def paper_table(spec: dict) -> dict:
         table = "ablation" if item["quantity"].endswith("(ablation)") else "main"
         keys = rows_by_name.get(table, {}).get(item["method"])
         col = qty_col[item["quantity"]]
-        if col not in COLUMNS and col not in spec.get("extra_columns", {}):
+        if col not in COLUMNS and col not in spec["extra_columns"]:
             ours = "n/a"
             reasons[f"{item['quantity']} / {item['method']}"] = (
                 f"no evaluation set configured for it (an MCQ set named {col.split()[0]!r} in mcq_sets)")
@@ -289,7 +289,8 @@ def paper_table(spec: dict) -> dict:
             vals, pers = zip(*[(data.value(k, col)[0], data.value(k, col)[1]) for k in keys]) if keys else ([], [])
             ours = fmt(cell_stats(list(vals), list(pers)), digits_of(col))
         src = paper["sources"][item["source"]]
-        body.append([item["quantity"], item["method"], str(item["value"]) + (f" ({item['note']})" if item.get("note") else ""),
+        paper_value = str(item["value"]) + (f" ({item['note']})" if item.get("note") else "")
+        body.append([item["quantity"], item["method"], paper_value,
                      ours, src])
     claim_rows = []
     main = rows_by_name.get("main", {})
@@ -305,17 +306,19 @@ def paper_table(spec: dict) -> dict:
             docs_b = [data.doc(k, "measures")["test"] for k in b if data.doc(k, "measures")]
             if docs_a and docs_b and all("position_image" in x for x in docs_a + docs_b):
                 d = ece_difference_ci(docs_a, docs_b, n_bins=int(docs_a[0].get("n_bins", 15)))
-        claim_rows.append([c["claim"], c["paper"], _fmt_diff(d, digits_of(col)), verdict(d["lo"], d["hi"], c["direction"]),
+        claim_rows.append([c["claim"], c["paper"], _fmt_diff(d, digits_of(col)),
+                           verdict(d["lo"], d["hi"], c["direction"]),
                            d["method"]])
     abl = rows_by_name.get("ablation", {})
     if "full" in abl:
+        ablation_cider = {x["method"]: x["value"] for x in paper["numbers"] if x["quantity"] == "CIDEr (ablation)"}
         for name, keys in abl.items():
             if name == "full":
                 continue
             d = difference_ci(_runs(data, abl["full"], "CIDEr", scale), _runs(data, keys, "CIDEr", scale))
-            paper_val = next((x["value"] for x in paper["numbers"] if x["quantity"] == "CIDEr (ablation)"
-                              and x["method"] == name), None)
-            claim_rows.append([f"full > {name} on CIDEr", f"142.6 vs {paper_val}" if paper_val is not None else "—",
+            paper_val = ablation_cider.get(name)
+            claim_rows.append([f"full > {name} on CIDEr",
+                               f"{ablation_cider['full']} vs {paper_val}" if paper_val is not None else "—",
                                _fmt_diff(d, 1), verdict(d["lo"], d["hi"], ">"), d["method"]])
     note = (f"Reproduced on `{spec['experiment']}` ({spec['scale_note']}). Absolute values are not comparable "
             "with the paper's COCO / Qwen2.5-VL-72B numbers; the claims (directions) are. Ours: mean ± std over "
@@ -348,3 +351,102 @@ def _fmt_diff(d: dict, digits: int) -> str:
     if d["lo"] is None:
         return f"{d['diff']:+.{digits}f}"
     return f"{d['diff']:+.{digits}f} [{d['lo']:+.{digits}f}, {d['hi']:+.{digits}f}]"
+
+
+# ---------------------------------------------------------------------------------------------------
+# table specs (built from the plan at workflow parse time; no torch)
+
+def eval_set_columns(plan) -> dict:
+    """Columns of the evaluation sets: '<set> <metric>' (and '<set> CIDEr (<domain>)' per domain), and
+    '<mcq set> acc.' (circular when configured) / '<mcq set> acc. (plain)'."""
+    from .shapes import DOMAINS
+    cols = {}
+    for name, m in plan.mcq_sets().items():
+        cols[f"{name} acc."] = [f"mcq_{name}", ["accuracy"], True, 1, None]  # percent (× evaluate.scale)
+        if m["circular"]:
+            cols[f"{name} acc. (plain)"] = [f"mcq_{name}", ["accuracy_plain"], True, 1, None]
+    for name, es in plan.eval_sets().items():
+        for m in es["metrics"]:
+            if m == "SPICE" and "SPICE" not in plan.c["evaluate"]["metrics"]:
+                continue
+            # corpus-level metrics (BLEU-4, METEOR) get no per-image bootstrap, as in the main columns
+            cols[f"{name} {m}"] = [f"scores_{name}", ["corpus", m], True, 1,
+                                   ["per_image", m] if m in MEAN_OF_IMAGES else None]
+        if es["domains"]:
+            for d in DOMAINS:
+                cols[f"{name} CIDEr ({d})"] = [f"scores_{name}", ["domains", d, "corpus", "CIDEr"], True, 1,
+                                               ["domains", d, "per_image", "CIDEr"]]
+    return cols
+
+
+def table_rows(plan, table: dict) -> list:
+    """[{name, keys (one per seed), sft_keys | trivial}] of a table's rows."""
+    rows = []
+    for row in table.get("rows", []):
+        entry = {"name": row["name"], "keys": plan.row_keys(row)}
+        if row.get("trivial"):
+            entry["trivial"] = True
+        else:
+            entry["sft_keys"] = [plan.sft_key(k) for k in entry["keys"]]
+        rows.append(entry)
+    return rows
+
+
+def tables_read_by(plan, name: str) -> list:
+    """The comparison tables a table reads (T-paper reads main and ablation)."""
+    if plan.c["tables"][name].get("kind") == "paper":
+        return [n for n in ("main", "ablation") if n in plan.c["tables"]]
+    return [name]
+
+
+def _carries_eval_sets(name: str, table: dict) -> bool:
+    """T-main, T-ablation (and T-paper, which reads them) carry the evaluation sets' columns."""
+    return name in ("main", "ablation") or table.get("kind") == "paper"
+
+
+def table_inputs(plan, name: str) -> list:
+    """Every file the table reads (its rule's inputs)."""
+    files = []
+    for tname in tables_read_by(plan, name):
+        table = plan.c["tables"][tname]
+        columns = table.get("columns") or []
+        kinds = ["scores", "measures"]
+        if _carries_eval_sets(tname, table):
+            kinds += [f"scores_{n}" for n in plan.eval_sets()] + [f"mcq_{n}" for n in plan.mcq_sets()]
+        for row in table_rows(plan, table):
+            if row.get("trivial"):
+                files.append(plan.path("scores", key=TRIVIAL))
+                continue
+            keys = list(row["keys"])
+            if "win-rate vs SFT" in columns:
+                keys += [k for k in row["sft_keys"] if k]
+            for k in keys:
+                files += [plan.eval_file(kind).format(key=k) for kind in kinds]
+                if "conv. step" in columns and plan.run_file(k):
+                    files.append(plan.run_file(k, "probes"))
+    return sorted(set(files))
+
+
+def table_spec(plan, name: str) -> dict:
+    """The spec of `cwdpo table` for table `name` of the config."""
+    t = plan.enabled_tables()[name]
+    extra = eval_set_columns(plan)
+    kinds = ["scores", "measures"] + [spec[0] for spec in extra.values()]
+    spec = {"name": name, "kind": t["kind"], "title": t.get("title") or name,
+            "scale": plan.c["evaluate"]["scale"], "experiment": plan.c["experiment"], "extra_columns": extra,
+            "files": {kind: plan.eval_file(kind) for kind in dict.fromkeys(kinds)}}
+    if spec["kind"] == "paper":
+        spec["rows_by_name"] = {n: {r["name"]: r["keys"] for r in table_rows(plan, plan.c["tables"][n])
+                                    if not r.get("trivial")} for n in tables_read_by(plan, name)}
+        keys = [k for rows in spec["rows_by_name"].values() for ks in rows.values() for k in ks]
+        spec["scale_note"] = (f"model {plan.c['model']['source']}, data {plan.c['data']['source']}, "
+                              f"{len(plan.c['seeds'])} seed(s)")
+    else:
+        spec["rows"] = table_rows(plan, t)
+        spec["columns"] = [c for c in t["columns"] if c not in ("SPICE", "top-5 SPICE")
+                           or "SPICE" in plan.c["evaluate"]["metrics"]]
+        if _carries_eval_sets(name, t):
+            spec["columns"] += list(extra)
+        keys = [k for r in spec["rows"] for k in r["keys"] + [x for x in r.get("sft_keys", []) if x]]
+    spec["probes"] = {k: plan.run_file(k, "probes") for k in keys if plan.run_file(k)}
+    return spec

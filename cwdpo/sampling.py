@@ -16,28 +16,22 @@ from __future__ import annotations
 import json
 import os
 
-from .metrics import CiderD, simple_tokenize
+from .metrics import CiderD, corpus_scorer, simple_tokenize
 
 
 class HFSampler:
     """transformers `generate` sampling (the CPU default)."""
 
-    def __init__(self, model_dir: str, *, base=None, prompt: str, min_pixels=None, max_pixels=None,
-                 dtype: str = "float32", max_response_tokens: int = 64, trust_remote_code: bool = False,
-                 batch_size: int = 64, threads: int = 0):
+    def __init__(self, model_dir: str, vlm, *, batch_size: int = 64):
         from .logprobs import Encoder
-        from .models import load_model, load_processor
-        if threads:
-            import torch
-            torch.set_num_threads(int(threads))
-        self.processor = load_processor(model_dir, min_pixels, max_pixels, trust_remote_code)
-        self.model = load_model(model_dir, base=base, dtype=dtype, trust_remote_code=trust_remote_code)
-        self.encoder = Encoder(self.processor, prompt, max_response_tokens)
+        from .models import load_for_inference
+        self.model, self.processor = load_for_inference(model_dir, vlm)
+        self.encoder = Encoder(self.processor, vlm.prompt, vlm.max_response_tokens)
         self.batch_size = batch_size
 
     def sample(self, image_paths: list, *, k: int, temperature: float, top_p: float, max_new_tokens: int,
                seed: int) -> list:
-        from .evaluate import generate_captions
+        from .generation import generate_captions
         return generate_captions(self.model, self.encoder, image_paths, num_return=k, do_sample=True,
                                  temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
                                  batch_size=max(1, self.batch_size // k), seed=seed, desc="sample on-policy")
@@ -46,20 +40,18 @@ class HFSampler:
 class VLLMSampler:
     """vLLM offline sampling: one request per image with n=K samples and a fixed per-request seed."""
 
-    def __init__(self, model_dir: str, *, base=None, prompt: str, min_pixels=None, max_pixels=None,
-                 dtype: str = "bfloat16", trust_remote_code: bool = False, llm_kwargs: dict | None = None,
-                 build_engine: bool = True):
+    def __init__(self, model_dir: str, vlm, *, llm_kwargs: dict | None = None, build_engine: bool = True):
         from .logprobs import chat_prompt
         from .models import is_adapter_dir, load_processor
-        self.model_dir, self.prompt = model_dir, prompt
+        self.model_dir, self.prompt = model_dir, vlm.prompt
         # the exact prompt text of training (our model folders carry their processor and chat template)
-        self.prompt_text = chat_prompt(load_processor(model_dir, min_pixels, max_pixels, trust_remote_code), prompt)
+        self.prompt_text = chat_prompt(load_processor(model_dir, vlm.min_pixels, vlm.max_pixels,
+                                                      vlm.trust_remote_code), vlm.prompt)
         self.adapter = model_dir if is_adapter_dir(model_dir) else None
-        self.engine_model = (base or self._adapter_base(model_dir)) if self.adapter else model_dir
-        self.mm_kwargs = {k: int(v) for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels))
-                          if v is not None}
-        self.engine_kwargs = dict(model=self.engine_model, dtype=dtype if dtype != "float32" else "auto",
-                                  trust_remote_code=trust_remote_code, limit_mm_per_prompt={"image": 1},
+        self.engine_model = (vlm.base or self._adapter_base(model_dir)) if self.adapter else model_dir
+        self.mm_kwargs = {"min_pixels": int(vlm.min_pixels), "max_pixels": int(vlm.max_pixels)}
+        self.engine_kwargs = dict(model=self.engine_model, dtype=vlm.dtype if vlm.dtype != "float32" else "auto",
+                                  trust_remote_code=vlm.trust_remote_code, limit_mm_per_prompt={"image": 1},
                                   mm_processor_kwargs=self.mm_kwargs, generation_config="vllm", seed=0,
                                   enable_lora=self.adapter is not None, **(llm_kwargs or {}))
         if self.adapter is not None:
@@ -106,20 +98,13 @@ class VLLMSampler:
         return [[" ".join(c.text.split()) for c in o.outputs] for o in outs]
 
 
-def make_sampler(backend: str, model_dir: str, **kwargs):
-    if backend == "hf":
-        kwargs.pop("llm_kwargs", None)
-        return HFSampler(model_dir, **kwargs)
-    if backend == "vllm":
-        for key in ("max_response_tokens", "batch_size", "threads"):
-            kwargs.pop(key, None)
-        return VLLMSampler(model_dir, **kwargs)
-    raise ValueError(f"unknown sampling backend {backend!r}; allowed: hf, vllm")
-
-
-def corpus_scorer(corpus_records: list) -> CiderD:
-    """CIDEr-D with document frequencies from the references of `corpus_records` (Java-free tokenizer)."""
-    return CiderD([[simple_tokenize(c) for c in r.captions] for r in corpus_records])
+def make_sampler(onpolicy: dict, model_dir: str, vlm):
+    """The sampler of config `negatives.onpolicy` (backend hf or vllm) for `model_dir`."""
+    if onpolicy["backend"] == "hf":
+        return HFSampler(model_dir, vlm, batch_size=onpolicy["batch_size"])
+    if onpolicy["backend"] == "vllm":
+        return VLLMSampler(model_dir, vlm, llm_kwargs=onpolicy["vllm"])
+    raise ValueError(f"unknown sampling backend {onpolicy['backend']!r}; allowed: hf, vllm")
 
 
 def score_samples(records: list, samples: list, scorer: CiderD, threshold: float) -> list:
@@ -138,12 +123,31 @@ def score_samples(records: list, samples: list, scorer: CiderD, threshold: float
     return out
 
 
-def read_samples(path: str) -> dict:
-    """{image_id: [kept samples]} from an on-policy samples JSONL."""
-    out = {}
-    with open(path) as f:
-        for line in f:
-            if line.strip():
-                obj = json.loads(line)
-                out[str(obj["image_id"])] = [s for s in obj["samples"] if s["kept"]]
-    return out
+def run(spec, out: str, summary_out: str, threads: int = 0) -> dict:
+    """`cwdpo sample-onpolicy` (a `SampleSpec`): K samples per Stage-2 image (and per probe image) from the
+    spec's model, each scored by CIDEr-D with the document frequencies of the whole split; writes the
+    samples JSONL and a summary."""
+    from .data import load_records, stage_records, write_json, write_text
+    from .models import set_threads
+    set_threads(threads)
+    o = spec.onpolicy
+    finetune = load_records(spec.data)
+    stage2 = stage_records(finetune, spec.data)
+    probe = load_records(spec.probe_data)[: spec.probe_images] if spec.probe_data else []
+    sampler = make_sampler(o, spec.model, spec.vlm)
+    texts = sampler.sample([r.path for r in stage2 + probe], k=int(o["k"]), temperature=float(o["temperature"]),
+                           top_p=float(o["top_p"]), max_new_tokens=int(o["max_new_tokens"]), seed=spec.seed)
+    scored = score_samples(stage2, texts[:len(stage2)], corpus_scorer(finetune), float(o["threshold"]))
+    if probe:  # probe images: scored against the probe references (only read by the probe set)
+        for entry in score_samples(probe, texts[len(stage2):], corpus_scorer(probe), float(o["threshold"])):
+            scored.append({**entry, "split": "probe"})
+    write_text(out, "".join(json.dumps(x, sort_keys=True) + "\n" for x in scored))
+    stage2_scored = [x for x in scored if x.get("split") != "probe"]
+    n = sum(len(x["samples"]) for x in stage2_scored)
+    summary = {"images": len(stage2_scored), "probe_images": len(probe), "samples": n,
+               "kept": sum(s["kept"] for x in stage2_scored for s in x["samples"]),
+               "equal_to_a_reference": sum(s["is_reference"] for x in stage2_scored for s in x["samples"]),
+               "backend": o["backend"], "k": o["k"], "threshold": o["threshold"],
+               "mean_score": sum(s["score"] for x in stage2_scored for s in x["samples"]) / max(1, n)}
+    write_json(summary_out, summary)
+    return summary

@@ -15,8 +15,9 @@ import itertools
 import json
 import os
 import random
-import re
 from dataclasses import dataclass
+
+from .data import caption_tokens, load_karpathy, write_json
 
 SHAPES = ("circle", "square", "triangle", "star", "cross")
 COLOURS = ("red", "green", "blue", "yellow", "purple", "orange", "black")
@@ -42,11 +43,6 @@ TEMPLATES = {
         "from left to right: {A}, {B} and {C}", "there are three shapes, {A}, {B} and {C}",
         "{A} to the left of {B} and {C}"),
 }
-
-
-def caption_tokens(raw: str) -> list[str]:
-    """Karpathy-style tokens: lower-cased alphanumeric words."""
-    return re.findall(r"[a-z0-9]+", raw.lower())
 
 
 def location_phrase(row: int, col: int) -> str:
@@ -268,6 +264,18 @@ def generate(out_dir: str, spec: ShapesSpec, progress: bool = True) -> str:
                   separators=(",", ":"))
     os.replace(tmp, path)
     return path
+
+
+def write_dataset(spec: ShapesSpec, out_dir: str) -> dict:
+    """`cwdpo prepare-data`: the dataset of `spec` under `out_dir`, and summary.json (images per split,
+    captions). Returns the summary."""
+    records = load_karpathy(generate(out_dir, spec))
+    counts: dict = {}
+    for r in records:
+        counts[r.split] = counts.get(r.split, 0) + 1
+    summary = {"images": counts, "captions": sum(len(r.captions) for r in records)}
+    write_json(os.path.join(out_dir, "summary.json"), summary)
+    return summary
 
 
 # ---- caption parsing: used by tests and by the negatives to check what a caption states ----

@@ -91,7 +91,7 @@ def convergence_step(steps: list, values: list, frac: float = 0.95):
     """The step from which the curve stays within (1 − frac) = 5% of its final value (None without a
     positive final value).
 
-    For a rising curve this is "the validation CIDEr-D reaches 95% of its final value" (PAPER.md) and then
+    For a rising curve this is "the validation CIDEr-D reaches 95% of its final value" (docs/method.md) and then
     stays there; the "stays" part also makes it meaningful for curves that fall (DPO degrading a
     model) or oscillate, where "first reaches" would trivially be step 0."""
     pts = [(s, v) for s, v in zip(steps, values) if v is not None and np.isfinite(v)]
@@ -107,18 +107,6 @@ def convergence_step(steps: list, values: list, frac: float = 0.95):
     return step
 
 
-def ece_np(conf: np.ndarray, correct: np.ndarray, n_bins: int = 15) -> float:
-    """ECE with the bins of `cwdpo.dynamics.ece` (equal width; c in (lo, hi], the first bin takes 0)."""
-    edges = np.linspace(0, 1, n_bins + 1)
-    idx = np.clip(np.searchsorted(edges[1:-1], conf, side="left"), 0, n_bins - 1)
-    n = len(conf)
-    counts = np.bincount(idx, minlength=n_bins)
-    conf_sum = np.bincount(idx, weights=conf, minlength=n_bins)
-    acc_sum = np.bincount(idx, weights=correct, minlength=n_bins)
-    has = counts > 0
-    return float(np.sum(np.abs(acc_sum[has] - conf_sum[has])) / n) if n else math.nan
-
-
 def ece_difference_ci(a_docs: list, b_docs: list, n_bins: int = 15, n_resamples: int = 1000, level: float = 0.95,
                       seed: int = 0) -> dict:
     """95% interval of ECE(A) − ECE(B): bootstrap over test images, resampling each image's positions
@@ -128,6 +116,13 @@ def ece_difference_ci(a_docs: list, b_docs: list, n_bins: int = 15, n_resamples:
         corr = np.concatenate([np.asarray(d["correct"], dtype=np.float64) for d in docs])
         img = np.concatenate([np.asarray(d["position_image"]) for d in docs])
         return conf, corr, img
+
+    import torch  # the ECE of `cwdpo.dynamics` (the one implementation; measures.json holds its values)
+
+    from .dynamics import ece
+
+    def ece_of(conf, correct, n_bins):
+        return ece(torch.from_numpy(conf), torch.from_numpy(correct), n_bins)
 
     ca, ka, ia = arrays(a_docs)
     cb, kb, ib = arrays(b_docs)
@@ -140,8 +135,8 @@ def ece_difference_ci(a_docs: list, b_docs: list, n_bins: int = 15, n_resamples:
         pick = rng.integers(0, n_img, n_img)
         sa = np.concatenate([pos_a[i] for i in pick])
         sb = np.concatenate([pos_b[i] for i in pick])
-        diffs.append(ece_np(ca[sa], ka[sa], n_bins) - ece_np(cb[sb], kb[sb], n_bins))
+        diffs.append(ece_of(ca[sa], ka[sa], n_bins) - ece_of(cb[sb], kb[sb], n_bins))
     lo, hi = np.quantile(diffs, [(1 - level) / 2, 1 - (1 - level) / 2])
-    return {"diff": ece_np(ca, ka, n_bins) - ece_np(cb, kb, n_bins), "lo": float(lo), "hi": float(hi),
+    return {"diff": ece_of(ca, ka, n_bins) - ece_of(cb, kb, n_bins), "lo": float(lo), "hi": float(hi),
             "n": len(a_docs), "method": f"bootstrap over {n_img} test images (positions resampled per image; "
                                         f"{len(a_docs)} seed(s) pooled)"}

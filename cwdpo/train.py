@@ -20,13 +20,11 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from . import losses as L
-from .data import file_sha256, load_records, read_json, stage_split, write_json, write_rows_csv, write_text
+from .config import METHODS, STAGE2_METHODS
+from .data import file_sha256, load_records, read_json, stage_records, write_json, write_rows_csv, write_text
 from .logprobs import Collator, Encoder, SeqBatch, completion_logps
-from .models import load_model, load_processor, unwrap
-
-STAGE1_METHODS = ("sft", "sft_c")
-STAGE2_METHODS = ("dpo", "focal_dpo", "cw_dpo")
-METHODS = STAGE1_METHODS + STAGE2_METHODS
+from .models import load_model, load_processor, set_threads, unwrap
+from .specs import to_dict
 
 
 class TrainingDiverged(RuntimeError):
@@ -47,16 +45,14 @@ class ListDataset(torch.utils.data.Dataset):
 class CWDPOTrainer(Trainer):
     """`Trainer` with the paper's losses. `method` ∈ METHODS; `hparams` holds β, γ, τ, ℓ_floor, C, λ, filter."""
 
-    def __init__(self, *args, method: str, hparams: dict, encoder: Encoder, ref_model=None,
-                 forward: str = "shared_prefix", **kwargs):
+    def __init__(self, *args, method: str, hparams: dict, encoder: Encoder, forward: str = "shared_prefix",
+                 **kwargs):
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; allowed: {', '.join(METHODS)}")
         if forward not in ("shared_prefix", "concat"):
             raise ValueError(f"unknown forward {forward!r}; allowed: shared_prefix, concat")
         self.method, self.hparams, self.encoder, self.forward = method, hparams, encoder, forward
-        self.ref_model = ref_model  # only for ref_mode="recompute" (benchmarks): a frozen reference model
         self._stash: dict = defaultdict(list)
-        self.ref_forward_calls = 0
         super().__init__(*args, **kwargs)
         self.loss_is_scaled_for_ga = False  # our losses are per-batch means
 
@@ -74,7 +70,7 @@ class CWDPOTrainer(Trainer):
         n = int(inputs["n"])
         hp = self.hparams
         n_neg = n
-        if self.method == "sft_c" and float(hp.get("penalty_fraction", 1.0)) < 1.0:
+        if self.method == "sft_c" and float(hp["penalty_fraction"]) < 1.0:
             # cheaper Stage 1: forward only a random subset of the negatives (the paper's open question:
             # SFT-C doubles the per-step cost); the subset is a function of (seed, step), so resume-safe
             g = torch.Generator().manual_seed(int(self.args.seed) * 1_000_003 + int(self.state.global_step))
@@ -85,35 +81,27 @@ class CWDPOTrainer(Trainer):
         if self.method == "sft":
             loss, info = L.sft_loss(-out.means)
         elif self.method == "sft_c":
-            lam = float(hp.get("hard_lam", 100.0)) if hp.get("hard") else float(hp["lam"])
+            lam = float(hp["hard_lam"]) if hp["hard"] else float(hp["lam"])
             loss, info = L.sft_c_loss(-out.means[:n], -out.means[n:], margin=float(hp["margin"]), lam=lam)
         else:
             pc, pr = out.sums[:n], out.sums[n:]
             avg_r = out.means[n:]
-            if "ref_chosen_logps" in inputs:
-                rc = inputs["ref_chosen_logps"].to(pc.dtype)
-                rr = inputs["ref_rejected_logps"].to(pc.dtype)
-            else:  # recompute the reference each step (benchmark baseline only)
-                with torch.no_grad():
-                    self.ref_forward_calls += 1
-                    ref = completion_logps(self.ref_model, batch, self.encoder.image_token_id)
-                rc, rr = ref.sums[:n].to(pc.dtype), ref.sums[n:].to(pc.dtype)
+            rc, rr = (x.to(pc.dtype) for x in self.reference_logps(inputs, batch, n))
             beta = float(hp["beta"])
             if self.method == "dpo":
                 losses, info = L.dpo_loss(pc, pr, rc, rr, beta=beta)
             elif self.method == "focal_dpo":
                 losses, info = L.focal_dpo_loss(pc, pr, rc, rr, beta=beta, gamma=float(hp["gamma"]))
             else:
-                if hp.get("cooling", True):
+                if hp["cooling"]:
                     losses, info = L.cw_dpo_loss(pc, pr, rc, rr, avg_r, beta=beta, l_floor=float(hp["l_floor"]),
                                                  tau=float(hp["tau"]))
                 else:  # ablation "w/o cooling weight": w_c ≡ 1, everything else as CW-DPO
                     losses, info = L.dpo_loss(pc, pr, rc, rr, beta=beta)
                     info["w_c"] = torch.ones_like(avg_r)
-            filt = hp.get("filter") or {}
-            if filt.get("enabled"):
+            if hp["filter"]["enabled"]:
                 keep = L.negative_filter_keep(avg_r, l_floor=float(hp["l_floor"]), tau=float(hp["tau"]),
-                                              k=float(filt.get("k", 2.0))).to(losses.dtype)
+                                              k=float(hp["filter"]["k"])).to(losses.dtype)
             else:
                 keep = torch.ones_like(losses)
             loss = (losses * keep).sum() / keep.sum().clamp(min=1.0)
@@ -129,6 +117,11 @@ class CWDPOTrainer(Trainer):
             v = value.float().mean().item() if isinstance(value, torch.Tensor) else float(value)
             self._stash[key].append(v)
         return (loss, out) if return_outputs else loss
+
+    def reference_logps(self, inputs: dict, batch: SeqBatch, n: int):
+        """The frozen reference's summed log-probs of the chosen and rejected rows [n] each: the cached
+        reference pass, read from the batch (never recomputed per step)."""
+        return inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         """Resume full-weight checkpoints through `from_pretrained`.
@@ -187,20 +180,6 @@ class InjectNan(TrainerCallback):
 
 
 # ---------------------------------------------------------------------------------------------------
-# datasets of each stage
-
-def sft_items(records: list) -> list:
-    """One item per (image, reference caption)."""
-    return [{"image": r.path, "response": c} for r in records for c in r.captions]
-
-
-def load_pairs(path: str, prompt: str) -> list:
-    """Read a pairs JSONL (TRL vision preference format + image_id/source/score); validate each line."""
-    from .negatives import read_pairs
-    return read_pairs(path, expected_prompt=prompt)
-
-
-# ---------------------------------------------------------------------------------------------------
 
 def checkpoint_step(path: str) -> int:
     return int(re.search(r"checkpoint-(\d+)$", path).group(1))
@@ -216,16 +195,17 @@ def last_checkpoint(ckpt_dir: str) -> str | None:
     return best
 
 
-def spec_fingerprint(spec: dict) -> str:
-    """Hash of everything that determines a run (settings that do not, like threads or progress bars, left out)."""
+def spec_fingerprint(spec) -> str:
+    """Hash of everything that determines a run (settings that do not, like progress bars, left out)."""
     import hashlib
-    relevant = {k: v for k, v in spec.items() if k != "train"}
-    relevant["train"] = {k: v for k, v in spec.get("train", {}).items()
-                         if k not in ("threads", "progress", "save_steps", "save_total_limit", "logging_steps",
+    d = to_dict(spec)
+    relevant = {k: v for k, v in d.items() if k != "train"}
+    relevant["train"] = {k: v for k, v in d["train"].items()
+                         if k not in ("progress", "save_steps", "save_total_limit", "logging_steps",
                                       "pixel_cache_mb", "inject_nan_step")}
     # the content of the files it reads: a retrained init model or new pairs invalidate old checkpoints
-    relevant["inputs"] = {key: _stat_fingerprint(spec[key]) for key in ("init", "pairs", "ref_logps")
-                          if isinstance(spec.get(key), str) and os.path.exists(spec[key])}
+    relevant["inputs"] = {key: _stat_fingerprint(d[key]) for key in ("init", "pairs", "ref_logps")
+                          if isinstance(d.get(key), str) and os.path.exists(d[key])}
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
 
 
@@ -236,7 +216,7 @@ def _stat_fingerprint(path: str) -> list:
     return [[os.path.basename(f), os.path.getsize(f), os.stat(f).st_mtime_ns] for f in files]
 
 
-def prepare_checkpoints(ckpt_dir: str, spec: dict) -> str | None:
+def prepare_checkpoints(ckpt_dir: str, spec) -> str | None:
     """The checkpoint to resume from: the newest one of *this* spec. Checkpoints left by a run with another
     spec (changed hyperparameters, data or init) are deleted instead of silently resumed."""
     import shutil
@@ -251,55 +231,57 @@ def prepare_checkpoints(ckpt_dir: str, spec: dict) -> str | None:
     return last_checkpoint(ckpt_dir)
 
 
-def training_arguments(spec: dict, out_dir: str) -> TrainingArguments:
-    hp, tr = spec["hparams"], spec.get("train", {})
+def training_arguments(spec, out_dir: str) -> TrainingArguments:
+    hp, tr = spec.hparams, spec.train
     steps = int(hp["steps"])
     kwargs = dict(
         output_dir=os.path.join(out_dir, "checkpoints"),
         max_steps=steps,
         per_device_train_batch_size=int(hp["batch_size"]),
-        gradient_accumulation_steps=int(hp.get("grad_accum", 1)),
+        gradient_accumulation_steps=int(hp["grad_accum"]),
         learning_rate=float(hp["lr"]),
-        lr_scheduler_type=hp.get("schedule", "cosine_with_min_lr"),
-        warmup_steps=int(hp.get("warmup_steps", 0)),
-        weight_decay=float(hp.get("weight_decay", 0.0)),
+        lr_scheduler_type=hp["schedule"],
+        warmup_steps=int(hp["warmup_steps"]),
+        weight_decay=float(hp["weight_decay"]),
         adam_beta1=0.9,
-        adam_beta2=float(hp.get("adam_beta2", 0.98)),
-        max_grad_norm=float(hp.get("max_grad_norm", 1.0)),
-        seed=int(spec["seed"]),
-        data_seed=int(spec["seed"]),
-        logging_steps=int(tr.get("logging_steps", 10)),
+        adam_beta2=float(hp["adam_beta2"]),
+        max_grad_norm=float(hp["max_grad_norm"]),
+        seed=int(spec.seed),
+        data_seed=int(spec.seed),
+        logging_steps=int(tr["logging_steps"]),
         save_strategy="steps",
-        save_steps=int(tr.get("save_steps", max(steps, 1))),
-        save_total_limit=int(tr.get("save_total_limit", 2)),
+        save_steps=int(tr["save_steps"]),
+        save_total_limit=int(tr["save_total_limit"]),
         report_to=[],
         dataloader_num_workers=0,
         dataloader_drop_last=True,
         remove_unused_columns=False,
-        disable_tqdm=not tr.get("progress", True),
+        disable_tqdm=not tr["progress"],
         use_cpu=not torch.cuda.is_available(),
-        bf16=bool(tr.get("bf16", False)),
+        bf16=bool(tr["bf16"]),
     )
-    if tr.get("gradient_checkpointing"):  # renamed activation_checkpointing in transformers 5.2x
+    if tr["gradient_checkpointing"]:  # renamed activation_checkpointing in transformers 5.2x
         import dataclasses
         names = {f.name for f in dataclasses.fields(TrainingArguments)}
         kwargs["activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"] = True
     if kwargs["lr_scheduler_type"] == "cosine_with_min_lr":
-        kwargs["lr_scheduler_kwargs"] = {"min_lr_rate": float(hp.get("min_lr_rate", 0.05))}
-    if tr.get("deepspeed"):
+        kwargs["lr_scheduler_kwargs"] = {"min_lr_rate": float(hp["min_lr_rate"])}
+    if tr["deepspeed"]:
         kwargs["deepspeed"] = tr["deepspeed"]
     return TrainingArguments(**kwargs)
 
 
-def build_dataset(spec: dict, encoder: Encoder) -> tuple[list, str, dict]:
-    """(items, collator kind, summary) for the spec's method and data."""
-    method, data = spec["method"], spec["data"]
+def build_dataset(spec) -> tuple[list, str, dict]:
+    """(items, collator kind, summary) for the spec's method and data: one item per (image, reference
+    caption) for SFT, with a gentle negative for SFT-C, the pairs (with their cached reference
+    log-probs) for Stage 2."""
     summary: dict = {}
-    if method in STAGE2_METHODS:
-        pairs = load_pairs(spec["pairs"], spec["prompt"])
-        ref = read_json(spec["ref_logps"])
-        if ref.get("key", {}).get("pairs") != file_sha256(spec["pairs"]):
-            raise ValueError(f"{spec['ref_logps']}: reference log-probs were computed for another pairs file; "
+    if spec.method in STAGE2_METHODS:
+        from .negatives import read_pairs
+        pairs = read_pairs(spec.pairs, expected_prompt=spec.vlm.prompt)
+        ref = read_json(spec.ref_logps)
+        if ref.get("key", {}).get("pairs") != file_sha256(spec.pairs):
+            raise ValueError(f"{spec.ref_logps}: reference log-probs were computed for another pairs file; "
                              "rerun the ref_logps rule")
         for i, p in enumerate(pairs):
             p["ref_chosen_logps"] = ref["ref_chosen_logps"][i]
@@ -307,75 +289,68 @@ def build_dataset(spec: dict, encoder: Encoder) -> tuple[list, str, dict]:
             p["pair_index"] = i
         summary["pairs"] = len(pairs)
         return pairs, "pair", summary
-    records = load_records(data)
-    if data.get("stage") == "stage1":
-        records, _ = stage_split(records, float(data["stage1_fraction"]))
+    records = stage_records(load_records(spec.data), spec.data)
     summary["images"] = len(records)
-    if method == "sft":
-        items = sft_items(records)
+    if spec.method == "sft":
+        items = [{"image": r.path, "response": c} for r in records for c in r.captions]
         summary["examples"] = len(items)
         return items, "sft", summary
     from .negatives import sft_c_items
-    items = sft_c_items(records, spec.get("negatives", {}), seed=int(spec.get("data_seed", 0)))
+    items = sft_c_items(records, spec.negatives, seed=spec.data_seed)
     summary["examples"] = len(items)
     return items, "sft_c", summary
 
 
-def make_probe_callback(spec: dict, encoder: Encoder, out_dir: str):
-    """The learning-dynamics probe of this run (`spec["probes"]`), or None when probes are off."""
-    p = spec.get("probes")
-    if not p or not p.get("enabled", True) or not p.get("rows"):
+def make_probe_callback(spec, encoder: Encoder, out_dir: str):
+    """The learning-dynamics probe of this run (`spec.probes`), or None when probes are off."""
+    p = spec.probes
+    if p is None:
         return None
     from .data import read_jsonl
     from .probes import ProbeCallback
-    rows = read_jsonl(p["rows"])[: int(p.get("images", 10 ** 9))]
-    val_records = None
-    if p.get("val_interval") and p.get("val"):
-        d = p["val"]
-        val_records = load_records(d)[: int(p.get("val_images", 100))]
-    return ProbeCallback(rows, encoder, out_dir, interval=int(p["interval"]), batch_size=int(p.get("batch_size", 32)),
-                         n_bins=int(p.get("n_bins", 15)), val_records=val_records,
-                         val_interval=int(p.get("val_interval", 0)), top5=bool(p.get("top5", False)),
-                         max_new_tokens=int(p.get("max_new_tokens", 40)))
+    rows = read_jsonl(p.rows)[: p.images]
+    val_records = load_records(p.val)[: p.val_images] if p.val_interval else None
+    return ProbeCallback(rows, encoder, out_dir, interval=p.interval, batch_size=p.batch_size, n_bins=p.n_bins,
+                         val_records=val_records, val_interval=p.val_interval, top5=p.top5,
+                         max_new_tokens=p.max_new_tokens)
 
 
-def resolve_l_floor(hp: dict, spec: dict) -> float:
+def resolve_l_floor(l_floor, ref_logps: str | None) -> float:
     """ℓ_floor as a number; "mean" = mean ℓ̄ of the Stage-2 negatives under the Stage-1 (reference) model."""
-    if hp.get("l_floor") == "mean":
-        vals = read_json(spec["ref_logps"])["ref_rejected_avg"]
+    if l_floor == "mean":
+        vals = read_json(ref_logps)["ref_rejected_avg"]
         return float(sum(vals) / len(vals))
-    return float(hp["l_floor"])
+    return float(l_floor)
 
 
-def run_training(spec: dict, out_dir: str) -> dict:
-    """Train one model as `spec` says; write out_dir/{model/, metrics.json, train_log.csv, timing.json}."""
+def run_training(spec, out_dir: str, threads: int = 0) -> dict:
+    """Train one model as `spec` (a `TrainSpec`) says; write out_dir/{model/, metrics.json, train_log.csv,
+    probes.csv, timing.json}."""
     t0 = time.time()
-    threads = int(spec.get("train", {}).get("threads", 0))
-    if threads > 0:
-        torch.set_num_threads(threads)
-    random.seed(int(spec["seed"]))
-    torch.manual_seed(int(spec["seed"]))
-    hp = dict(spec["hparams"])
-    if spec["method"] in STAGE2_METHODS:
-        hp["l_floor"] = resolve_l_floor(hp, spec)
-    processor = load_processor(spec["init"], spec.get("min_pixels"), spec.get("max_pixels"),
-                               spec.get("trust_remote_code", False))
-    encoder = Encoder(processor, spec["prompt"], spec.get("max_response_tokens", 64),
-                      pixel_cache_mb=float(spec.get("train", {}).get("pixel_cache_mb", 1024)))
-    items, kind, summary = build_dataset(spec, encoder)
-    model = load_model(spec["init"], base=spec.get("base"), dtype=spec.get("dtype", "float32"), trainable=True,
-                       lora=spec.get("lora"), trust_remote_code=spec.get("trust_remote_code", False))
+    set_threads(threads)
+    random.seed(int(spec.seed))
+    torch.manual_seed(int(spec.seed))
+    hp = dict(spec.hparams)
+    if spec.method in STAGE2_METHODS:
+        hp["l_floor"] = resolve_l_floor(hp["l_floor"], spec.ref_logps)
+    vlm = spec.vlm
+    processor = load_processor(spec.init, vlm.min_pixels, vlm.max_pixels, vlm.trust_remote_code)
+    encoder = Encoder(processor, vlm.prompt, vlm.max_response_tokens,
+                      pixel_cache_mb=float(spec.train["pixel_cache_mb"]))
+    items, kind, summary = build_dataset(spec)
+    model = load_model(spec.init, base=vlm.base, dtype=vlm.dtype, trainable=True, lora=spec.lora,
+                       trust_remote_code=vlm.trust_remote_code)
     args = training_arguments(spec, out_dir)
     callbacks = []
-    if spec.get("train", {}).get("inject_nan_step"):
-        callbacks.append(InjectNan(spec["train"]["inject_nan_step"]))
-    callbacks.append(NanGuard(spec["method"]))
+    if spec.train["inject_nan_step"]:
+        callbacks.append(InjectNan(spec.train["inject_nan_step"]))
+    callbacks.append(NanGuard(spec.method))
     probe = make_probe_callback(spec, encoder, out_dir)
     if probe is not None:
         callbacks.append(probe)
     trainer = CWDPOTrainer(model=model, args=args, train_dataset=ListDataset(items),
-                           data_collator=Collator(encoder, kind), method=spec["method"], hparams=hp, encoder=encoder,
-                           forward=spec.get("train", {}).get("forward", "shared_prefix"), callbacks=callbacks)
+                           data_collator=Collator(encoder, kind), method=spec.method, hparams=hp, encoder=encoder,
+                           forward=spec.train["forward"], callbacks=callbacks)
     resume = prepare_checkpoints(args.output_dir, spec)
     if resume and checkpoint_step(resume) >= args.max_steps:
         # training had finished before the job was interrupted: take the final checkpoint as it is
@@ -390,7 +365,7 @@ def run_training(spec: dict, out_dir: str) -> dict:
     trainer.save_model(model_dir)  # every rank takes part (ZeRO-3 gathers the weights); rank 0 writes
     history = [h for h in trainer.state.log_history if "loss" in h]
     last = history[-1] if history else {}
-    metrics = {"method": spec["method"], "steps": int(trainer.state.global_step), "seed": int(spec["seed"]),
+    metrics = {"method": spec.method, "steps": int(trainer.state.global_step), "seed": int(spec.seed),
                "final_loss": last.get("loss"), "l_floor": hp.get("l_floor"), "data": summary,
                "resumed_from": os.path.basename(resume) if resume else None,
                # ZeRO-3 partitions parameters into placeholders: count their full sizes (ds_numel)
@@ -425,7 +400,3 @@ def write_train_log(path: str, history: list):
 def read_train_log(path: str) -> list:
     with open(path) as f:
         return list(csv.DictReader(f))
-
-
-def save_json_spec(spec: dict) -> str:
-    return json.dumps(spec, sort_keys=True)

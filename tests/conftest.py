@@ -8,9 +8,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY_SPEC = dict(vocab_size=512, min_pixels=112 * 112, max_pixels=112 * 112, hidden_size=64, num_attention_heads=2,
-                 num_key_value_heads=1, intermediate_size=128, num_hidden_layers=2, vision_depth=1,
-                 vision_hidden_size=32, vision_intermediate_size=64, vision_num_heads=1)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import specs  # noqa: E402  (tests/specs.py: job specs built through cwdpo.plan from the micro config)
 
 
 @pytest.fixture(scope="session")
@@ -33,7 +32,7 @@ def tiny_model_dir(tmp_path_factory, shapes_records):
     from cwdpo.models import build_tiny
     out = tmp_path_factory.mktemp("tiny")
     corpus = [c for r in shapes_records for c in r.captions]
-    build_tiny(str(out), corpus, TINY_SPEC, "Describe the image.", seed=0)
+    build_tiny(str(out), corpus, specs.tiny_model_spec(), specs.PROMPT, seed=0)
     return str(out)
 
 
@@ -43,10 +42,15 @@ def processor(tiny_model_dir):
     return load_processor(tiny_model_dir)
 
 
+@pytest.fixture(scope="session")
+def vlm():
+    return specs.vlm()
+
+
 @pytest.fixture()
 def encoder(processor):
     from cwdpo.logprobs import Encoder
-    return Encoder(processor, "Describe the image.", max_response_tokens=40)
+    return Encoder(processor, specs.PROMPT, max_response_tokens=40)
 
 
 def copy_workflow(dest):
@@ -72,5 +76,3 @@ def run(cmd, cwd=None, env=None, timeout=1800):
                              f"STDERR:\n{proc.stderr[-6000:]}")
     return proc
 
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

@@ -39,10 +39,10 @@ def test_bench_quick_writes_every_field(tmp_path):
 
 def _tiny_params_by_hand(t):
     """Parameters of the tiny Qwen2.5-VL, written out layer by layer."""
-    H, L, nh, kv, I, V = (t["hidden_size"], t["num_hidden_layers"], t["num_attention_heads"],
+    H, L, nh, kv, inter, V = (t["hidden_size"], t["num_hidden_layers"], t["num_attention_heads"],
                           t["num_key_value_heads"], t["intermediate_size"], t["vocab_size"])
     hd = H // nh
-    layer = (H * H + H) + 2 * (H * kv * hd + kv * hd) + H * H + 3 * H * I + 2 * H
+    layer = (H * H + H) + 2 * (H * kv * hd + kv * hd) + H * H + 3 * H * inter + 2 * H
     text = V * H + L * layer + H  # tied lm_head adds nothing
     Hv, D, Iv = t["vision_hidden_size"], t["vision_depth"], t["vision_intermediate_size"]
     block = 2 * Hv + (Hv * 3 * Hv + 3 * Hv) + (Hv * Hv + Hv) + 2 * (Hv * Iv + Iv) + (Iv * Hv + Hv)

@@ -15,7 +15,9 @@ import sys
 
 import pytest
 
+import specs
 from conftest import REPO
+from cwdpo.specs import to_json
 
 DS_DIR = os.path.join(REPO, "workflow", "deepspeed")
 
@@ -25,9 +27,10 @@ import deepspeed.comm.torch as dct
 # World size 1: the shared-memory allreduce kernel that DeepSpeed JIT-compiles for CPU on first use
 # (1-2 minutes of g++) would have nothing to reduce; everything else is DeepSpeed's normal path.
 dct.build_shm_op = lambda: None
+from cwdpo.specs import TrainSpec, from_json
 from cwdpo.train import run_training
-spec, out = json.loads(sys.argv[1]), sys.argv[2]
-print("METRICS", json.dumps(run_training(spec, out)))
+spec, out = from_json(TrainSpec, sys.argv[1]), sys.argv[2]
+print("METRICS", json.dumps(run_training(spec, out, threads=1)))
 """
 
 
@@ -38,13 +41,10 @@ def _free_port() -> int:
 
 
 def _spec(model_dir, shapes_dir, deepspeed):
-    return {"method": "sft", "init": model_dir, "prompt": "Describe the image.", "seed": 0, "dtype": "float32",
-            "max_response_tokens": 40, "min_pixels": None, "max_pixels": None,
-            "data": {"json": os.path.join(shapes_dir, "dataset_shapes.json"), "splits": ["finetune"],
-                     "stage": "stage1", "stage1_fraction": 0.75},
-            "hparams": {"lr": 3e-3, "steps": 6, "batch_size": 4, "schedule": "constant"},
-            "train": {"logging_steps": 1, "save_steps": 3, "save_total_limit": 2, "progress": False, "threads": 1,
-                      "deepspeed": deepspeed}}
+    return specs.train("sft", model_dir, os.path.join(shapes_dir, "dataset_shapes.json"),
+                       hparams={"lr": 3e-3, "steps": 6, "batch_size": 4, "schedule": "constant", "warmup_steps": 0,
+                                "weight_decay": 0.0},
+                       train={"logging_steps": 1, "save_steps": 3, "save_total_limit": 2, "deepspeed": deepspeed})
 
 
 def _train(tmp_path_factory, model_dir, shapes_dir, name, deepspeed):
@@ -56,7 +56,7 @@ def _train(tmp_path_factory, model_dir, shapes_dir, name, deepspeed):
     if deepspeed is None:
         for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
             env.pop(key)
-    p = subprocess.run([sys.executable, "-c", CHILD, json.dumps(_spec(model_dir, shapes_dir, deepspeed)), out],
+    p = subprocess.run([sys.executable, "-c", CHILD, to_json(_spec(model_dir, shapes_dir, deepspeed)), out],
                        env=env, capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, f"{name} failed:\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}"
     metrics = json.loads(p.stdout.split("METRICS ", 1)[1].splitlines()[0])

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+import specs
 from cwdpo import dynamics as D
 from cwdpo import stats
 
@@ -55,9 +56,12 @@ def test_ece_of_a_perfectly_calibrated_set_is_near_zero_and_of_a_biased_one_is_t
     corr2 = torch.tensor([1.0, 0.0] * 500)
     assert D.ece(conf2, corr2) == pytest.approx(0.4)
     assert D.brier(conf2, corr2) == pytest.approx(0.5 * 0.01 + 0.5 * 0.81)
-    assert stats.ece_np(conf2.numpy(), corr2.numpy()) == pytest.approx(0.4)
-    # the numpy ECE used by the bootstraps bins exactly like the torch one
-    assert stats.ece_np(conf.numpy(), correct.numpy()) == pytest.approx(D.ece(conf, correct), abs=1e-12)
+    # the ECE bootstrap of T-paper computes the same ECE as the measures (one implementation)
+    def doc(c, y):
+        return {"conf": c.tolist(), "correct": y.tolist(), "position_image": [i % 50 for i in range(len(c))]}
+
+    d = stats.ece_difference_ci([doc(conf[:5000], correct[:5000])], [doc(conf2, corr2)], n_resamples=20)
+    assert d["diff"] == D.ece(conf[:5000], correct[:5000]) - D.ece(conf2, corr2)
 
 
 def test_reliability_bins_partition_the_positions():
@@ -103,18 +107,18 @@ def test_probe_callback_runs_on_the_tiny_model_and_writes_finite_values(tiny_mod
     from cwdpo.negatives import build_probe_set
     recs = [r for r in shapes_records if r.split == "test"][:6]
     samples = {r.image_id: [{"text": "a red circle", "score": 0.1}] for r in recs}
-    rows = build_probe_set(recs, samples, {}, seed=0)
+    rows = build_probe_set(recs, samples, specs.negatives(), seed=0)
     assert all(r["gentle"] and r["easy"] and r["onpolicy"] == "a red circle" for r in rows)
     probe_path = tmp_path / "probe.jsonl"
     probe_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    spec = {"method": "sft", "init": tiny_model_dir, "prompt": "Describe the image.", "seed": 0,
-            "data": {"json": os.path.join(shapes_dir, "dataset_shapes.json"), "splits": ["finetune"]},
-            "hparams": {"lr": 3e-3, "steps": 6, "batch_size": 8, "schedule": "constant"},
-            "train": {"logging_steps": 3, "progress": False, "threads": 1},
-            "probes": {"enabled": True, "rows": str(probe_path), "interval": 3, "batch_size": 8, "n_bins": 15,
-                       "val": {"json": os.path.join(shapes_dir, "dataset_shapes.json"), "splits": ["test"]},
-                       "val_images": 6, "val_interval": 3, "top5": True, "max_new_tokens": 8}}
-    T.run_training(spec, str(tmp_path / "run"))
+    from cwdpo.specs import ProbesSpec
+    data_json = os.path.join(shapes_dir, "dataset_shapes.json")
+    probes = ProbesSpec(rows=str(probe_path), interval=3, batch_size=8, n_bins=15, images=6,
+                        val=specs.data(data_json, ["test"]), val_images=6, val_interval=3, top5=True, max_new_tokens=8)
+    spec = specs.train("sft", tiny_model_dir, data_json, stage=None, probes=probes,
+                       hparams={"lr": 3e-3, "steps": 6, "batch_size": 8, "schedule": "constant"},
+                       train={"logging_steps": 3})
+    T.run_training(spec, str(tmp_path / "run"), threads=1)
     probes = T.read_train_log(str(tmp_path / "run" / "probes.csv"))
     assert [int(r["step"]) for r in probes] == [0, 3, 6]
     first = probes[0]

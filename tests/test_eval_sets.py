@@ -1,4 +1,5 @@
 """Extra evaluation sets: the shapes OOD split (held-out combinations), NoCaps-style per-domain scores."""
+import dataclasses
 import json
 import os
 
@@ -6,6 +7,7 @@ import pytest
 
 from cwdpo import shapes
 from cwdpo.data import load_karpathy
+import specs
 from conftest import run
 
 HELD = (("red", "star"), ("blue", "cross"), ("green", "triangle"), ("yellow", "circle"), ("purple", "square"))
@@ -34,9 +36,9 @@ def test_held_out_combinations_never_appear_in_training(ood_dir):
             assert not {(col, sh) for _, col, sh in shapes.mentioned_objects(c)} & set(HELD)
     # nor in the training negatives: gentle perturbations avoid the held-out pairs
     fin = [r for r in train if r.split == "finetune"]
-    cfg = {"heldout": [list(x) for x in HELD]}
+    cfg = specs.negatives(heldout=[list(x) for x in HELD])
     texts = [it["negative"] for it in sft_c_items(fin, cfg, seed=0)]
-    pairs, _ = build_pairs(fin, {**cfg, "pairs_per_image": 3, "p_easy": 0.0}, rho=1.0, seed=0)
+    pairs, _ = build_pairs(fin, dataclasses.replace(cfg, pairs_per_image=3, p_easy=0.0), rho=1.0, seed=0)
     texts += [p["rejected_text"] for p in pairs]
     assert len(texts) > 200
     for t in texts:

@@ -1,4 +1,4 @@
-"""The losses of PAPER.md against autograd and closed forms."""
+"""The losses of docs/method.md against autograd and closed forms."""
 import math
 
 import pytest

@@ -187,7 +187,7 @@ def test_option_scores_equal_the_stock_hf_forward(model64, processor, shapes_rec
 
 def test_generate_scoring_parses_the_greedy_output(model64, processor, shapes_records):
     import copy
-    from cwdpo.evaluate import generate_captions
+    from cwdpo.generation import generate_captions
     # the random tiny model only writes newlines (dropped by the whitespace normalisation) and <|im_end|>;
     # with their (tied) embeddings zeroed it writes non-empty text, so the comparison below has content
     model = copy.deepcopy(model64)
@@ -213,7 +213,7 @@ def test_generate_scoring_parses_the_greedy_output(model64, processor, shapes_re
 
 def test_generate_scoring_under_rotation(monkeypatch, shapes_records):
     """Canned outputs through the real parsing path: a content answer survives rotation, a letter does not."""
-    import cwdpo.mcq as mcq
+    import cwdpo.mcq.scoring as mcq
     items = [MCQItem("g1", [shapes_records[0].path], "What colour?", ["red", "green", "blue"], 1),
              MCQItem("g2", [shapes_records[0].path], "What shape?", ["circle", "star"], 0)]
     canned = {"g1": lambda p: "The answer is B", "g2": lambda p: "circle."}

@@ -8,6 +8,7 @@ import pytest
 from cwdpo import negatives as N
 from cwdpo import shapes as S
 from cwdpo.data import DataError, ImageRecord
+import specs
 
 
 def _diff(a, b):
@@ -132,7 +133,7 @@ def test_external_reader_names_file_and_line(tmp_path, line, needle):
 def test_external_negatives_are_used_for_their_images(shapes_records, tmp_path):
     recs = [r for r in shapes_records if r.split == "finetune"][:4]
     ext = {recs[0].image_id: [{"text": "an external negative", "source": "external", "kind": "gpt4o"}]}
-    pairs, summary = N.build_pairs(recs, {"pairs_per_image": 5}, rho=1.0, seed=0, external=ext)
+    pairs, summary = N.build_pairs(recs, specs.negatives(pairs_per_image=5), rho=1.0, seed=0, external=ext)
     mine = [p for p in pairs if p["image_id"] == recs[0].image_id]
     assert mine and all(p["source"] == "external" and p["rejected_text"] == "an external negative" for p in mine)
     assert summary["by_source"]["external"] == len(mine)
@@ -143,14 +144,14 @@ def test_rho_is_respected_exactly(shapes_records, rho):
     recs = [r for r in shapes_records if r.split == "finetune"][:20]
     onpolicy = {r.image_id: [{"text": f"sample {k} of {r.image_id}", "score": 0.1, "kept": True} for k in range(3)]
                 for r in recs}
-    pairs, summary = N.build_pairs(recs, {"pairs_per_image": 2}, rho=rho, seed=1, onpolicy=onpolicy)
+    pairs, summary = N.build_pairs(recs, specs.negatives(pairs_per_image=2), rho=rho, seed=1, onpolicy=onpolicy)
     n = len(pairs)
     n_ds = sum(p["source"] != "onpolicy" for p in pairs)
     assert n == 40 and n_ds == round(rho * 40) and summary["dataset"] == n_ds
     assert summary["onpolicy"] == n - n_ds
     # a smaller on-policy pool shrinks the set, never the ratio
     small = {k: v[:1] for k, v in list(onpolicy.items())[:5]}
-    pairs, summary = N.build_pairs(recs, {"pairs_per_image": 2}, rho=rho, seed=1, onpolicy=small)
+    pairs, summary = N.build_pairs(recs, specs.negatives(pairs_per_image=2), rho=rho, seed=1, onpolicy=small)
     if rho < 1:
         assert summary["onpolicy"] <= 5 and summary["pairs"] == (int(5 / (1 - rho)) if rho < 1 else 40)
         assert summary["dataset"] == round(rho * summary["pairs"])
@@ -158,7 +159,7 @@ def test_rho_is_respected_exactly(shapes_records, rho):
 
 def test_pairs_file_round_trip_and_bad_lines(shapes_records, tmp_path):
     recs = [r for r in shapes_records if r.split == "finetune"][:3]
-    pairs, _ = N.build_pairs(recs, {"pairs_per_image": 2}, rho=1.0, seed=0, scorer=lambda t, refs: 0.5)
+    pairs, _ = N.build_pairs(recs, specs.negatives(pairs_per_image=2), rho=1.0, seed=0, scorer=lambda t, refs: 0.5)
     path = str(tmp_path / "pairs.jsonl")
     N.write_pairs(path, pairs, "Describe the image.")
     first = json.loads(open(path).readline())
@@ -179,7 +180,7 @@ def test_pairs_file_round_trip_and_bad_lines(shapes_records, tmp_path):
 
 def test_sft_c_items_pair_every_caption_with_a_gentle_negative(shapes_records):
     recs = [r for r in shapes_records if r.split == "finetune"][:10]
-    items = N.sft_c_items(recs, {"sft_c_kind": "gentle"}, seed=0)
+    items = N.sft_c_items(recs, specs.negatives(sft_c_kind="gentle"), seed=0)
     assert len(items) >= 0.8 * sum(len(r.captions) for r in recs)
     assert all(it["source"] == "gentle" and it["negative"] != it["positive"] for it in items)
-    assert items == N.sft_c_items(recs, {"sft_c_kind": "gentle"}, seed=0)  # deterministic
+    assert items == N.sft_c_items(recs, specs.negatives(sft_c_kind="gentle"), seed=0)  # deterministic

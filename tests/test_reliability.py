@@ -1,4 +1,5 @@
 """Reliability: resume after SIGKILL, NaN guard, bad config / data fail fast, quoting, atomic writes."""
+import dataclasses
 import glob
 import json
 import os
@@ -10,41 +11,39 @@ import time
 
 import pytest
 
+import specs
 from conftest import REPO, copy_workflow, run
+from cwdpo.specs import to_json
 
 
 def _pairs_and_ref(tiny_model_dir, shapes_records, tmp_path):
     from cwdpo.negatives import build_pairs, write_pairs
     from cwdpo.reference import reference_logps
     recs = [r for r in shapes_records if r.split == "finetune"][:16]
-    pairs, _ = build_pairs(recs, {"pairs_per_image": 2, "p_easy": 0.5}, rho=1.0, seed=0)
+    pairs, _ = build_pairs(recs, specs.negatives(pairs_per_image=2, p_easy=0.5), rho=1.0, seed=0)
     path = str(tmp_path / "pairs.jsonl")
-    write_pairs(path, pairs, "Describe the image.")
+    write_pairs(path, pairs, specs.PROMPT)
     ref = str(tmp_path / "ref.json")
-    reference_logps(tiny_model_dir, path, ref, base=None, dtype="float32", prompt="Describe the image.",
-                    min_pixels=None, max_pixels=None, max_response_tokens=40)
+    reference_logps(tiny_model_dir, path, ref, specs.vlm())
     return path, ref
 
 
 def _cw_spec(tiny_model_dir, shapes_dir, pairs, ref, steps, save_steps):
-    return {"method": "cw_dpo", "init": tiny_model_dir, "prompt": "Describe the image.", "seed": 3,
-            "data": {"json": os.path.join(shapes_dir, "dataset_shapes.json"), "splits": ["finetune"]},
-            "pairs": pairs, "ref_logps": ref,
-            "hparams": {"lr": 5e-4, "steps": steps, "batch_size": 4, "beta": 0.1, "tau": 1.0, "l_floor": -5.0,
-                        "filter": {"enabled": True, "k": 2.0}, "schedule": "cosine_with_min_lr", "warmup_steps": 5,
-                        "weight_decay": 0.01},
-            "train": {"logging_steps": 10, "save_steps": save_steps, "save_total_limit": 2, "progress": False,
-                      "threads": 1}}
+    return specs.train("cw_dpo", tiny_model_dir, os.path.join(shapes_dir, "dataset_shapes.json"), seed=3,
+                       pairs=pairs, ref_logps=ref,
+                       hparams={"lr": 5e-4, "steps": steps, "batch_size": 4, "schedule": "cosine_with_min_lr",
+                                "warmup_steps": 5, "weight_decay": 0.01},
+                       train={"logging_steps": 10, "save_steps": save_steps, "save_total_limit": 2})
 
 
 def test_sigkill_mid_training_then_resume_gives_identical_final_metrics(tiny_model_dir, shapes_dir, shapes_records,
                                                                         tmp_path):
     pairs, ref = _pairs_and_ref(tiny_model_dir, shapes_records, tmp_path)
-    spec = json.dumps(_cw_spec(tiny_model_dir, shapes_dir, pairs, ref, steps=300, save_steps=20))
+    spec = to_json(_cw_spec(tiny_model_dir, shapes_dir, pairs, ref, steps=300, save_steps=20))
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     whole, killed = str(tmp_path / "whole"), str(tmp_path / "killed")
-    run(["cwdpo", "train", "--spec", spec, "--out", whole], env=env)
-    proc = subprocess.Popen(["cwdpo", "train", "--spec", spec, "--out", killed], env=env,
+    run(["cwdpo", "train", "--spec", spec, "--out", whole, "--threads", "1"], env=env)
+    proc = subprocess.Popen(["cwdpo", "train", "--spec", spec, "--out", killed, "--threads", "1"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 300
     while time.time() < deadline and not glob.glob(os.path.join(killed, "checkpoints", "checkpoint-40",
@@ -53,7 +52,7 @@ def test_sigkill_mid_training_then_resume_gives_identical_final_metrics(tiny_mod
     os.killpg(proc.pid, signal.SIGKILL)  # a node preemption: no cleanup, no final save
     proc.wait()
     assert not os.path.exists(os.path.join(killed, "metrics.json")), "the run finished before it was killed"
-    run(["cwdpo", "train", "--spec", spec, "--out", killed], env=env)
+    run(["cwdpo", "train", "--spec", spec, "--out", killed, "--threads", "1"], env=env)
     a, b = json.load(open(os.path.join(whole, "metrics.json"))), json.load(open(os.path.join(killed, "metrics.json")))
     assert b["resumed_from"] and b["resumed_from"].startswith("checkpoint-")
     for k in ("final_loss", "steps", "mean_w_c", "mean_accuracies", "mean_filtered_frac"):
@@ -72,8 +71,8 @@ def test_stale_checkpoints_of_another_spec_are_not_resumed(tiny_model_dir, shape
     pairs, ref = _pairs_and_ref(tiny_model_dir, shapes_records, tmp_path)
     out = str(tmp_path / "run")
     run_training(_cw_spec(tiny_model_dir, shapes_dir, pairs, ref, steps=6, save_steps=3), out)
-    other = _cw_spec(tiny_model_dir, shapes_dir, pairs, ref, steps=6, save_steps=3)
-    other["hparams"]["lr"] = 1e-4
+    base = _cw_spec(tiny_model_dir, shapes_dir, pairs, ref, steps=6, save_steps=3)
+    other = dataclasses.replace(base, hparams={**base.hparams, "lr": 1e-4})
     m = run_training(other, out)
     assert m["resumed_from"] is None  # the lr changed: the old checkpoints were discarded
 
@@ -82,7 +81,7 @@ def test_injected_nan_stops_training_naming_step_and_method(tiny_model_dir, shap
     from cwdpo.train import TrainingDiverged, run_training
     pairs, ref = _pairs_and_ref(tiny_model_dir, shapes_records, tmp_path)
     spec = _cw_spec(tiny_model_dir, shapes_dir, pairs, ref, steps=10, save_steps=2)
-    spec["train"]["inject_nan_step"] = 5
+    spec = dataclasses.replace(spec, train={**spec.train, "inject_nan_step": 5})
     with pytest.raises(TrainingDiverged, match=r"non-finite gradient at step 5 of method cw_dpo"):
         run_training(spec, str(tmp_path / "run"))
     ckpts = sorted(glob.glob(str(tmp_path / "run" / "checkpoints" / "checkpoint-*")))
@@ -139,8 +138,8 @@ def test_bad_data_errors_naming_file_and_image_or_is_skipped_and_counted(tmp_pat
     report = json.load(open(out))
     assert report["skipped"] == 1 and report["items"][0]["image_id"] == "101"
     from cwdpo.data import load_records
-    recs = load_records({"json": str(dj), "image_root": str(root), "splits": ["test"], "on_bad_input": "skip",
-                         "validated": str(out)})
+    recs = load_records(specs.data(str(dj), ["test"], image_root=str(root), on_bad_input="skip",
+                                   validated=str(out)))
     assert [r.image_id for r in recs] == ["100", "102"]
 
 
@@ -152,7 +151,8 @@ BAD_CONFIGS = [
     ("negatives: {sets: {mix: {rho: 1.5}}}", "negatives.sets.mix.rho", "maximum of 1"),
     ("stage1: {fraction: -0.1}", "stage1.fraction", "minimum of 0"),
     ("stage2: {defaults: {l_floor: men}}", "stage2.defaults.l_floor", "mean"),
-    ("data: {source: karpathy, karpathy: {json: /nonexistent/dataset_coco.json}}", "data.karpathy.json", "does not exist"),
+    ("data: {source: karpathy, karpathy: {json: /nonexistent/dataset_coco.json}}", "data.karpathy.json",
+     "does not exist"),
     ("model: {source: /nonexistent/qwen}\npretrain: {enabled: false}", "model.source", "does not exist"),
     ("negatives: {external: /nonexistent/neg.jsonl}", "negatives.external", "does not exist"),
     ("trainn: {logging_steps: 5}", "trainn", "typo"),

@@ -4,12 +4,14 @@ import os
 
 import pytest
 
+import specs
 from cwdpo import sampling
+from cwdpo.metrics import corpus_scorer
 
 
 @pytest.fixture(scope="module")
 def hf_sampler(tiny_model_dir):
-    return sampling.HFSampler(tiny_model_dir, prompt="Describe the image.", batch_size=8)
+    return sampling.HFSampler(tiny_model_dir, specs.vlm(), batch_size=8)
 
 
 def test_hf_samples_are_real_seeded_and_reproducible(hf_sampler, shapes_records):
@@ -36,7 +38,7 @@ def test_scored_samples_never_keep_a_reference(shapes_records):
     recs = shapes_records[:3]
     samples = [[recs[0].captions[0], "a completely different text"], [recs[1].captions[2].upper()],
                ["", "red"]]
-    scorer = sampling.corpus_scorer(shapes_records)
+    scorer = corpus_scorer(shapes_records)
     scored = sampling.score_samples(recs, samples, scorer, threshold=100.0)
     assert scored[0]["samples"][0]["is_reference"] and not scored[0]["samples"][0]["kept"]
     assert scored[0]["samples"][1]["kept"]
@@ -48,8 +50,8 @@ def test_scored_samples_never_keep_a_reference(shapes_records):
 
 
 def test_vllm_backend_builds_requests_without_an_engine(tiny_model_dir, shapes_records, tmp_path):
-    s = sampling.VLLMSampler(tiny_model_dir, prompt="Describe the image.", min_pixels=3136, max_pixels=12544,
-                             build_engine=False, llm_kwargs={"gpu_memory_utilization": 0.5})
+    s = sampling.VLLMSampler(tiny_model_dir, specs.vlm(min_pixels=3136, max_pixels=12544), build_engine=False,
+                             llm_kwargs={"gpu_memory_utilization": 0.5})
     reqs = s.requests([r.path for r in shapes_records[:2]])
     assert reqs[0]["prompt"].count("<|image_pad|>") == 1 and reqs[0]["prompt"].endswith("assistant\n")
     assert "Describe the image." in reqs[0]["prompt"]
@@ -65,7 +67,7 @@ def test_vllm_backend_builds_requests_without_an_engine(tiny_model_dir, shapes_r
 def test_vllm_sampling_params_and_lora_request(tiny_model_dir, tmp_path):
     from vllm import SamplingParams
     from vllm.lora.request import LoRARequest
-    s = sampling.VLLMSampler(tiny_model_dir, prompt="Describe the image.", build_engine=False)
+    s = sampling.VLLMSampler(tiny_model_dir, specs.vlm(), build_engine=False)
     p = s.sampling_params(k=4, temperature=0.8, top_p=0.9, max_new_tokens=20, seed=7)
     assert isinstance(p, SamplingParams) and p.n == 4 and p.seed == 7 and p.max_tokens == 20
     adapter = tmp_path / "adapter"
@@ -74,10 +76,11 @@ def test_vllm_sampling_params_and_lora_request(tiny_model_dir, tmp_path):
     for name in os.listdir(tiny_model_dir):
         if not name.endswith(".safetensors"):
             (adapter / name).write_bytes(open(os.path.join(tiny_model_dir, name), "rb").read())
-    s2 = sampling.VLLMSampler(str(adapter), prompt="Describe the image.", build_engine=False)
+    s2 = sampling.VLLMSampler(str(adapter), specs.vlm(), build_engine=False)
     assert isinstance(s2.lora_request(), LoRARequest) and s2.engine_kwargs["enable_lora"]
 
 
 def test_unknown_backend_is_refused(tiny_model_dir):
     with pytest.raises(ValueError, match="allowed: hf, vllm"):
-        sampling.make_sampler("sglang", tiny_model_dir)
+        sampling.make_sampler({**specs.config()["negatives"]["onpolicy"], "backend": "sglang"}, tiny_model_dir,
+                              specs.vlm())

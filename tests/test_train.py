@@ -5,34 +5,30 @@ import os
 
 import pytest
 
+
+import specs
 from cwdpo import reference as R
 from cwdpo import train as T
 from cwdpo.data import read_json
 from cwdpo.negatives import build_pairs, write_pairs
 
-PROMPT = "Describe the image."
+PROMPT = specs.PROMPT
+HPARAMS = {"lr": 1e-3, "steps": 4, "batch_size": 4, "schedule": "constant", "margin": 4.0, "lam": 0.5}
 
 
 @pytest.fixture(scope="module")
 def pairs_file(tmp_path_factory, shapes_records):
     recs = [r for r in shapes_records if r.split == "finetune"][:12]
-    pairs, summary = build_pairs(recs, {"pairs_per_image": 2, "p_easy": 0.5}, rho=1.0, seed=0)
+    pairs, summary = build_pairs(recs, specs.negatives(pairs_per_image=2, p_easy=0.5), rho=1.0, seed=0)
     path = str(tmp_path_factory.mktemp("pairs") / "pairs.jsonl")
     write_pairs(path, pairs, PROMPT)
     assert summary["pairs"] == 24
     return path
 
 
-def _spec(method, init, data_json, **extra):
-    spec = {"method": method, "init": init, "prompt": PROMPT, "seed": 0, "dtype": "float32",
-            "max_response_tokens": 40, "min_pixels": None, "max_pixels": None,
-            "data": {"json": data_json, "splits": ["finetune"], "stage": "stage1", "stage1_fraction": 0.75},
-            "hparams": {"lr": 1e-3, "steps": 4, "batch_size": 4, "beta": 0.1, "gamma": 2.0, "tau": 1.0,
-                        "l_floor": -5.0, "margin": 4.0, "lam": 0.5, "schedule": "constant"},
-            "train": {"logging_steps": 1, "save_steps": 100, "progress": False, "threads": 1},
-            "negatives": {"gentle_kinds": ["colour", "shape", "size", "count", "relation"]}}
-    spec.update(extra)
-    return spec
+def _spec(method, init, data_json, hparams=None, **changes):
+    return specs.train(method, init, data_json, hparams={**HPARAMS, **(hparams or {})},
+                       train={"logging_steps": 1, "save_steps": 100}, **changes)
 
 
 def test_reference_logps_computed_once_and_cached(tiny_model_dir, pairs_file, tmp_path, monkeypatch):
@@ -45,32 +41,27 @@ def test_reference_logps_computed_once_and_cached(tiny_model_dir, pairs_file, tm
 
     monkeypatch.setattr(R, "completion_logps", counting)
     out = str(tmp_path / "ref.json")
-    doc = R.reference_logps(tiny_model_dir, pairs_file, out, base=None, dtype="float32", prompt=PROMPT,
-                            min_pixels=None, max_pixels=None, max_response_tokens=40, batch_size=8)
+    doc = R.reference_logps(tiny_model_dir, pairs_file, out, specs.vlm(), batch_size=8)
     assert calls["n"] == 3 and doc["n_pairs"] == 24  # one forward per batch of 8 pairs
     assert all(math.isfinite(x) for x in doc["ref_chosen_logps"] + doc["ref_rejected_logps"])
     mtime = os.path.getmtime(out)
-    again = R.reference_logps(tiny_model_dir, pairs_file, out, base=None, dtype="float32", prompt=PROMPT,
-                              min_pixels=None, max_pixels=None, max_response_tokens=40, batch_size=8)
+    again = R.reference_logps(tiny_model_dir, pairs_file, out, specs.vlm(), batch_size=8)
     assert calls["n"] == 3 and os.path.getmtime(out) == mtime and again == doc  # cache hit: no forward
     # a different pairs file is a cache miss (the key holds the pairs' hash)
     other = str(tmp_path / "pairs2.jsonl")
     with open(pairs_file) as f, open(other, "w") as g:
         g.write("".join(list(f)[:8]))
-    R.reference_logps(tiny_model_dir, other, out, base=None, dtype="float32", prompt=PROMPT,
-                      min_pixels=None, max_pixels=None, max_response_tokens=40, batch_size=8)
+    R.reference_logps(tiny_model_dir, other, out, specs.vlm(), batch_size=8)
     assert calls["n"] == 4
 
 
 @pytest.mark.parametrize("method", ["dpo", "focal_dpo", "cw_dpo"])
 def test_stage2_reuses_cached_reference_across_epochs(tiny_model_dir, shapes_dir, pairs_file, tmp_path, method):
     ref = str(tmp_path / "ref.json")
-    R.reference_logps(tiny_model_dir, pairs_file, ref, base=None, dtype="float32", prompt=PROMPT,
-                      min_pixels=None, max_pixels=None, max_response_tokens=40)
-    spec = _spec(method, tiny_model_dir, os.path.join(shapes_dir, "dataset_shapes.json"),
-                 pairs=pairs_file, ref_logps=ref)
-    spec["hparams"]["steps"] = 14  # 24 pairs / batch 4 = 6 steps per epoch: more than two epochs
-    spec["hparams"]["filter"] = {"enabled": method == "cw_dpo", "k": 2.0}
+    R.reference_logps(tiny_model_dir, pairs_file, ref, specs.vlm())
+    # 24 pairs / batch 4 = 6 steps per epoch: 14 steps are more than two epochs
+    spec = _spec(method, tiny_model_dir, os.path.join(shapes_dir, "dataset_shapes.json"), pairs=pairs_file,
+                 ref_logps=ref, hparams={"steps": 14, "filter": {"enabled": method == "cw_dpo", "k": 2.0}})
     out = str(tmp_path / "run")
     seen = []
     real_collate = T.Collator.__call__
@@ -82,7 +73,7 @@ def test_stage2_reuses_cached_reference_across_epochs(tiny_model_dir, shapes_dir
 
     T.Collator.__call__ = spy
     try:
-        metrics = T.run_training(spec, out)
+        metrics = T.run_training(spec, out, threads=1)
     finally:
         T.Collator.__call__ = real_collate
     assert metrics["steps"] == 14
@@ -107,18 +98,17 @@ def test_stage2_refuses_reference_of_other_pairs(tiny_model_dir, shapes_dir, pai
     with open(pairs_file) as f, open(other, "w") as g:
         g.write("".join(list(f)[:8]))
     ref = str(tmp_path / "ref.json")
-    R.reference_logps(tiny_model_dir, other, ref, base=None, dtype="float32", prompt=PROMPT,
-                      min_pixels=None, max_pixels=None, max_response_tokens=40)
+    R.reference_logps(tiny_model_dir, other, ref, specs.vlm())
     spec = _spec("dpo", tiny_model_dir, os.path.join(shapes_dir, "dataset_shapes.json"), pairs=pairs_file,
                  ref_logps=ref)
     with pytest.raises(ValueError, match="another pairs file"):
-        T.run_training(spec, str(tmp_path / "run"))
+        T.run_training(spec, str(tmp_path / "run"), threads=1)
 
 
 @pytest.mark.parametrize("method", ["sft", "sft_c"])
 def test_stage1_methods_train(tiny_model_dir, shapes_dir, tmp_path, method):
     spec = _spec(method, tiny_model_dir, os.path.join(shapes_dir, "dataset_shapes.json"))
-    metrics = T.run_training(spec, str(tmp_path / "run"))
+    metrics = T.run_training(spec, str(tmp_path / "run"), threads=1)
     log = T.read_train_log(str(tmp_path / "run" / "train_log.csv"))
     assert metrics["data"]["images"] == 30 and len(log) == 4
     assert all(math.isfinite(float(r["loss"])) for r in log)
@@ -129,9 +119,9 @@ def test_stage1_methods_train(tiny_model_dir, shapes_dir, tmp_path, method):
 
 
 def test_sft_c_hard_constraint_uses_hard_lambda(tiny_model_dir, shapes_dir, tmp_path):
-    spec = _spec("sft_c", tiny_model_dir, os.path.join(shapes_dir, "dataset_shapes.json"))
-    spec["hparams"].update(margin=10.0, lam=0.5, hard=True, hard_lam=100.0, steps=1)
-    T.run_training(spec, str(tmp_path / "run"))
+    spec = _spec("sft_c", tiny_model_dir, os.path.join(shapes_dir, "dataset_shapes.json"),
+                 hparams=dict(margin=10.0, lam=0.5, hard=True, hard_lam=100.0, steps=1))
+    T.run_training(spec, str(tmp_path / "run"), threads=1)
     row = T.read_train_log(str(tmp_path / "run" / "train_log.csv"))[0]
     # penalty = λ_hard · (C − mean NLL(y−))
     assert float(row["penalty"]) == pytest.approx(100.0 * (10.0 - float(row["neg_nll"])), rel=1e-5)
@@ -140,17 +130,16 @@ def test_sft_c_hard_constraint_uses_hard_lambda(tiny_model_dir, shapes_dir, tmp_
 def test_lora_stage1_then_stage2_continues_the_adapter(tiny_model_dir, shapes_dir, pairs_file, tmp_path):
     lora = {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
     spec = _spec("sft", tiny_model_dir, os.path.join(shapes_dir, "dataset_shapes.json"), lora=lora,
-                 base=tiny_model_dir)
-    m1 = T.run_training(spec, str(tmp_path / "s1"))
+                 vlm=specs.vlm(base=tiny_model_dir))
+    m1 = T.run_training(spec, str(tmp_path / "s1"), threads=1)
     adapter = str(tmp_path / "s1" / "model")
     assert os.path.isfile(os.path.join(adapter, "adapter_config.json"))
     assert m1["trainable_parameters"] < m1["parameters"] / 5
     ref = str(tmp_path / "ref.json")
-    R.reference_logps(adapter, pairs_file, ref, base=tiny_model_dir, dtype="float32", prompt=PROMPT,
-                      min_pixels=None, max_pixels=None, max_response_tokens=40)
+    R.reference_logps(adapter, pairs_file, ref, specs.vlm(base=tiny_model_dir))
     spec2 = _spec("cw_dpo", adapter, os.path.join(shapes_dir, "dataset_shapes.json"), pairs=pairs_file,
-                  ref_logps=ref, lora=lora, base=tiny_model_dir)
-    T.run_training(spec2, str(tmp_path / "s2"))
+                  ref_logps=ref, lora=lora, vlm=specs.vlm(base=tiny_model_dir))
+    T.run_training(spec2, str(tmp_path / "s2"), threads=1)
     log = T.read_train_log(str(tmp_path / "s2" / "train_log.csv"))
     assert float(log[0]["loss"]) == pytest.approx(math.log(2), abs=2e-4)  # starts exactly at its reference
     assert os.path.isfile(os.path.join(tmp_path, "s2", "model", "adapter_config.json"))
@@ -159,8 +148,8 @@ def test_lora_stage1_then_stage2_continues_the_adapter(tiny_model_dir, shapes_di
 def test_l_floor_mean_is_the_mean_negative_logp_under_the_reference(tmp_path):
     ref = tmp_path / "ref.json"
     ref.write_text(json.dumps({"ref_rejected_avg": [-4.0, -6.0, -8.0]}))
-    assert T.resolve_l_floor({"l_floor": "mean"}, {"ref_logps": str(ref)}) == pytest.approx(-6.0)
-    assert T.resolve_l_floor({"l_floor": -3}, {}) == -3.0
+    assert T.resolve_l_floor("mean", str(ref)) == pytest.approx(-6.0)
+    assert T.resolve_l_floor(-3, None) == -3.0
 
 
 def test_unknown_method_is_rejected(tiny_model_dir):

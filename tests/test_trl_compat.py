@@ -3,6 +3,7 @@ import math
 
 import pytest
 
+import specs
 from cwdpo.negatives import build_pairs, write_pairs
 
 
@@ -12,7 +13,7 @@ def test_trl_dpo_trainer_reads_our_pairs_file(tiny_model_dir, shapes_records, tm
     from transformers import AutoModelForImageTextToText
     from cwdpo.models import load_processor
     recs = [r for r in shapes_records if r.split == "finetune"][:4]
-    pairs, _ = build_pairs(recs, {"pairs_per_image": 2}, rho=1.0, seed=0, scorer=lambda t, r: 0.0)
+    pairs, _ = build_pairs(recs, specs.negatives(pairs_per_image=2), rho=1.0, seed=0, scorer=lambda t, r: 0.0)
     path = str(tmp_path / "pairs.jsonl")
     write_pairs(path, pairs, "Describe the image.")
     ds = datasets.load_dataset("json", data_files=path, split="train")

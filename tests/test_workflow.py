@@ -1,11 +1,13 @@
 """The Snakefile: parses fast without torch, lints clean, validates its config before any job."""
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
 
+import specs
 from conftest import copy_workflow, run
 
 BLOCK_TORCH = '''
@@ -73,19 +75,18 @@ def test_torch_free_commands_do_not_import_torch(tmp_path, shapes_dir):
     import json
     (tmp_path / "sitecustomize.py").write_text(BLOCK_TORCH)
     env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    data = {"json": os.path.join(shapes_dir, "dataset_shapes.json"), "image_root": None, "on_bad_input": "error"}
-    negatives = {"gentle_kinds": ["colour", "shape", "size", "count", "relation"],
-                 "easy_kinds": ["other_image", "shuffled", "off_topic"], "heldout": [], "p_easy": 0.5,
-                 "pairs_per_image": 2, "sft_c_kind": "gentle", "external": None}
-    probe_spec = {"negatives": negatives, "probe_data": {**data, "splits": ["test"]}, "probe_images": 8, "seed": 0}
-    pairs_spec = {"prompt": "Describe the image.", "data": {**data, "splits": ["finetune"]}, "stage": "all",
-                  "negatives": negatives, "rho": 1.0, "p_easy": None, "seed": 0}
-    trivial_spec = {"train": {**data, "splits": ["train"]}, "test": {**data, "splits": ["test"]}}
+    from cwdpo.specs import PairsSpec, ProbeSetSpec, TrivialSpec, to_json
+    data_json = os.path.join(shapes_dir, "dataset_shapes.json")
+    probe_spec = ProbeSetSpec(probe_data=specs.data(data_json, ["test"]), probe_images=8,
+                              negatives=specs.negatives(), seed=0)
+    pairs_spec = PairsSpec(prompt=specs.PROMPT, data=specs.data(data_json, ["finetune"]),
+                           negatives=specs.negatives(pairs_per_image=2), rho=1.0, p_easy=None, seed=0)
+    trivial_spec = TrivialSpec(train=specs.data(data_json, ["train"]), test=specs.data(data_json, ["test"]))
     commands = [
-        ["probe-set", "--spec", json.dumps(probe_spec), "--out", str(tmp_path / "probe.jsonl")],
-        ["make-pairs", "--spec", json.dumps(pairs_spec), "--out", str(tmp_path / "pairs.jsonl"),
+        ["probe-set", "--spec", to_json(probe_spec), "--out", str(tmp_path / "probe.jsonl")],
+        ["make-pairs", "--spec", to_json(pairs_spec), "--out", str(tmp_path / "pairs.jsonl"),
          "--summary", str(tmp_path / "pairs_summary.json")],
-        ["trivial", "--spec", json.dumps(trivial_spec), "--out", str(tmp_path / "trivial.json")],
+        ["trivial", "--spec", to_json(trivial_spec), "--out", str(tmp_path / "trivial.json")],
         ["score", "--captions", str(tmp_path / "trivial.json"), "--out", str(tmp_path / "scores.json"),
          "--metrics", "BLEU-4,CIDEr"],
     ]
@@ -97,3 +98,11 @@ def test_torch_free_commands_do_not_import_torch(tmp_path, shapes_dir):
     assert (tmp_path / "pairs.jsonl").stat().st_size > 0
     scores = json.loads((tmp_path / "scores.json").read_text())
     assert scores["corpus"]["CIDEr"] >= 0 and 0 <= scores["corpus"]["BLEU-4"] <= 1
+
+
+def test_ruff_is_clean():
+    """The package, the tests and the scripts pass the linter configured in pyproject.toml."""
+    from conftest import REPO
+    out = subprocess.run([sys.executable, "-m", "ruff", "check", "cwdpo", "tests", "scripts"], cwd=REPO,
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]

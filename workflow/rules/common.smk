@@ -1,30 +1,45 @@
-# Config validation (schema + cross-key checks) and the experiment plan every rule reads.
+# Config validation (schema + cross-key checks) and the experiment plan every rule reads. Each artifact
+# path is a template of cwdpo.paths, taken with P.pattern(...) (wildcards left in); specs come from P.
 import os
 from shlex import quote as shlex_quote
 
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
-from cwdpo.plan import Plan, dumps
+from cwdpo.config import ConfigError, NAME_PATTERN, check_config, schema_errors
+from cwdpo.figures import figure_inputs, figure_spec
+from cwdpo.paths import TRIVIAL, ModelKey
+from cwdpo.plan import Plan
+from cwdpo.report import table_inputs, table_spec
+from cwdpo.specs import to_json
 
 try:
     validate(config, "../schemas/config.schema.yaml")
 except WorkflowError:
     # say every problem as "key: problem (allowed: ...)" instead of jsonschema's schema dump
-    from cwdpo.config import schema_errors
-
     errors = schema_errors(
         config, workflow.source_path("../schemas/config.schema.yaml")
     )
     raise WorkflowError("invalid config:\n  " + "\n  ".join(errors)) from None
+try:
+    check_config(config)
+except ConfigError as e:
+    raise WorkflowError(f"invalid config:\n  {e}") from None
 P = Plan(config)
 OUT = P.out
 
 
+def optional_flag(name):
+    """`--<name> <path>` when the input function gave that input, else nothing."""
+    return lambda wc, input: (
+        f"--{name} {shlex_quote(input[name])}" if name in input.keys() else ""
+    )
+
+
 wildcard_constraints:
-    stage1=r"[A-Za-z0-9][A-Za-z0-9_.-]*",
-    stage2=r"[A-Za-z0-9][A-Za-z0-9_.-]*",
+    stage1=NAME_PATTERN,
+    stage2=NAME_PATTERN,
     seed=r"\d+",
-    key=r"base|stage1/[^/]+/s\d+|stage2/[^/]+/s\d+/[^/]+",
-    negset=r"[A-Za-z0-9][A-Za-z0-9_.-]*",
-    evalset=r"[A-Za-z0-9][A-Za-z0-9_.-]*",
+    key=ModelKey.PATTERN,
+    negset=NAME_PATTERN,
+    evalset=NAME_PATTERN,

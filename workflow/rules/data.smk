@@ -4,12 +4,12 @@ if P.is_shapes:
 
     rule prepare_data:
         output:
-            json=f"{OUT}/data/dataset_shapes.json",
-            summary=f"{OUT}/data/summary.json",
+            json=P.pattern("shapes_json"),
+            summary=P.pattern("data_summary"),
         log:
             f"{OUT}/logs/prepare_data.log",
         params:
-            spec=dumps(P.shapes_spec()),
+            spec=to_json(P.shapes_spec()),
             out=lambda wc, output: os.path.dirname(output.json),
         shell:
             "cwdpo prepare-data --spec {params.spec:q} --out {params.out:q} > {log:q} 2>&1"
@@ -19,10 +19,10 @@ rule validate_data:
     input:
         P.data_json(),
     output:
-        P.validated_path(),
+        P.pattern("validated"),
     log:
         f"{OUT}/logs/validate_data.log",
     params:
-        spec=dumps(P.validate_spec()),
+        spec=to_json(P.validate_spec()),
     shell:
         "cwdpo validate-data --spec {params.spec:q} --out {output:q} > {log:q} 2>&1"

@@ -6,10 +6,10 @@ rule evaluate:
     input:
         unpack(lambda wc: P.eval_inputs(wc.key)),
     output:
-        captions=f"{OUT}/eval/{{key}}/captions.json",
-        measures=f"{OUT}/eval/{{key}}/measures.json",
-        sets=[f"{OUT}/eval/{{key}}/captions_{name}.json" for name in P.eval_set_names()],
-        mcq=[f"{OUT}/eval/{{key}}/mcq_{name}.json" for name in P.mcq_names()],
+        captions=P.pattern("captions"),
+        measures=P.pattern("measures"),
+        sets=[P.eval_file(f"captions_{name}") for name in P.eval_sets()],
+        mcq=[P.eval_file(f"mcq_{name}") for name in P.mcq_sets()],
     log:
         f"{OUT}/logs/eval/{{key}}/evaluate.log",
     benchmark:
@@ -18,7 +18,7 @@ rule evaluate:
     resources:
         gpu=P.gpus("infer"),
     params:
-        spec=lambda wc: dumps(P.eval_spec(wc.key)),
+        spec=lambda wc: to_json(P.eval_spec(wc.key)),
     shell:
         "cwdpo evaluate --spec {params.spec:q} --threads {threads} --captions {output.captions:q} "
         "--measures {output.measures:q} > {log:q} 2>&1"
@@ -28,11 +28,11 @@ rule trivial_baseline:
     input:
         P.data_inputs(),
     output:
-        f"{OUT}/eval/trivial/captions.json",
+        P.path("captions", key=TRIVIAL),
     log:
         f"{OUT}/logs/eval/trivial.log",
     params:
-        spec=dumps(P.trivial_spec()),
+        spec=to_json(P.trivial_spec()),
     shell:
         "cwdpo trivial --spec {params.spec:q} --out {output:q} > {log:q} 2>&1"
 

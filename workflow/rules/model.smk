@@ -6,13 +6,13 @@ if P.tiny:
         input:
             P.data_inputs(),
         output:
-            directory(P.base_init_dir()),
+            directory(P.pattern("base_init")),
         log:
             f"{OUT}/logs/build_model.log",
         benchmark:
             f"{OUT}/benchmarks/build_model.tsv"
         params:
-            spec=lambda wc: dumps(P.build_model_spec()),
+            spec=to_json(P.build_model_spec()),
         shell:
             "cwdpo build-model --spec {params.spec:q} --out {output:q} > {log:q} 2>&1"
 
@@ -21,12 +21,12 @@ if P.tiny and config["pretrain"]["enabled"]:
 
     rule pretrain:
         input:
-            model=P.base_init_dir(),
+            model=P.pattern("base_init"),
             data=P.data_inputs(),
         output:
-            model=directory(P.base_model()),
-            metrics=f"{OUT}/base/pretrain/metrics.json",
-            train_log=f"{OUT}/base/pretrain/train_log.csv",
+            model=directory(P.pattern("pretrain_dir", "model")),
+            metrics=P.pattern("pretrain_dir", "metrics"),
+            train_log=P.pattern("pretrain_dir", "train_log"),
         log:
             f"{OUT}/logs/pretrain.log",
         benchmark:
@@ -35,7 +35,7 @@ if P.tiny and config["pretrain"]["enabled"]:
         resources:
             gpu=P.gpus("train"),
         params:
-            spec=dumps(P.pretrain_spec()),
+            spec=to_json(P.pretrain_spec()),
             out=lambda wc, output: os.path.dirname(output.metrics),
             launch=P.launcher("train"),
         shell:

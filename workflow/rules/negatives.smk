@@ -8,8 +8,8 @@ rule sample_onpolicy:
         model=lambda wc: P.init_inputs(wc.stage1, wc.seed),
         data=P.data_inputs(),
     output:
-        samples=f"{OUT}/negatives/{{stage1}}/s{{seed}}/onpolicy.jsonl",
-        summary=f"{OUT}/negatives/{{stage1}}/s{{seed}}/onpolicy_summary.json",
+        samples=P.pattern("onpolicy"),
+        summary=P.pattern("onpolicy_summary"),
     log:
         f"{OUT}/logs/negatives/{{stage1}}_s{{seed}}_onpolicy.log",
     benchmark:
@@ -18,7 +18,7 @@ rule sample_onpolicy:
     resources:
         gpu=P.gpus("infer"),
     params:
-        spec=lambda wc: dumps(P.sample_spec(wc.stage1, wc.seed)),
+        spec=lambda wc: to_json(P.sample_spec(wc.stage1, wc.seed)),
     shell:
         "cwdpo sample-onpolicy --spec {params.spec:q} --threads {threads} --out {output.samples:q} "
         "--summary {output.summary:q} > {log:q} 2>&1"
@@ -28,17 +28,13 @@ rule make_pairs:
     input:
         unpack(lambda wc: P.pairs_inputs(wc.stage1, wc.seed, wc.negset)),
     output:
-        pairs=f"{OUT}/negatives/{{stage1}}/s{{seed}}/pairs_{{negset}}.jsonl",
-        summary=f"{OUT}/negatives/{{stage1}}/s{{seed}}/pairs_{{negset}}_summary.json",
+        pairs=P.pattern("pairs"),
+        summary=P.pattern("pairs_summary"),
     log:
         f"{OUT}/logs/negatives/{{stage1}}_s{{seed}}_pairs_{{negset}}.log",
     params:
-        spec=lambda wc: dumps(P.pairs_spec(wc.stage1, wc.seed, wc.negset)),
-        onpolicy=lambda wc, input: (
-            f"--onpolicy {shlex_quote(input.onpolicy)}"
-            if "onpolicy" in input.keys()
-            else ""
-        ),
+        spec=lambda wc: to_json(P.pairs_spec(wc.stage1, wc.seed, wc.negset)),
+        onpolicy=optional_flag("onpolicy"),
     shell:
         "cwdpo make-pairs --spec {params.spec:q} {params.onpolicy} --out {output.pairs:q} "
         "--summary {output.summary:q} > {log:q} 2>&1"
@@ -47,9 +43,9 @@ rule make_pairs:
 rule ref_logps:
     input:
         model=lambda wc: P.init_inputs(wc.stage1, wc.seed),
-        pairs=f"{OUT}/negatives/{{stage1}}/s{{seed}}/pairs_{{negset}}.jsonl",
+        pairs=P.pattern("pairs"),
     output:
-        f"{OUT}/negatives/{{stage1}}/s{{seed}}/ref_{{negset}}.json",
+        P.pattern("ref_logps"),
     log:
         f"{OUT}/logs/negatives/{{stage1}}_s{{seed}}_ref_{{negset}}.log",
     benchmark:
@@ -58,7 +54,7 @@ rule ref_logps:
     resources:
         gpu=P.gpus("infer"),
     params:
-        spec=lambda wc: dumps(P.ref_spec(wc.stage1, wc.seed)),
+        spec=lambda wc: to_json(P.ref_spec(wc.stage1, wc.seed)),
     shell:
         "cwdpo ref-logps --spec {params.spec:q} --threads {threads} --pairs {input.pairs:q} --out {output:q} > {log:q} 2>&1"
 
@@ -68,16 +64,12 @@ rule probe_set:
     input:
         unpack(lambda wc: P.probe_set_inputs(wc.stage1, wc.seed)),
     output:
-        f"{OUT}/negatives/{{stage1}}/s{{seed}}/probe.jsonl",
+        P.pattern("probe_set"),
     log:
         f"{OUT}/logs/negatives/{{stage1}}_s{{seed}}_probe.log",
     params:
-        spec=lambda wc: dumps(P.probe_set_spec(wc.stage1, wc.seed)),
-        onpolicy=lambda wc, input: (
-            f"--onpolicy {shlex_quote(input.onpolicy)}"
-            if "onpolicy" in input.keys()
-            else ""
-        ),
+        spec=lambda wc: to_json(P.probe_set_spec(wc.stage1, wc.seed)),
+        onpolicy=optional_flag("onpolicy"),
     shell:
         "cwdpo probe-set --spec {params.spec:q} {params.onpolicy} --out {output:q} > {log:q} 2>&1"
 
@@ -87,11 +79,11 @@ rule heldout_pairs:
     input:
         P.data_inputs(),
     output:
-        pairs=P.heldout_pairs_path(),
-        summary=f"{OUT}/eval/heldout_pairs_summary.json",
+        pairs=P.pattern("heldout_pairs"),
+        summary=P.pattern("heldout_summary"),
     log:
         f"{OUT}/logs/eval/heldout_pairs.log",
     params:
-        spec=dumps(P.heldout_spec()),
+        spec=to_json(P.heldout_spec()),
     shell:
         "cwdpo make-pairs --spec {params.spec:q} --out {output.pairs:q} --summary {output.summary:q} > {log:q} 2>&1"

@@ -4,40 +4,40 @@
 
 rule table:
     input:
-        lambda wc: P.table_inputs(wc.table),
+        lambda wc: table_inputs(P, wc.table),
     output:
         md=report(
-            f"{OUT}/tables/{{table}}.md",
+            P.pattern("table") + ".md",
             caption="../report/table.rst",
             category="Tables",
             labels={"table": "{table}"},
         ),
-        csv=f"{OUT}/tables/{{table}}.csv",
-        tex=f"{OUT}/tables/{{table}}.tex",
+        csv=P.pattern("table") + ".csv",
+        tex=P.pattern("table") + ".tex",
     log:
         f"{OUT}/logs/tables/{{table}}.log",
     params:
-        spec=lambda wc: dumps(P.table_spec(wc.table)),
-        stem=lambda wc: f"{OUT}/tables/{wc.table}",
+        spec=lambda wc: to_json(table_spec(P, wc.table)),
+        stem=lambda wc, output: output.md[: -len(".md")],
     shell:
         "cwdpo table --spec {params.spec:q} --out {params.stem:q} > {log:q} 2>&1"
 
 
 rule figure:
     input:
-        lambda wc: P.figure_inputs(wc.figure),
+        lambda wc: figure_inputs(P, wc.figure),
     output:
         png=report(
-            f"{OUT}/figures/{{figure}}.png",
+            P.pattern("figure") + ".png",
             caption="../report/figure.rst",
             category="Figures",
             labels={"figure": "{figure}"},
         ),
-        pdf=f"{OUT}/figures/{{figure}}.pdf",
+        pdf=P.pattern("figure") + ".pdf",
     log:
         f"{OUT}/logs/figures/{{figure}}.log",
     params:
-        spec=lambda wc: dumps(P.figure_spec(wc.figure)),
+        spec=lambda wc: to_json(figure_spec(P, wc.figure)),
         stem=lambda wc, output: output.png[: -len(".png")],
     shell:
         "cwdpo figure --spec {params.spec:q} --out {params.stem:q} > {log:q} 2>&1"

@@ -6,10 +6,10 @@ rule stage1:
     input:
         unpack(lambda wc: P.stage1_inputs(wc.seed)),
     output:
-        model=directory(f"{OUT}/stage1/{{stage1}}/s{{seed}}/model"),
-        metrics=f"{OUT}/stage1/{{stage1}}/s{{seed}}/metrics.json",
-        train_log=f"{OUT}/stage1/{{stage1}}/s{{seed}}/train_log.csv",
-        probes=f"{OUT}/stage1/{{stage1}}/s{{seed}}/probes.csv",
+        model=directory(P.pattern("stage1_dir", "model")),
+        metrics=P.pattern("stage1_dir", "metrics"),
+        train_log=P.pattern("stage1_dir", "train_log"),
+        probes=P.pattern("stage1_dir", "probes"),
     log:
         f"{OUT}/logs/stage1/{{stage1}}_s{{seed}}.log",
     benchmark:
@@ -18,7 +18,7 @@ rule stage1:
     resources:
         gpu=P.gpus("train"),
     params:
-        spec=lambda wc: dumps(P.stage1_spec(wc.stage1, wc.seed)),
+        spec=lambda wc: to_json(P.stage1_spec(wc.stage1, wc.seed)),
         out=lambda wc, output: os.path.dirname(output.metrics),
         launch=P.launcher("train"),
     shell:
@@ -29,10 +29,10 @@ rule stage2:
     input:
         unpack(lambda wc: P.stage2_inputs(wc.stage1, wc.seed, wc.stage2)),
     output:
-        model=directory(f"{OUT}/stage2/{{stage1}}/s{{seed}}/{{stage2}}/model"),
-        metrics=f"{OUT}/stage2/{{stage1}}/s{{seed}}/{{stage2}}/metrics.json",
-        train_log=f"{OUT}/stage2/{{stage1}}/s{{seed}}/{{stage2}}/train_log.csv",
-        probes=f"{OUT}/stage2/{{stage1}}/s{{seed}}/{{stage2}}/probes.csv",
+        model=directory(P.pattern("stage2_dir", "model")),
+        metrics=P.pattern("stage2_dir", "metrics"),
+        train_log=P.pattern("stage2_dir", "train_log"),
+        probes=P.pattern("stage2_dir", "probes"),
     log:
         f"{OUT}/logs/stage2/{{stage1}}_s{{seed}}_{{stage2}}.log",
     benchmark:
@@ -41,7 +41,7 @@ rule stage2:
     resources:
         gpu=P.gpus("train"),
     params:
-        spec=lambda wc: dumps(P.stage2_spec(wc.stage1, wc.seed, wc.stage2)),
+        spec=lambda wc: to_json(P.stage2_spec(wc.stage1, wc.seed, wc.stage2)),
         out=lambda wc, output: os.path.dirname(output.metrics),
         launch=P.launcher("train"),
     shell:

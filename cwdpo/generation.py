@@ -1,0 +1,64 @@
+"""Generation with transformers `generate`: left-padded prompt batches of one image each, beam search or
+seeded sampling, decoded captions. Evaluation, on-policy sampling (hf backend), the validation probes and
+the MCQ "generate" mode all decode through here."""
+from __future__ import annotations
+
+import torch
+from tqdm import tqdm
+
+from .logprobs import Encoder
+
+
+def prompt_batch(encoders, images: list) -> dict:
+    """Left-padded generation inputs (input_ids, attention_mask, mm_token_type_ids, pixel_values, grid) of
+    one image per row; `encoders` is one Encoder for every row or a list with each row's own (its prompt)."""
+    rows = encoders if isinstance(encoders, list) else [encoders] * len(images)
+    first = rows[0]
+    pixel_values, grids = first.encode_images(images)
+    prompts = [enc.prompt_ids(g)[0] for enc, g in zip(rows, grids)]
+    length = max(len(p) for p in prompts)
+    n = len(prompts)
+    input_ids = torch.full((n, length), first.pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((n, length), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        input_ids[i, length - len(p):] = torch.tensor(p)
+        attention_mask[i, length - len(p):] = 1
+    mm = (input_ids == first.image_token_id).to(torch.int32)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "mm_token_type_ids": mm,
+            "pixel_values": pixel_values, "image_grid_thw": grids}
+
+
+def decode(encoder: Encoder, sequences: torch.Tensor, prompt_len: int) -> list:
+    texts = encoder.tokenizer.batch_decode(sequences[:, prompt_len:], skip_special_tokens=True)
+    return [" ".join(t.split()) for t in texts]
+
+
+@torch.no_grad()
+def generate_captions(model, encoder: Encoder, image_paths: list, *, num_beams: int = 3, num_return: int = 1,
+                      max_new_tokens: int = 40, batch_size: int = 64, do_sample: bool = False,
+                      temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None,
+                      desc: str = "generate") -> list:
+    """Captions for `image_paths`: a list (one per image) of `num_return` strings, best first.
+
+    Beam search (`num_beams`, no sampling) by default; with `do_sample` the `num_return` samples use
+    temperature/top-p and the generator is seeded per batch from `seed` (reproducible on CPU).
+    """
+    model.eval()
+    out = []
+    for s in tqdm(range(0, len(image_paths), batch_size), desc=desc, mininterval=2.0):
+        chunk = image_paths[s:s + batch_size]
+        inputs = prompt_batch(encoder, chunk)
+        inputs = {k: v.to(model.device) for k, v in inputs.items()}
+        kwargs = dict(max_new_tokens=max_new_tokens, num_return_sequences=num_return,
+                      eos_token_id=encoder.eos_id, pad_token_id=encoder.pad_id)
+        if do_sample:
+            if seed is not None:
+                torch.manual_seed(int(seed) * 100_003 + s)
+            kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, num_beams=1)
+        else:
+            kwargs.update(do_sample=False, num_beams=max(num_beams, num_return))
+        seqs = model.generate(**inputs, **kwargs)
+        texts = decode(encoder, seqs, inputs["input_ids"].shape[1])
+        for i in range(len(chunk)):
+            out.append(texts[i * num_return:(i + 1) * num_return])
+    return out

@@ -1,0 +1,106 @@
+"""Where every artifact of an experiment lives: one path template per artifact, and the model keys.
+
+The rules take a template with its wildcards left in (`Layout.pattern("pairs")` →
+`results/tiny/negatives/{stage1}/s{seed}/pairs_{negset}.jsonl`); the plan fills the same template for the
+specs and input functions (`Layout.path("pairs", stage1="sft_c", seed=0, negset="mix")`). Each path is
+spelled here and nowhere else. No torch import.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+RUN_STAGE1 = "{out}/stage1/{stage1}/s{seed}"
+RUN_STAGE2 = "{out}/stage2/{stage1}/s{seed}/{stage2}"
+NEGATIVES = "{out}/negatives/{stage1}/s{seed}"
+EVAL = "{out}/eval/{key}"
+
+TEMPLATES = {
+    # data
+    "shapes_json": "{out}/data/dataset_shapes.json",
+    "data_summary": "{out}/data/summary.json",
+    "validated": "{out}/data/validated.json",
+    # the base model (tiny: built, then pretrained)
+    "base_init": "{out}/base/init",
+    "pretrain_dir": "{out}/base/pretrain",
+    # training runs: a folder each, holding model/, metrics.json, train_log.csv, probes.csv
+    "stage1_dir": RUN_STAGE1,
+    "stage2_dir": RUN_STAGE2,
+    # Stage-2 inputs of the runs that start from one model (a Stage-1 run, or base) with one seed
+    "onpolicy": NEGATIVES + "/onpolicy.jsonl",
+    "onpolicy_summary": NEGATIVES + "/onpolicy_summary.json",
+    "pairs": NEGATIVES + "/pairs_{negset}.jsonl",
+    "pairs_summary": NEGATIVES + "/pairs_{negset}_summary.json",
+    "ref_logps": NEGATIVES + "/ref_{negset}.json",
+    "probe_set": NEGATIVES + "/probe.jsonl",
+    # evaluation of one model key
+    "captions": EVAL + "/captions.json",
+    "measures": EVAL + "/measures.json",
+    "scores": EVAL + "/scores.json",
+    "set_captions": EVAL + "/captions_{evalset}.json",
+    "set_scores": EVAL + "/scores_{evalset}.json",
+    "mcq": EVAL + "/mcq_{mcqset}.json",
+    "heldout_pairs": "{out}/eval/heldout_pairs.jsonl",
+    "heldout_summary": "{out}/eval/heldout_pairs_summary.json",
+    # tables and figures
+    "table": "{out}/tables/{table}",
+    "figure": "{out}/figures/{figure}",
+}
+# the files of a training run's folder
+RUN_FILES = {"model": "model", "metrics": "metrics.json", "train_log": "train_log.csv", "probes": "probes.csv"}
+TRIVIAL = "trivial"  # the eval key of the trivial baseline (most frequent caption; not a model)
+
+
+class Layout:
+    """The artifact paths of one experiment (`out` = results/<experiment>)."""
+
+    def __init__(self, out: str):
+        if "{" in out or "}" in out:
+            raise ValueError(f"output folder {out!r} must not contain braces")
+        self.out = out
+
+    def pattern(self, name: str, file: str | None = None) -> str:
+        """The template of `name` with its wildcards left in (for a rule's input/output); `file` names a
+        file of a run folder (RUN_FILES)."""
+        text = TEMPLATES[name].replace("{out}", self.out)
+        return f"{text}/{RUN_FILES[file]}" if file else text
+
+    def path(self, name: str, file: str | None = None, **wildcards) -> str:
+        """The path of `name` with every wildcard filled."""
+        return self.pattern(name, file).format(**wildcards)
+
+
+@dataclass(frozen=True)
+class ModelKey:
+    """A model a table row can evaluate: "base", "stage1/{stage1}/s{seed}" (a Stage-1 recipe from the
+    base model) or "stage2/{stage1}/s{seed}/{stage2}" (a Stage-2 recipe from that Stage-1 model;
+    stage1 = "base": Stage 2 straight from the base model)."""
+
+    stage1: str
+    seed: int | None = None
+    stage2: str | None = None
+
+    PATTERN = r"base|stage1/[^/]+/s\d+|stage2/[^/]+/s\d+/[^/]+"
+
+    @classmethod
+    def parse(cls, text: str) -> "ModelKey":
+        if not re.fullmatch(cls.PATTERN, text):
+            raise ValueError(f"unknown model key {text!r} (base, stage1/<recipe>/s<seed> or "
+                             "stage2/<stage1>/s<seed>/<recipe>)")
+        parts = text.split("/")
+        if parts[0] == "base":
+            return cls("base")
+        return cls(parts[1], int(parts[2][1:]), parts[3] if parts[0] == "stage2" else None)
+
+    @property
+    def kind(self) -> str:
+        if self.stage2 is not None:
+            return "stage2"
+        return "base" if self.seed is None else "stage1"
+
+    def __str__(self) -> str:
+        if self.kind == "base":
+            return "base"
+        if self.kind == "stage1":
+            return f"stage1/{self.stage1}/s{self.seed}"
+        return f"stage2/{self.stage1}/s{self.seed}/{self.stage2}"

@@ -1,0 +1,265 @@
+"""The job specs: what a Snakemake rule hands to one `cwdpo` command, as dataclasses.
+
+`cwdpo.plan.Plan` builds them from the validated config (whose schema holds every default) and
+serialises each once (`to_json`); the command rebuilds it with `from_json`, which requires every field
+and refuses unknown ones. So no command re-applies a default: a key is either in the spec or the job
+stops. A spec's JSON is a `params` value of its rule, so Snakemake reruns a job when its spec changes.
+No torch import.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass
+
+
+def to_dict(spec) -> dict:
+    return dataclasses.asdict(spec)
+
+
+def to_json(spec) -> str:
+    """Canonical JSON (sorted keys, no spaces): the same spec always gives the same text."""
+    return json.dumps(to_dict(spec) if dataclasses.is_dataclass(spec) else spec, sort_keys=True,
+                      separators=(",", ":"))
+
+
+def _build(tp, value, where: str):
+    """`value` (parsed JSON) as type `tp`: dataclasses field by field, lists/tuples item by item."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _build(inner[0], value, where) if len(inner) == 1 else value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ValueError(f"{where}: expected an object for {tp.__name__}, got {type(value).__name__}")
+        hints = typing.get_type_hints(tp)
+        names = [f.name for f in dataclasses.fields(tp) if f.init]
+        unknown = sorted(set(value) - set(names))
+        missing = [n for n in names if n not in value and _required(tp, n)]
+        if unknown or missing:
+            raise ValueError(f"{where}: {tp.__name__} spec " + "; ".join(
+                ([f"unknown key(s) {', '.join(unknown)}"] if unknown else []) +
+                ([f"missing key(s) {', '.join(missing)}"] if missing else [])))
+        return tp(**{n: _build(hints[n], value[n], f"{where}.{n}") for n in names if n in value})
+    if origin in (list, tuple) and isinstance(value, (list, tuple)):
+        args = typing.get_args(tp)
+        item = args[0] if args else typing.Any
+        items = [_build(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    return value
+
+
+def _required(cls, name: str) -> bool:
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+
+
+def from_dict(cls, obj: dict):
+    return _build(cls, obj, cls.__name__)
+
+
+def from_json(cls, text: str):
+    """`cls` from its JSON text, or from a file when the text is `@path`."""
+    if text.startswith("@"):
+        with open(text[1:]) as f:
+            text = f.read()
+    return from_dict(cls, json.loads(text))
+
+
+# ---------------------------------------------------------------------------------------------------
+# parts shared by several specs
+
+@dataclass(frozen=True)
+class Vlm:
+    """How every job loads and prompts the VLM: `base` is the hub id / folder that adapter folders sit on
+    (None for the self-contained tiny folders); images are resized into [min_pixels, max_pixels]."""
+    base: str | None
+    prompt: str
+    min_pixels: int
+    max_pixels: int
+    dtype: str
+    max_response_tokens: int
+    trust_remote_code: bool
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """The images of some Karpathy-format splits; `validated` is the validate_data report (None: the
+    files are checked while loading); `stage` ("stage1" / "stage2") takes that share of the images."""
+    json: str
+    image_root: str | None
+    splits: list
+    on_bad_input: str
+    validated: str | None
+    stage: str | None
+    stage1_fraction: float | None
+
+
+@dataclass(frozen=True)
+class NegativesSpec:
+    """Dataset negatives (config `negatives`, without on-policy and sets); `heldout`: (colour, shape)
+    combinations a `shapes` negative never introduces (empty for other data)."""
+    p_easy: float
+    gentle_kinds: list
+    easy_kinds: list
+    pairs_per_image: int
+    external: str | None
+    sft_c_kind: str
+    heldout: list
+
+
+@dataclass(frozen=True)
+class ProbesSpec:
+    """The learning-dynamics probe of a training run (config `probes`); `rows` is its probe set."""
+    rows: str
+    interval: int
+    batch_size: int
+    n_bins: int
+    images: int
+    val: DataSpec
+    val_images: int
+    val_interval: int
+    top5: bool
+    max_new_tokens: int
+
+
+# ---------------------------------------------------------------------------------------------------
+# one spec per command
+
+@dataclass(frozen=True)
+class ValidateSpec:
+    json: str
+    image_root: str | None
+    on_bad_input: str
+
+
+@dataclass(frozen=True)
+class BuildModelSpec:
+    data: DataSpec
+    tiny: dict
+    prompt: str
+    min_pixels: int
+    max_pixels: int
+    seed: int
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """One training run: `hparams` is the recipe merged over its stage's defaults (every key set);
+    `train` the config's `train` settings. Stage 2 reads `pairs` and their cached `ref_logps`; SFT-C
+    builds its gentle negatives from `negatives` with `data_seed`."""
+    method: str
+    init: str
+    seed: int
+    vlm: Vlm
+    data: DataSpec
+    hparams: dict
+    train: dict
+    lora: dict | None
+    probes: ProbesSpec | None
+    negatives: NegativesSpec | None
+    data_seed: int | None
+    pairs: str | None
+    ref_logps: str | None
+
+
+@dataclass(frozen=True)
+class EvalSetSpec:
+    name: str
+    data: DataSpec
+    domains: bool
+    out: str
+
+
+@dataclass(frozen=True)
+class McqSpec:
+    """One multiple-choice set (config `mcq_sets.<name>`); `data` is the split of a `shapes` set."""
+    name: str
+    out: str
+    enabled: bool
+    format: str
+    path: str | None
+    image_root: str | None
+    splits: list
+    images: int | None
+    per_image: int | None
+    scoring: str
+    circular: bool
+    batch_size: int
+    max_new_tokens: int
+    seed: int
+    data: DataSpec | None
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    """Evaluation of one model: captions of the test split and the evaluation sets, MCQ accuracy, and the
+    teacher-forced measures. `l_floor`/`tau` give the held-out pairs' w_c; a Stage-2 run's own resolved
+    ℓ_floor is read from `run_metrics` instead."""
+    vlm: Vlm
+    model: str
+    data: DataSpec
+    num_beams: int
+    max_new_tokens: int
+    batch_size: int
+    forward_batch_size: int
+    topk_beams: int
+    heldout_pairs: str
+    l_floor: float
+    run_metrics: str | None
+    tau: float
+    reference: str | None
+    n_bins: int
+    pixel_cache_mb: float
+    eval_sets: list[EvalSetSpec]
+    mcq_sets: list[McqSpec]
+
+
+@dataclass(frozen=True)
+class SampleSpec:
+    """On-policy samples of the Stage-2 images (and the probe images) from `model`."""
+    vlm: Vlm
+    model: str
+    onpolicy: dict
+    seed: int
+    data: DataSpec
+    probe_data: DataSpec | None
+    probe_images: int
+
+
+@dataclass(frozen=True)
+class PairsSpec:
+    """Preference pairs: a share `rho` of dataset negatives (easy with probability `p_easy`, or the
+    negatives' own share when None) among on-policy ones."""
+    prompt: str
+    data: DataSpec
+    negatives: NegativesSpec
+    rho: float
+    p_easy: float | None
+    seed: int
+
+
+@dataclass(frozen=True)
+class RefSpec:
+    vlm: Vlm
+    model: str
+    batch_size: int
+
+
+@dataclass(frozen=True)
+class ProbeSetSpec:
+    probe_data: DataSpec
+    probe_images: int
+    negatives: NegativesSpec
+    seed: int
+
+
+@dataclass(frozen=True)
+class TrivialSpec:
+    train: DataSpec
+    test: DataSpec
