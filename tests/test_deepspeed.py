@@ -20,6 +20,7 @@ from conftest import REPO
 from cwdpo.specs import to_json
 
 DS_DIR = os.path.join(REPO, "workflow", "deepspeed")
+pytestmark = pytest.mark.slow  # three trainings in subprocesses (DeepSpeed's import alone takes seconds)
 
 CHILD = r"""
 import json, sys

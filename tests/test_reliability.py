@@ -36,17 +36,18 @@ def _cw_spec(tiny_model_dir, shapes_dir, pairs, ref, steps, save_steps):
                        train={"logging_steps": 10, "save_steps": save_steps, "save_total_limit": 2})
 
 
+@pytest.mark.slow
 def test_sigkill_mid_training_then_resume_gives_identical_final_metrics(tiny_model_dir, shapes_dir, shapes_records,
                                                                         tmp_path):
     pairs, ref = _pairs_and_ref(tiny_model_dir, shapes_records, tmp_path)
-    spec = to_json(_cw_spec(tiny_model_dir, shapes_dir, pairs, ref, steps=300, save_steps=20))
+    spec = to_json(_cw_spec(tiny_model_dir, shapes_dir, pairs, ref, steps=60, save_steps=10))
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     whole, killed = str(tmp_path / "whole"), str(tmp_path / "killed")
     run(["cwdpo", "train", "--spec", spec, "--out", whole, "--threads", "1"], env=env)
     proc = subprocess.Popen(["cwdpo", "train", "--spec", spec, "--out", killed, "--threads", "1"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 300
-    while time.time() < deadline and not glob.glob(os.path.join(killed, "checkpoints", "checkpoint-40",
+    while time.time() < deadline and not glob.glob(os.path.join(killed, "checkpoints", "checkpoint-20",
                                                                 "trainer_state.json")):
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)  # a node preemption: no cleanup, no final save
@@ -176,6 +177,7 @@ def test_bad_config_fails_before_any_job_naming_key_and_allowed(wf, tmp_path, te
     assert "Job stats" not in out and not os.path.exists(os.path.join(wf, "results"))
 
 
+@pytest.mark.slow
 def test_paths_with_spaces_quotes_and_semicolons_run_and_execute_nothing(tmp_path):
     """A Karpathy dataset and an external negatives file under hostile names go through real rules."""
     from PIL import Image

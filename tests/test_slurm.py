@@ -183,6 +183,7 @@ def _slurm_jobs(work):
     return jobs
 
 
+@pytest.mark.slow
 def test_slurm_run_makes_the_main_table(slurm_run):
     md = os.path.join(slurm_run["work"], "results", "slurm", "tables", "main.md")
     text = open(md).read()
@@ -191,6 +192,7 @@ def test_slurm_run_makes_the_main_table(slurm_run):
     print(f"Slurm run: {slurm_run['wall']:.0f} s")
 
 
+@pytest.mark.slow
 def test_every_job_went_through_sbatch_with_a_slurm_log(slurm_run):
     jobs = slurm_run["jobs"]
     assert set(EXPECTED_RULES) <= set(jobs), (sorted(jobs), slurm_run["out"][-3000:])
@@ -207,6 +209,7 @@ def test_every_job_went_through_sbatch_with_a_slurm_log(slurm_run):
             assert f"rule {rule}:" in log and "1 of 1 steps (100%) done" in log, (rule, jid, log[-1500:])
 
 
+@pytest.mark.slow
 def test_slurm_accounting_saw_completed_jobs_with_the_profiles_resources(slurm_run):
     """sacct (slurmdbd) or, without accounting, scontrol: every job COMPLETED; GPU rules got the profile's
     --gpus=1 (fake count-only GPUs of the test node), CPU rules none, partition from SLURM_PARTITION."""
@@ -237,6 +240,7 @@ def test_slurm_accounting_saw_completed_jobs_with_the_profiles_resources(slurm_r
             assert info[jid]["gpu"] == (rule in GPU_RULES), (rule, info[jid])
 
 
+@pytest.mark.slow
 def test_every_slurm_job_ran_in_the_image_with_nv(slurm_run):
     """The real profile's software-deployment-method and apptainer-args reach every job on the node."""
     lines = open(slurm_run["shim_log"]).read().splitlines()
