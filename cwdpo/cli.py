@@ -11,6 +11,9 @@ import argparse
 import json
 import os
 import sys
+import time
+
+_CLOCK = {}  # process start and the moment the command's work began (see `main`)
 
 
 def _quiet_hf():
@@ -25,6 +28,25 @@ def _quiet_hf():
     hf_logging.disable_progress_bar()
 
 
+def _started():
+    """Mark the end of the command's start-up, right after its imports: everything before is start-up, after
+    it work. A torch command also imports transformers' Qwen2.5-VL classes here (its modules load them lazily)."""
+    if _CLOCK.get("hf"):
+        import transformers.models.qwen2_5_vl.modeling_qwen2_5_vl  # noqa: F401
+    _CLOCK.setdefault("work", time.time())
+
+
+def _report_times(command: str):
+    """`[cwdpo] <command>: start-up X s, work Y s` on stderr (job logs; `cwdpo bench` sums them)."""
+    try:
+        import psutil
+        start = psutil.Process().create_time()
+    except Exception:  # no psutil: from the interpreter's own start
+        start = _CLOCK["main"]
+    work = _CLOCK.get("work", time.time())
+    print(f"[cwdpo] {command}: start-up {work - start:.2f} s, work {time.time() - work:.2f} s", file=sys.stderr)
+
+
 def _spec(name: str, text: str):
     """The `cwdpo.specs` dataclass `name` from a --spec value."""
     from . import specs
@@ -36,78 +58,108 @@ def _spec(name: str, text: str):
 def cmd_prepare_data(a):
     from .shapes import ShapesSpec, write_dataset
     from .specs import from_json
+    _started()
     write_dataset(from_json(ShapesSpec, a.spec), a.out)
 
 
 def cmd_validate_data(a):
     from .data import validate_data
+    _started()
     for item in validate_data(_spec("ValidateSpec", a.spec), a.out):
         print(f"[cwdpo validate-data] skipped {item['where']}: {item['reason']}", file=sys.stderr)
 
 
 def cmd_build_model(a):
     from .models import build_base_init
+    _started()
     print(json.dumps(build_base_init(_spec("BuildModelSpec", a.spec), a.out)))
 
 
 def cmd_train(a):
     from .train import run_training
+    _started()
     print(json.dumps(run_training(_spec("TrainSpec", a.spec), a.out, threads=a.threads), sort_keys=True))
+    if a.evaluate:  # the tiny scale: the trained model is evaluated in the same job (saved, then reloaded)
+        from .evaluate import run
+        run(_spec("EvalSpec", a.evaluate), a.captions, a.measures, threads=a.threads)
+
+
+def cmd_stability(a):
+    from .stability import run
+    _started()
+    run(_spec("StabilitySpec", a.spec), a.out, threads=a.threads)
 
 
 def cmd_evaluate(a):
     from .evaluate import run
+    _started()
     run(_spec("EvalSpec", a.spec), a.captions, a.measures, threads=a.threads)
 
 
 def cmd_sample_onpolicy(a):
     from .sampling import run
+    _started()
     run(_spec("SampleSpec", a.spec), a.out, a.summary, threads=a.threads)
 
 
 def cmd_probe_set(a):
     from .negatives import write_probe_set
+    _started()
     write_probe_set(_spec("ProbeSetSpec", a.spec), a.onpolicy, a.out)
 
 
 def cmd_make_pairs(a):
     from .negatives import make_pairs
+    _started()
     make_pairs(_spec("PairsSpec", a.spec), a.onpolicy, a.out, a.summary)
 
 
 def cmd_ref_logps(a):
     from .reference import run
+    _started()
     doc = run(_spec("RefSpec", a.spec), a.pairs, a.out, threads=a.threads)
     print(f"reference log-probs of {doc['n_pairs']} pairs -> {a.out}")
 
 
 def cmd_trivial(a):
     from .data import write_trivial
+    _started()
     write_trivial(_spec("TrivialSpec", a.spec), a.out)
+
+
+def cmd_coco_objects(a):
+    from .grounding import write_coco_objects
+    _started()
+    write_coco_objects(_spec("CocoObjectsSpec", a.spec), a.out)
 
 
 def cmd_score(a):
     from .metrics import METRIC_NAMES, score_files
+    _started()
     score_files(a.captions, a.out, a.metrics.split(",") if a.metrics else list(METRIC_NAMES))
 
 
 def cmd_table(a):
     from .report import write_table
+    _started()
     write_table(json.loads(a.spec), a.out)
 
 
 def cmd_figure(a):
     from .figures import write_figure
+    _started()
     write_figure(json.loads(a.spec), a.out)
 
 
 def cmd_convert_nocaps(a):
     from .data import convert_nocaps
+    _started()
     print(json.dumps(convert_nocaps(a.annotations, a.out, a.split)))
 
 
 def cmd_bench(a):
     from .bench import run_bench
+    _started()
     report = run_bench(a.out, quick=a.quick, threads=a.threads, large=not a.no_large, workdir=a.workdir,
                        experiment_dir=a.experiment_dir)
     print(open(os.path.join(a.out, "bench.md")).read())
@@ -118,6 +170,7 @@ def cmd_estimate(a):
     """Tokens, FLOPs and GPU-hours of a config's DAG, per rule and in total."""
     from .config import load_config
     from .estimate import H100_BF16_DENSE, estimate, render
+    _started()
     cfg = load_config(a.configfile, check_paths=False)  # priced before the data is in place
     hw = tuple(int(x) for x in a.image_size.lower().split("x")) if a.image_size else None
     est = estimate(cfg, mfu=a.mfu, peak_flops=a.peak_tflops * 1e12 if a.peak_tflops else H100_BF16_DENSE,
@@ -130,6 +183,7 @@ def cmd_estimate(a):
 
 def cmd_validate_config(a):
     from .config import load_config
+    _started()
     cfg = load_config(a.configfile)
     print(f"{a.configfile}: valid (experiment {cfg['experiment']})")
 
@@ -152,7 +206,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("prepare-data", cmd_prepare_data, "generate the embedded `shapes` dataset (Karpathy format)")
     add("validate-data", cmd_validate_data, "check every image and caption once (missing, corrupt, empty)")
     add("build-model", cmd_build_model, "build the tiny random-init Qwen2.5-VL + tokenizer + processor", hf=True)
-    add("train", cmd_train, "train one model (pretrain/SFT/SFT-C/DPO/Focal-DPO/CW-DPO)", threads=True, hf=True)
+    sp = add("train", cmd_train, "train one model (pretrain/SFT/SFT-C/DPO/Focal-DPO/CW-DPO)", threads=True, hf=True)
+    sp.add_argument("--evaluate", default=None, help="an evaluation spec: evaluate the trained model in this job")
+    sp.add_argument("--captions", default=None, help="with --evaluate: the captions file")
+    sp.add_argument("--measures", default=None, help="with --evaluate: the measures file")
+    add("stability", cmd_stability, "pretrain the tiny model from another seed and measure its captions",
+        threads=True, hf=True)
     sp = add("evaluate", cmd_evaluate, "beam-search captions + teacher-forced measures of one model", out=False,
              threads=True, hf=True)
     sp.add_argument("--captions", required=True)
@@ -169,6 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
              hf=True)
     sp.add_argument("--pairs", required=True)
     add("trivial", cmd_trivial, "the trivial baseline: the most frequent training caption for every image")
+    add("coco-objects", cmd_coco_objects, "the COCO categories of a data source's images (for CHAIR)")
     sp = add("score", cmd_score, "score caption files with pycocoevalcap (one JVM for all files)", spec=False,
              out=False)
     sp.add_argument("--captions", nargs="+", required=True)
@@ -202,15 +262,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None):
+    _CLOCK["main"] = time.time()
     from .config import ConfigError
     from .data import DataError
     args = build_parser().parse_args(argv)
     if args.hf:
         _quiet_hf()
+        _CLOCK["hf"] = True
     try:
         args.fn(args)
     except (ConfigError, DataError) as e:  # bad input: one line naming the problem
         sys.exit(f"cwdpo {args.command}: {e}")
+    _report_times(args.command)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,9 @@ NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]*"
 STAGE1_METHODS = ("sft", "sft_c")
 STAGE2_METHODS = ("dpo", "focal_dpo", "cw_dpo")
 METHODS = STAGE1_METHODS + STAGE2_METHODS
+# the claims T-paper decides (cwdpo/resources/paper.json: the paper's, and ours)
+CLAIM_IDS = ("cider_cw_gt_dpo", "cider_cw_gt_sft", "tv_cw_lt_dpo", "js_cw_lt_dpo", "ece_cw_lt_dpo", "top1_cw_lt_dpo",
+             "chair_s_cw_lt_dpo")
 
 
 class ConfigError(ValueError):
@@ -138,6 +141,12 @@ def check_config(config: dict, check_paths: bool = True) -> None:
         raise ConfigError("data.karpathy.json: required when data.source is 'karpathy'")
     if check_paths:
         _check_paths(c)
+    if c["pretrain_seed"] in c["pretrain"]["stability_seeds"]:
+        raise ConfigError(f"pretrain.stability_seeds: {c['pretrain_seed']} is pretrain_seed itself (the base model); "
+                          "give other seeds")
+    unknown = sorted(set(c["claims"]["min_effect"]) - set(CLAIM_IDS))
+    if unknown:
+        raise ConfigError(f"claims.min_effect: unknown claim id(s) {', '.join(unknown)}; known: {', '.join(CLAIM_IDS)}")
     if c["model"]["source"] != "tiny" and c["pretrain"]["enabled"]:
         raise ConfigError("pretrain.enabled: only the tiny model is pretrained by the pipeline; set it to "
                           "false for a hub or local model")
@@ -149,6 +158,7 @@ def _check_paths(c: dict) -> None:
     if c["data"]["source"] == "karpathy":
         paths += [("data.karpathy.json", c["data"]["karpathy"]["json"]),
                   ("data.karpathy.image_root", c["data"]["karpathy"].get("image_root"))]
+        paths += [("data.karpathy.instances", p) for p in c["data"]["karpathy"]["instances"] or []]
     paths.append(("negatives.external", c["negatives"].get("external")))
     for name, m in c["mcq_sets"].items():
         if m["enabled"] and m["format"] != "shapes":
@@ -161,6 +171,7 @@ def _check_paths(c: dict) -> None:
             if not es.get("json"):
                 raise ConfigError(f"eval_sets.{name}.json: required for a Karpathy-format evaluation set")
             paths += [(f"eval_sets.{name}.json", es["json"]), (f"eval_sets.{name}.image_root", es.get("image_root"))]
+            paths += [(f"eval_sets.{name}.instances", p) for p in es["instances"] or []]
     paths.append(("train.deepspeed", c["train"].get("deepspeed")))
     src = c["model"]["source"]
     if src != "tiny" and (src.startswith(("/", "./", "../", "~")) or os.path.isdir(src)):

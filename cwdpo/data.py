@@ -228,13 +228,26 @@ def stage_split(records: list, stage1_fraction: float, salt: str = "stage-split"
     return [r for r in records if r.image_id in first], [r for r in records if r.image_id not in first]
 
 
+def grounding_truth(records: list, objects: str | None = None) -> dict:
+    """What the scoring job checks captions against, for a captions file: the attribute records of
+    `shapes` images ({"attributes": {id: record}}), or the COCO categories of each image from a file of
+    `cwdpo coco-objects` ({"objects": {id: [names]}}); {} when neither exists."""
+    if records and all(r.attributes is not None for r in records):
+        return {"attributes": {r.image_id: r.attributes for r in records}}
+    if objects:
+        known = read_json(objects)
+        return {"objects": {r.image_id: known.get(r.image_id, []) for r in records}}
+    return {}
+
+
 def write_trivial(spec, out: str) -> None:
     """`cwdpo trivial` (a `TrivialSpec`): the most frequent training caption for every test image."""
     caption = most_frequent_caption(load_records(spec.train))
     test = load_records(spec.test)
     write_json(out, {"captions": {r.image_id: caption for r in test},
                      "references": {r.image_id: r.captions for r in test},
-                     "decoding": {"trivial": "most frequent training caption", "caption": caption}})
+                     "decoding": {"trivial": "most frequent training caption", "caption": caption},
+                     **grounding_truth(test, spec.objects)})
 
 
 def most_frequent_caption(records: list) -> str:

@@ -61,29 +61,19 @@ def confidence_correct(logits: torch.Tensor, targets: torch.Tensor) -> tuple[tor
 def reliability_bins(conf: torch.Tensor, correct: torch.Tensor, n_bins: int = 15) -> list:
     """Equal-width confidence bins: [{lo, hi, count, confidence, accuracy}] (empty bins have count 0).
 
-    A confidence c falls in bin b with lo_b < c ≤ hi_b (the first bin also takes c = 0)."""
+    A confidence c falls in bin b with lo_b < c ≤ hi_b (the first bin also takes c = 0); `cwdpo.stats.bin_sums`."""
+    from .stats import bin_sums
+    counts, conf_sums, acc_sums = bin_sums(conf.double().cpu().numpy(), correct.double().cpu().numpy(), n_bins)
     edges = torch.linspace(0, 1, n_bins + 1, dtype=torch.float64)
-    idx = torch.bucketize(conf.double(), edges[1:-1], right=False)
-    out = []
-    for b in range(n_bins):
-        m = idx == b
-        n = int(m.sum())
-        out.append({"lo": float(edges[b]), "hi": float(edges[b + 1]), "count": n,
-                    "confidence": float(conf[m].double().mean()) if n else None,
-                    "accuracy": float(correct[m].double().mean()) if n else None})
-    return out
+    return [{"lo": float(edges[b]), "hi": float(edges[b + 1]), "count": int(counts[b]),
+             "confidence": float(conf_sums[b] / counts[b]) if counts[b] else None,
+             "accuracy": float(acc_sums[b] / counts[b]) if counts[b] else None} for b in range(n_bins)]
 
 
 def ece(conf: torch.Tensor, correct: torch.Tensor, n_bins: int = 15) -> float:
-    """Expected calibration error: Σ_b (n_b/N)·|acc_b − conf_b| over equal-width bins."""
-    n = conf.numel()
-    if n == 0:
-        return math.nan
-    total = 0.0
-    for b in reliability_bins(conf, correct, n_bins):
-        if b["count"]:
-            total += b["count"] / n * abs(b["accuracy"] - b["confidence"])
-    return total
+    """Expected calibration error: Σ_b (n_b/N)·|acc_b − conf_b| over equal-width bins (`cwdpo.stats.ece`)."""
+    from .stats import ece as ece_np
+    return ece_np(conf.double().cpu().numpy(), correct.double().cpu().numpy(), n_bins)
 
 
 def brier(conf: torch.Tensor, correct: torch.Tensor) -> float:

@@ -7,7 +7,7 @@ Scoring the captions (pycocoevalcap) lives in `cwdpo.metrics`, which needs no to
 from __future__ import annotations
 
 import torch
-from .data import load_records, read_json, write_json
+from .data import grounding_truth, load_records, read_json, write_json
 from .generation import generate_captions
 from .logprobs import Collator, Encoder, SeqBatch, completion_logps
 
@@ -100,13 +100,16 @@ def test_measures(model, encoder: Encoder, records: list, *, ref_model=None, n_b
     return result
 
 
-def caption_doc(model, encoder: Encoder, records: list, spec, desc: str = "generate") -> dict:
-    """Beam-search captions (the spec's beam size) of `records` with their references, for `cwdpo score`."""
+def caption_doc(model, encoder: Encoder, records: list, spec, objects: str | None,
+                desc: str = "generate") -> dict:
+    """Beam-search captions (the spec's beam size) of `records` with their references and what grounds
+    them (attribute records, or the COCO objects file `objects`), for `cwdpo score`."""
     caps = generate_captions(model, encoder, [r.path for r in records], num_beams=spec.num_beams,
                              max_new_tokens=spec.max_new_tokens, batch_size=spec.batch_size, desc=desc)
     return {"captions": {r.image_id: c[0] for r, c in zip(records, caps)},
             "references": {r.image_id: r.captions for r in records},
-            "decoding": {"num_beams": spec.num_beams, "max_new_tokens": spec.max_new_tokens}}
+            "decoding": {"num_beams": spec.num_beams, "max_new_tokens": spec.max_new_tokens},
+            **grounding_truth(records, objects)}
 
 
 def run(spec, captions_out: str, measures_out: str, threads: int = 0) -> None:
@@ -120,7 +123,7 @@ def run(spec, captions_out: str, measures_out: str, threads: int = 0) -> None:
     model, processor = load_for_inference(spec.model, spec.vlm)
     encoder = Encoder(processor, spec.vlm.prompt, spec.vlm.max_response_tokens,
                       pixel_cache_mb=spec.pixel_cache_mb)  # test images: 3 passes
-    doc = caption_doc(model, encoder, records, spec)
+    doc = caption_doc(model, encoder, records, spec, spec.objects)
     if spec.topk_beams > 1:  # the "top-5 beams" of Figure F-stage1: all k beams of a size-k search
         k = spec.topk_beams
         beams = generate_captions(model, encoder, [r.path for r in records], num_beams=k, num_return=k,
@@ -130,7 +133,7 @@ def run(spec, captions_out: str, measures_out: str, threads: int = 0) -> None:
     write_json(captions_out, doc)
     for es in spec.eval_sets:  # Flickr30k / NoCaps / shapes OOD: captions with the loaded model
         recs = load_records(es.data)
-        set_doc = caption_doc(model, encoder, recs, spec, desc=f"generate {es.name}")
+        set_doc = caption_doc(model, encoder, recs, spec, es.objects, desc=f"generate {es.name}")
         if es.domains:
             set_doc["domains"] = {r.image_id: r.domain for r in recs}
         write_json(es.out, set_doc)

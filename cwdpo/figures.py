@@ -203,6 +203,45 @@ def fig_calibration(series: dict, out_stem: str):
     plt.close(fig)
 
 
+def fig_calibrate(table_spec: dict, out_stem: str):
+    """F-calibrate: the control arm's top-1 gain over SFT and its positives' Δlog p against the learning
+    rate, the rule's thresholds, and the lr the rule picks; CIDEr and CHAIR_s of the control for context."""
+    from .report import calibration_choice, calibration_rows
+    plt = _plt()
+    rows = sorted(calibration_rows(table_spec), key=lambda r: r["lr"])
+    choice = calibration_choice(rows)
+    lrs = [r["lr"] for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
+    panels = [(axes[0], [r["gain"]["diff"] for r in rows], [(r["gain"]["lo"], r["gain"]["hi"]) for r in rows],
+               f"top-1 mass − {table_spec['rows'][0]['name']}", table_spec["top1_gain"]),
+              (axes[1], [r["dlogp"]["mean"] for r in rows], [(r["dlogp"]["lo"], r["dlogp"]["hi"]) for r in rows],
+               "Δlog p of the positives (last probe)", 0.0)]
+    for ax, ys, cis, title, threshold in panels:
+        ok = [i for i, y in enumerate(ys) if y is not None]
+        lo = [ys[i] - (cis[i][0] if cis[i][0] is not None else ys[i]) for i in ok]
+        hi = [(cis[i][1] if cis[i][1] is not None else ys[i]) - ys[i] for i in ok]
+        ax.errorbar([lrs[i] for i in ok], [ys[i] for i in ok], yerr=[lo, hi], marker="o", capsize=3, color=COLORS[0])
+        ax.axhline(threshold, color="k", lw=0.8, ls="--")
+        ax.set_title(title)
+    axes[2].plot(lrs, [r["cider"]["mean"] for r in rows], "o-", color=COLORS[1], label="CIDEr")
+    axes[2].set_title("the control's CIDEr and CHAIR_s")
+    twin = axes[2].twinx()
+    twin.plot(lrs, [r["chair_s"]["mean"] for r in rows], "s--", color=COLORS[2], label="CHAIR_s (%)")
+    axes[2].legend(fontsize=7, loc="lower left")
+    twin.legend(fontsize=7, loc="lower right")
+    for ax in axes:
+        ax.set_xscale("log")
+        ax.set_xlabel("Stage-2 learning rate")
+        ax.grid(alpha=0.3)
+        if choice:
+            ax.axvline(choice["lr"], color="gray", lw=1.0, alpha=0.6)
+    fig.suptitle("F-calibrate: the control arm's squeezing signature against the learning rate"
+                 + (f" (rule picks lr = {choice['lr']:g})" if choice else " (the signature shows at no swept lr)"),
+                 fontsize=11)
+    _save(fig, out_stem)
+    plt.close(fig)
+
+
 def _wrap(text: str, width: int = 40) -> str:
     import textwrap
     return "\n".join(textwrap.wrap(text, width))
@@ -224,6 +263,8 @@ def write_figure(spec: dict, out_stem: str):
         fig_floor(rows, out_stem, spec["scale"])
     elif kind == "calibration":
         fig_calibration(spec["series"], out_stem)
+    elif kind == "calibrate":
+        fig_calibrate(spec["table"], out_stem)
     else:
         raise ValueError(f"unknown figure {kind!r}")
 
@@ -252,6 +293,9 @@ def figure_spec(plan, name: str) -> dict:
     elif name == "calibration":
         spec["series"] = [[label, [plan.path("measures", key=k) for k in keys]]
                           for label, keys in _series_keys(plan, f["series"])]
+    elif name == "calibrate":
+        from .report import table_spec
+        spec["table"] = table_spec(plan, f["table"])
     elif name == "floor":
         spec["rows"] = []
         for row in table_rows(plan, plan.c["tables"][f["table"]]):
@@ -266,6 +310,9 @@ def figure_spec(plan, name: str) -> dict:
 
 def figure_inputs(plan, name: str) -> list:
     """Every file the figure reads (its rule's inputs)."""
+    if name == "calibrate":
+        from .report import table_inputs
+        return table_inputs(plan, plan.enabled_figures()[name]["table"])
     spec = figure_spec(plan, name)
     files = [p for _, paths in spec.get("series", []) for p in paths]
     for r in spec.get("rows", []):

@@ -398,6 +398,18 @@ def score_beams(gts: dict, beams: dict, metrics=("CIDEr", "SPICE")) -> dict:
     return {"corpus": corpus, "na_reasons": {m: v for m, v in na.items() if v}}
 
 
+def grounding_of(doc: dict) -> dict:
+    """{"grounding": ...} of a captions file: the shapes grammar against attribute records, CHAIR against
+    COCO objects; or the reason grounding is n/a (in na_reasons of the grounding columns)."""
+    from .grounding import chair_scores, grounding_scores
+    if doc.get("attributes"):
+        return {"grounding": grounding_scores(doc["captions"], doc["attributes"])}
+    if doc.get("objects") is not None:
+        return {"grounding": chair_scores(doc["captions"], doc["references"], doc["objects"])}
+    return {"grounding": {"na": "no attribute records (shapes) or COCO instance annotations (config "
+                                "data.karpathy.instances / eval_sets.<name>.instances) for these images"}}
+
+
 def score_files(caption_paths: list, out_paths: list, metrics=METRIC_NAMES) -> None:
     """`cwdpo score`: every caption file (captions, references, optional beams and per-image domains)
     scored into its scores file. One PTB-tokenizer JVM for every caption of every file, one METEOR JVM;
@@ -424,6 +436,7 @@ def score_files(caption_paths: list, out_paths: list, metrics=METRIC_NAMES) -> N
         else:
             results[n].setdefault("domains", {})[domain] = scored
     for cap_path, out_path, doc, result in zip(caption_paths, out_paths, docs, results):
+        result.update(grounding_of(doc))
         if doc.get("beams"):
             result["beams"] = score_beams(doc["references"], doc["beams"],
                                           [m for m in ("CIDEr", "SPICE") if m in metrics])

@@ -20,9 +20,11 @@ TEMPLATES = {
     "shapes_json": "{out}/data/dataset_shapes.json",
     "data_summary": "{out}/data/summary.json",
     "validated": "{out}/data/validated.json",
+    "objects": "{out}/data/objects_{source}.json",  # COCO categories per image of a data source (CHAIR)
     # the base model (tiny: built, then pretrained)
     "base_init": "{out}/base/init",
     "pretrain_dir": "{out}/base/pretrain",
+    "stability": "{out}/base/stability/s{seed}/grounding.json",  # another pretraining seed, measured
     # training runs: a folder each, holding model/, metrics.json, train_log.csv, probes.csv
     "stage1_dir": RUN_STAGE1,
     "stage2_dir": RUN_STAGE2,

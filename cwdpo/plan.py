@@ -12,8 +12,9 @@ import dataclasses
 
 from .config import stage1_recipe, stage2_recipe
 from .paths import TRIVIAL, Layout, ModelKey
-from .specs import (BuildModelSpec, DataSpec, EvalSetSpec, EvalSpec, McqSpec, NegativesSpec, PairsSpec,
-                    ProbeSetSpec, ProbesSpec, RefSpec, SampleSpec, TrainSpec, TrivialSpec, ValidateSpec, Vlm)
+from .specs import (BuildModelSpec, CocoObjectsSpec, DataSpec, EvalSetSpec, EvalSpec, McqSpec, NegativesSpec,
+                    PairsSpec, ProbeSetSpec, ProbesSpec, RefSpec, SampleSpec, StabilitySpec, TrainSpec, TrivialSpec,
+                    ValidateSpec, Vlm)
 
 # The held-out pairs' w_c column of a model that is not a Stage-2 run uses stage2.defaults.l_floor; when
 # that is "mean" (resolved per Stage-2 run from its reference pass) there is no single number, and the
@@ -125,6 +126,12 @@ class Plan:
                    max_pixels=m["max_pixels"], dtype=m["dtype"], max_response_tokens=m["max_response_tokens"],
                    trust_remote_code=m["trust_remote_code"])
 
+    @property
+    def evaluate_in_training_job(self) -> bool:
+        """Whether a training job evaluates its own model (config compute.evaluate_in_training_job)."""
+        v = self.c["compute"]["evaluate_in_training_job"]
+        return self.tiny if v == "auto" else bool(v)
+
     # ---- runs ----
     def row_keys(self, row: dict) -> list:
         """Model keys of a table row, one per seed (the base model has no seed)."""
@@ -160,6 +167,14 @@ class Plan:
                         keys.append(k)
         return keys
 
+    def needs_topk_beams(self, key: str) -> bool:
+        """Whether a table shows the "top-k beams" scores of this model (only those evaluations decode them)."""
+        for table in self.enabled_tables().values():
+            if any(c.startswith("top-5") for c in table["columns"] or []) and \
+                    any(key in self.row_keys(row) for row in table.get("rows", [])):
+                return True
+        return False
+
     def final_outputs(self) -> list:
         return [self.path("table", table=name) + ".md" for name in self.enabled_tables()] + \
             [self.path("figure", figure=name) + ".png" for name in self.enabled_figures()]
@@ -177,6 +192,24 @@ class Plan:
             return dataclasses.replace(self.data_spec("test"), splits=es["splits"])
         return DataSpec(json=es["json"], image_root=es["image_root"], splits=es["splits"],
                         on_bad_input=self.c["data"]["on_bad_input"], validated=None, stage=None, stage1_fraction=None)
+
+    # ---- COCO objects of the captioned images (CHAIR on real captions) ----
+    def instances_of(self, source: str) -> list:
+        """The COCO instance annotation files of a data source: "data" (the test split) or an eval set."""
+        if source == "data":
+            return [] if self.is_shapes else list(self.c["data"]["karpathy"]["instances"] or [])
+        es = self.eval_sets()[source]
+        return list(es["instances"] or []) if es["source"] == "karpathy" else []
+
+    def objects_file(self, source: str) -> str | None:
+        return self.path("objects", source=source) if self.instances_of(source) else None
+
+    def objects_files(self) -> list:
+        return [f for f in [self.objects_file("data")] + [self.objects_file(n) for n in self.eval_sets()] if f]
+
+    def coco_objects_spec(self, source: str) -> CocoObjectsSpec:
+        data = self.data_spec("test") if source == "data" else self.eval_set_data(source)
+        return CocoObjectsSpec(instances=self.instances_of(source), data=data)
 
     def score_files(self) -> list:
         """(captions, scores) paths of every caption file the score job reads."""
@@ -219,13 +252,13 @@ class Plan:
             inputs["onpolicy"] = self.path("onpolicy", stage1=start, seed=seed)
         return inputs
 
-    def stage1_inputs(self, seed) -> dict:
+    def stage1_inputs(self, recipe: str, seed) -> dict:
         inputs = {"data": self.data_inputs()}
         if self.tiny:
             inputs["model"] = self.base_model()
         if self.probes_enabled():
             inputs["probe"] = self.path("probe_set", stage1="base", seed=seed)
-        return inputs
+        return {**inputs, **self._fused_eval_inputs(ModelKey(recipe, int(seed)))}
 
     def stage2_inputs(self, stage1: str, seed, stage2: str) -> dict:
         negset = self.stage2_negset(stage2)
@@ -235,13 +268,56 @@ class Plan:
             inputs["model"] = self.stage_init(stage1, seed)
         if self.probes_enabled():
             inputs["probe"] = self.path("probe_set", stage1=stage1, seed=seed)
-        return inputs
+        return {**inputs, **self._fused_eval_inputs(ModelKey(stage1, int(seed), stage2))}
+
+    def _fused_eval_inputs(self, key: ModelKey) -> dict:
+        """What a training job that also evaluates its model reads for the evaluation (not its own outputs)."""
+        if not self.evaluate_in_training_job:
+            return {}
+        inputs = self.eval_inputs(str(key))
+        for own in ("model", "run_metrics", "data"):
+            inputs.pop(own, None)
+        return {f"eval_{name}": files for name, files in inputs.items()}
+
+    def run_outputs(self, stage: str) -> dict:
+        """The file outputs of a training rule (`stage` "stage1" / "stage2", wildcards left in; the model
+        folder, a directory() output, is declared by the rule): the run's files and, when the training job
+        evaluates its model, the model's evaluation files."""
+        outputs = {file: self.pattern(f"{stage}_dir", file) for file in ("metrics", "train_log", "probes")}
+        if self.evaluate_in_training_job:
+            key = {"stage1": "stage1/{stage1}/s{seed}", "stage2": "stage2/{stage1}/s{seed}/{stage2}"}[stage]
+            outputs.update(self.eval_outputs(key))
+        return outputs
+
+    def eval_outputs(self, key: str) -> dict:
+        """The evaluation files of a model key (a key with wildcards left in, for a rule, or a real one)."""
+        def fill(pattern):
+            return pattern.replace("{key}", key)
+        return {"captions": fill(self.pattern("captions")), "measures": fill(self.pattern("measures")),
+                "sets": [fill(self.eval_file(f"captions_{n}")) for n in self.eval_sets()],
+                "mcq": [fill(self.eval_file(f"mcq_{n}")) for n in self.mcq_sets()]}
+
+    def evaluated_apart(self) -> str:
+        """The model keys the `evaluate` rule makes: all, or only the base model when training jobs
+        evaluate their own models."""
+        return "base" if self.evaluate_in_training_job else ModelKey.PATTERN
+
+    def fused_eval_args(self, key: str) -> str:
+        """The `cwdpo train` flags that evaluate the trained model in the same job ("" when not fused)."""
+        if not self.evaluate_in_training_job:
+            return ""
+        from shlex import quote
+        from .specs import to_json
+        out = self.eval_outputs(key)
+        return (f"--evaluate {quote(to_json(self.eval_spec(key)))} --captions {quote(out['captions'])} "
+                f"--measures {quote(out['measures'])}")
 
     def eval_inputs(self, key: str) -> dict:
         k = ModelKey.parse(key)
         inputs = {"data": self.data_inputs(), "heldout": self.path("heldout_pairs")}
         inputs["sets"] = [es["json"] for es in self.eval_sets().values() if es["source"] == "karpathy"] + \
             [m["path"] for m in self.mcq_sets().values() if m["path"] and "*" not in m["path"]]
+        inputs["objects"] = self.objects_files()
         if k.kind != "base" or self.tiny:
             inputs["model"] = self.model_dir(k)
         if k.kind == "stage2":
@@ -258,10 +334,21 @@ class Plan:
                               min_pixels=m["min_pixels"], max_pixels=m["max_pixels"], seed=self.c["pretrain_seed"])
 
     def pretrain_spec(self) -> TrainSpec:
-        hp = {k: v for k, v in self.c["pretrain"].items() if k != "enabled"}
+        hp = {k: v for k, v in self.c["pretrain"].items() if k not in ("enabled", "stability_seeds")}
         return TrainSpec(method="sft", init=self.path("base_init"), seed=self.c["pretrain_seed"], vlm=self.vlm(),
                          data=self.data_spec("pretrain"), hparams=hp, train=self.c["train"], lora=None, probes=None,
                          negatives=None, data_seed=None, pairs=None, ref_logps=None)
+
+    def stability_seeds(self) -> list:
+        """Other pretraining seeds of the tiny base model (T-regime's stability row); none for a given model."""
+        return list(self.c["pretrain"]["stability_seeds"]) if self.tiny and self.c["pretrain"]["enabled"] else []
+
+    def stability_spec(self, seed) -> StabilitySpec:
+        e = self.c["evaluate"]
+        return StabilitySpec(seed=int(seed), build=dataclasses.replace(self.build_model_spec(), seed=int(seed)),
+                             train=dataclasses.replace(self.pretrain_spec(), seed=int(seed), init=""),
+                             test=self.data_spec("test"), num_beams=e["num_beams"],
+                             max_new_tokens=e["max_new_tokens"], batch_size=e["batch_size"])
 
     def probes_spec(self, start: str, seed, stage: int) -> ProbesSpec | None:
         p = self.c["probes"]
@@ -298,20 +385,22 @@ class Plan:
         e = self.c["evaluate"]
         floor = self.c["stage2"]["defaults"]["l_floor"]
         sets = [EvalSetSpec(name=n, data=self.eval_set_data(n), domains=es["domains"],
-                            out=self.path("set_captions", key=key, evalset=n)) for n, es in self.eval_sets().items()]
+                            out=self.path("set_captions", key=key, evalset=n), objects=self.objects_file(n))
+                for n, es in self.eval_sets().items()]
         mcq = []
         for name, m in self.mcq_sets().items():
             data = dataclasses.replace(self.data_spec("test"), splits=m["splits"]) if m["format"] == "shapes" else None
             mcq.append(McqSpec(name=name, out=self.path("mcq", key=key, mcqset=name), data=data, **m))
         return EvalSpec(vlm=self.vlm(), model=self.model_dir(k), data=self.data_spec("test"),
                         num_beams=e["num_beams"], max_new_tokens=e["max_new_tokens"], batch_size=e["batch_size"],
-                        forward_batch_size=e["forward_batch_size"], topk_beams=e["topk_beams"],
+                        forward_batch_size=e["forward_batch_size"],
+                        topk_beams=e["topk_beams"] if self.needs_topk_beams(key) else 0,
                         heldout_pairs=self.path("heldout_pairs"),
                         l_floor=floor if floor != "mean" else MEAN_FLOOR_FALLBACK,
                         run_metrics=self.run_file(k, "metrics") if k.kind == "stage2" else None,
                         tau=self.c["stage2"]["defaults"]["tau"], reference=self.reference_of(k),
                         n_bins=self.c["probes"]["n_bins"], pixel_cache_mb=self.c["train"]["pixel_cache_mb"],
-                        eval_sets=sets, mcq_sets=mcq)
+                        eval_sets=sets, mcq_sets=mcq, objects=self.objects_file("data"))
 
     def sample_spec(self, stage1: str, seed) -> SampleSpec:
         o = self.c["negatives"]["onpolicy"]
@@ -341,7 +430,7 @@ class Plan:
 
     def trivial_spec(self) -> TrivialSpec:
         return TrivialSpec(train=self.data_spec("pretrain" if self.c["pretrain"]["enabled"] else "finetune"),
-                           test=self.data_spec("test"))
+                           test=self.data_spec("test"), objects=self.objects_file("data"))
 
     # ---- compute ----
     def gpus(self, kind: str) -> int:

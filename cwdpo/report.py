@@ -19,11 +19,17 @@ import os
 import numpy as np
 
 from .data import read_json, write_text
+from .config import stage2_recipe
 from .metrics import MEAN_OF_IMAGES, METRIC_NAMES
 from .paths import TRIVIAL
 from .stats import (convergence_step, difference_ci, ece_difference_ci, paired_bootstrap_ci, seed_ci, verdict,
                     win_rate)
 
+# grounding column -> its key in scores.json["grounding"]
+GROUNDING_COLUMNS = {"CHAIR_i": "CHAIR_i", "CHAIR_s": "CHAIR_s", "obj. recall": "recall", "colour acc.": "colour acc.",
+                     "shape acc.": "shape acc.", "size acc.": "size acc.", "count acc.": "count acc.",
+                     "relation acc.": "relation acc.", "1-obj colour acc.": "1-obj colour acc.",
+                     "1-obj shape acc.": "1-obj shape acc."}
 # column name -> (file, json path, scaled by the caption scale, digits, per-image path or None)
 COLUMNS = {
     **{m: ("scores", ["corpus", m], True, 1, ["per_image", m] if m in MEAN_OF_IMAGES else None)
@@ -36,6 +42,10 @@ COLUMNS = {
     "JS": ("measures", ["test", "js"], False, 3, ["test", "per_image", "js"]),
     "top-1": ("measures", ["test", "top1"], False, 3, ["test", "per_image", "top1"]),
     "entropy": ("measures", ["test", "entropy"], False, 3, ["test", "per_image", "entropy"]),
+    # grounding (cwdpo.grounding), as percentages: what the captions say against the scene
+    **{name: ("scores", ["grounding", "corpus", key], True, 1,
+              ["grounding", "per_image", key] if key in ("CHAIR_s", "recall", "count acc.") else None)
+       for name, key in GROUNDING_COLUMNS.items()},
     "mean w_c": ("measures", ["heldout", "w_c"], False, 3, None),
     "pref. acc.": ("measures", ["heldout", "pref_acc"], False, 3, None),
 }
@@ -87,6 +97,8 @@ class RunData:
                 per = [p * c * scale_w for p, c in zip(per, counts)]
         if v is None:
             reason = _lookup(doc, ["na_reasons", path[-1]]) or _lookup(doc, ["beams", "na_reasons", path[-1]])
+            if path[0] == "grounding":
+                reason = _lookup(doc, ["grounding", "na"]) or "no caption states it"
             if reason is None and col in ("TV", "JS"):
                 reason = "the base model is its own reference (TV/JS are measured against a run's reference)"
             return None, None, reason or f"{col} not measured"
@@ -96,6 +108,21 @@ class RunData:
         doc = self.doc(key, "scores")
         per = _lookup(doc, ["per_image", "CIDEr"]) if doc else None
         return [per[k] for k in sorted(per, key=str)] if per else None
+
+    def last_probe(self, key: str, column: str):
+        """The value of a probes.csv column at the run's last probe (None without one)."""
+        path = self.spec["probes"].get(key)
+        if not path or not os.path.isfile(path):
+            return None
+        with open(path) as f:
+            rows = [r for r in csv.DictReader(f) if r.get(column) not in (None, "", "nan")]
+        return float(rows[-1][column]) if rows else None
+
+    def stability(self, path: str):
+        """One-object shape accuracy of another pretraining seed's base model (its stability file)."""
+        if not os.path.isfile(path):
+            return None
+        return read_json(path)["corpus"].get("1-obj shape acc.")
 
     def convergence(self, key: str):
         probes = self.spec["probes"].get(key)
@@ -235,8 +262,10 @@ def _r(x) -> str:
 
 
 def write_table(spec: dict, out_stem: str):
-    if spec.get("kind") == "paper":
+    if spec["kind"] == "paper":
         texts = paper_table(spec)
+    elif spec["kind"] == "calibrate":
+        texts = calibrate_table(spec)
     else:
         cols, rows, reasons = compute_table(spec)
         texts = render(cols, rows, reasons, spec["title"])
@@ -263,21 +292,18 @@ def _runs(data: RunData, keys: list, col: str, scale: float) -> list:
     return out
 
 
-def paper_table(spec: dict) -> dict:
-    """T-paper: the paper's numbers next to ours, and a verdict per qualitative claim."""
-    from tabulate import tabulate
-    paper = load_paper()
-    data = RunData(spec)
-    scale = float(spec["scale"])
-    rows_by_name = spec["rows_by_name"]  # {"main": {name: keys}, "ablation": {name: keys}}
-    qty_col = {"CIDEr": "CIDEr", "BLEU-4": "BLEU-4", "METEOR": "METEOR", "SPICE": "SPICE", "TV": "TV", "JS": "JS",
-               "ECE": "ECE", "top-1 mass": "top-1", "CIDEr (ablation)": "CIDEr", "top-1": "top-1",
-               "MMMU acc.": "mmmu acc.", "MMBench1.1 acc.": "mmbench acc."}
+QUANTITY_COLUMN = {"CIDEr": "CIDEr", "BLEU-4": "BLEU-4", "METEOR": "METEOR", "SPICE": "SPICE", "TV": "TV", "JS": "JS",
+                   "ECE": "ECE", "top-1 mass": "top-1", "CIDEr (ablation)": "CIDEr", "top-1": "top-1",
+                   "MMMU acc.": "mmmu acc.", "MMBench1.1 acc.": "mmbench acc.", "CHAIR_s": "CHAIR_s"}
+
+
+def _paper_numbers(spec: dict, data: RunData, paper: dict) -> tuple:
+    """Rows [quantity, method, paper, ours, paper source] and their n/a reasons."""
     body, reasons = [], {}
     for item in paper["numbers"]:
         table = "ablation" if item["quantity"].endswith("(ablation)") else "main"
-        keys = rows_by_name.get(table, {}).get(item["method"])
-        col = qty_col[item["quantity"]]
+        keys = spec["rows_by_name"].get(table, {}).get(item["method"])
+        col = QUANTITY_COLUMN[item["quantity"]]
         if col not in COLUMNS and col not in spec["extra_columns"]:
             ours = "n/a"
             reasons[f"{item['quantity']} / {item['method']}"] = (
@@ -286,62 +312,169 @@ def paper_table(spec: dict) -> dict:
             ours = "n/a"
             reasons[f"{item['quantity']} / {item['method']}"] = f"no row named {item['method']!r} in table {table}"
         else:
-            vals, pers = zip(*[(data.value(k, col)[0], data.value(k, col)[1]) for k in keys]) if keys else ([], [])
+            vals, pers = zip(*[data.value(k, col)[:2] for k in keys]) if keys else ([], [])
             ours = fmt(cell_stats(list(vals), list(pers)), digits_of(col))
-        src = paper["sources"][item["source"]]
         paper_value = str(item["value"]) + (f" ({item['note']})" if item.get("note") else "")
-        body.append([item["quantity"], item["method"], paper_value,
-                     ours, src])
-    claim_rows = []
-    main = rows_by_name.get("main", {})
-    for c in paper["claims"]:
-        col = qty_col.get(c["quantity"], c["quantity"])
+        body.append([item["quantity"], item["method"], paper_value, ours, paper["sources"][item["source"]]])
+    return body, reasons
+
+
+def claim_difference(data: RunData, a: list, b: list, col: str, interval: str) -> dict:
+    """The 95% interval of ours(A) − ours(B) on a column (runs paired by seed): `interval` over seeds and
+    test images; ECE, a dataset-level statistic, by resampling images with their positions."""
+    scale = float(data.spec["scale"])
+    d = difference_ci(_runs(data, a, col, scale), _runs(data, b, col, scale), interval=interval)
+    if col == "ECE" and (interval == "hierarchical" or d["n"] < 3):
+        docs_a = [data.doc(k, "measures")["test"] for k in a if data.doc(k, "measures")]
+        docs_b = [data.doc(k, "measures")["test"] for k in b if data.doc(k, "measures")]
+        if docs_a and docs_b and all("position_image" in x for x in docs_a + docs_b):
+            d = ece_difference_ci(docs_a, docs_b, n_bins=int(docs_a[0]["n_bins"]), by_seed=interval == "hierarchical")
+    return d
+
+
+def decide(d: dict, direction: str, delta_share: float | None, b_mean) -> tuple:
+    """(verdict, δ) of a claim whose difference interval is `d`: δ = `delta_share` × |mean of B|."""
+    delta = None if delta_share is None or b_mean is None else float(delta_share) * abs(b_mean)
+    return verdict(d["lo"], d["hi"], direction, delta), delta
+
+
+def _claims(spec: dict, data: RunData, paper: dict) -> list:
+    """Rows [claim, whose, paper, ours: A − B [CI], δ, verdict, interval] of the main, our and ablation
+    claims."""
+    cfg = spec["claims"]
+    main = spec["rows_by_name"].get("main", {})
+    rows = []
+    for c in paper["claims"] + paper["our_claims"]:
+        whose = "ours (not the paper's)" if c in paper["our_claims"] else "paper"
+        col = QUANTITY_COLUMN.get(c["quantity"], c["quantity"])
         a, b = main.get(c["a"]), main.get(c["b"])
         if not a or not b:
-            claim_rows.append([c["claim"], c["paper"], "n/a", "inconclusive", f"rows {c['a']}/{c['b']} not configured"])
+            rows.append([c["claim"], whose, c["paper"], "n/a", "—", "inconclusive",
+                         f"rows {c['a']}/{c['b']} not configured"])
             continue
-        d = difference_ci(_runs(data, a, col, scale), _runs(data, b, col, scale))
-        if col == "ECE" and d["n"] < 3:  # ECE has no per-image values: bootstrap images with their positions
-            docs_a = [data.doc(k, "measures")["test"] for k in a if data.doc(k, "measures")]
-            docs_b = [data.doc(k, "measures")["test"] for k in b if data.doc(k, "measures")]
-            if docs_a and docs_b and all("position_image" in x for x in docs_a + docs_b):
-                d = ece_difference_ci(docs_a, docs_b, n_bins=int(docs_a[0].get("n_bins", 15)))
-        claim_rows.append([c["claim"], c["paper"], _fmt_diff(d, digits_of(col)),
-                           verdict(d["lo"], d["hi"], c["direction"]),
-                           d["method"]])
-    abl = rows_by_name.get("ablation", {})
+        d = claim_difference(data, a, b, col, cfg["interval"])
+        b_mean = cell_stats([data.value(k, col)[0] for k in b], [])["mean"]
+        result, delta = decide(d, c["direction"], cfg["min_effect"].get(c["id"]), b_mean)
+        rows.append([c["claim"], whose, c["paper"], _fmt_diff(d, digits_of(col)),
+                     _fmt_delta(delta, cfg["min_effect"].get(c["id"]), c["b"], digits_of(col)), result, d["method"]])
+    abl = spec["rows_by_name"].get("ablation", {})
     if "full" in abl:
-        ablation_cider = {x["method"]: x["value"] for x in paper["numbers"] if x["quantity"] == "CIDEr (ablation)"}
+        cider = {x["method"]: x["value"] for x in paper["numbers"] if x["quantity"] == "CIDEr (ablation)"}
         for name, keys in abl.items():
             if name == "full":
                 continue
-            d = difference_ci(_runs(data, abl["full"], "CIDEr", scale), _runs(data, keys, "CIDEr", scale))
-            paper_val = ablation_cider.get(name)
-            claim_rows.append([f"full > {name} on CIDEr",
-                               f"{ablation_cider['full']} vs {paper_val}" if paper_val is not None else "—",
-                               _fmt_diff(d, 1), verdict(d["lo"], d["hi"], ">"), d["method"]])
+            d = claim_difference(data, abl["full"], keys, "CIDEr", cfg["interval"])
+            share = None if name not in cider else cfg["ablation_share"] * (cider["full"] - cider[name]) / cider[name]
+            b_mean = cell_stats([data.value(k, "CIDEr")[0] for k in keys], [])["mean"]
+            result, delta = decide(d, ">", share if share and share > 0 else None, b_mean)
+            rows.append([f"full > {name} on CIDEr", "paper", f"{cider['full']} vs {cider[name]}" if name in cider
+                         else "—", _fmt_diff(d, 1), _fmt_delta(delta, share, name, 1), result, d["method"]])
+    return rows
+
+
+def _fmt_delta(delta, share, b_name: str, digits: int) -> str:
+    if delta is None:
+        return "—"
+    return f"{delta:.{digits}f} ({100 * share:.1f}% of {b_name})"
+
+
+def _regime(spec: dict, data: RunData, claim_rows: list) -> list:
+    """T-regime rows [precondition, measured, target, pass]: is the instrument valid before its verdicts?"""
+    r = spec["regime"]
+    main = spec["rows_by_name"].get("main", {})
+    rows = []
+
+    def pct(x):
+        return "n/a" if x is None else f"{100 * x:.1f}%"
+
+    base = main.get(r["base_row"]) or []
+    g = data.doc(base[0], "scores").get("grounding", {}).get("corpus", {}) if base and data.doc(base[0], "scores") \
+        else {}
+    for attr, target in (("colour", r["colour_accuracy"]), ("shape", r["shape_accuracy"])):
+        v = g.get(f"1-obj {attr} acc.")
+        rows.append([f"vision: the base model names the {attr} of a one-object image", pct(v), f"≥ {pct(target)}",
+                     _pass(v is not None and v >= target)])
+    s1 = main.get(r["stage1_row"]) or []
+    chair = cell_stats([data.value(k, "CHAIR_s")[0] for k in s1], [])
+    lo_h, hi_h = r["headroom"]
+    v = None if chair["mean"] is None else chair["mean"] / float(spec["scale"])
+    rows.append([f"headroom: {r['stage1_row']} captions naming an object not in the image (CHAIR_s)",
+                 fmt(chair, 1) + "%" if v is not None else "n/a", f"{pct(lo_h)}–{pct(hi_h)}",
+                 _pass(v is not None and lo_h <= v <= hi_h)])
+    ctrl, sft = main.get(r["control_row"]) or [], main.get(r["sft_row"]) or []
+    if ctrl and sft:
+        d = claim_difference(data, ctrl, sft, "top-1", spec["claims"]["interval"])
+        ok = d["diff"] is not None and d["lo"] is not None and d["diff"] >= r["top1_gain"] and d["lo"] > 0
+        rows.append([f"squeezing in the control: top-1 mass of {r['control_row']} − {r['sft_row']}",
+                     _fmt_diff(d, 3), f"≥ +{r['top1_gain']}, interval above 0", _pass(ok)])
+    else:
+        rows.append([f"squeezing in the control: top-1 mass of {r['control_row']} − {r['sft_row']}", "n/a",
+                     f"≥ +{r['top1_gain']}", "fail"])
+    dl = [data.last_probe(k, "dlogp_positive") for k in ctrl]
+    dls = cell_stats([x for x in dl if x is not None], [])
+    rows.append([f"squeezing in the control: Δlog p of the positives under {r['control_row']} (probe set, last step)",
+                 fmt(dls, 3), "< 0", _pass(dls["mean"] is not None and dls["mean"] < 0)])
+    shape = [g.get("1-obj shape acc.")] + [data.stability(p) for p in spec["stability"]]
+    shape = [x for x in shape if x is not None]
+    spread = max(shape) - min(shape) if len(shape) > 1 else None
+    rows.append([f"stability: spread of one-object shape accuracy over {len(shape)} pretraining seeds",
+                 "n/a" if spread is None else f"{100 * spread:.1f} pts ({', '.join(pct(x) for x in shape)})",
+                 f"≤ {100 * r['stability_spread']:.1f} pts",
+                 _pass(spread is not None and spread <= r["stability_spread"] + 1e-12)])
+    main_claims = [c for c in claim_rows if c[1] == "paper" and not c[0].startswith("full > ")]
+    decided = sum(c[5] != "inconclusive" for c in main_claims)
+    rows.append(["decidedness: the paper's main claims decided", f"{decided} of {len(main_claims)}",
+                 f"≥ {r['min_decided']}", _pass(decided >= r["min_decided"])])
+    return rows
+
+
+def _pass(ok: bool) -> str:
+    return "pass" if ok else "fail"
+
+
+def paper_table(spec: dict) -> dict:
+    """T-regime (the testbed's preconditions), then T-paper: the paper's numbers next to ours, and a verdict
+    per claim decided by its interval and smallest effect of interest."""
+    from tabulate import tabulate
+    paper = load_paper()
+    data = RunData(spec)
+    body, reasons = _paper_numbers(spec, data, paper)
+    claim_rows = _claims(spec, data, paper)
+    regime = _regime(spec, data, claim_rows)
     note = (f"Reproduced on `{spec['experiment']}` ({spec['scale_note']}). Absolute values are not comparable "
             "with the paper's COCO / Qwen2.5-VL-72B numbers; the claims (directions) are. Ours: mean ± std over "
             "seeds [95% CI].")
-    md = "### T-paper: paper vs reproduced\n\n" + note + "\n\n"
+    verdict_note = ("A claim holds when the 95% interval of its effect (A − B, or B − A for a claim that A is "
+                    "lower) lies above 0, does not hold when it lies below δ, its smallest effect of interest "
+                    "(fixed in the config before any run: config `claims`), and is inconclusive otherwise. "
+                    "Interval: " + {"hierarchical": "a bootstrap over seeds and, within each seed, over the same "
+                                                    "test images for A and B (2000 resamples)",
+                                    "t": "a t-interval over seeds"}[spec["claims"]["interval"]] +
+                    "; ablation rows: one seed, a paired bootstrap over test images.")
+    md = "### T-regime: the testbed's preconditions (measured before any verdict)\n\n"
+    md += tabulate(regime, headers=["precondition", "measured", "target", "pass"], tablefmt="github",
+                   disable_numparse=True) + "\n\n"
+    md += "### T-paper: paper vs reproduced\n\n" + note + "\n\n"
     md += tabulate(body, headers=["quantity", "method", "paper", "ours", "paper source"], tablefmt="github",
                    disable_numparse=True) + "\n\n"
-    md += "#### Claims (decided by the 95% interval of the difference ours(A) − ours(B))\n\n"
-    md += tabulate(claim_rows, headers=["claim", "paper", "ours: A − B [95% CI]", "verdict", "interval"],
-                   tablefmt="github", disable_numparse=True) + "\n"
+    md += "#### Claims\n\n" + verdict_note + "\n\n"
+    headers = ["claim", "whose", "paper", "ours: A − B [95% CI]", "δ", "verdict", "interval"]
+    md += tabulate(claim_rows, headers=headers, tablefmt="github", disable_numparse=True) + "\n"
     if reasons:
         md += "\n" + "\n".join(f"- {k}: n/a — {v}" for k, v in sorted(reasons.items())) + "\n"
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["section", "quantity_or_claim", "method", "paper", "ours", "verdict", "source_or_interval"])
+    w.writerow(["section", "quantity_or_claim", "method_or_whose", "paper_or_target", "ours", "delta", "verdict",
+                "source_or_interval"])
+    for r in regime:
+        w.writerow(["regime", r[0], "", r[2], r[1], "", r[3], ""])
     for r in body:
-        w.writerow(["number", r[0], r[1], r[2], r[3], "", r[4]])
+        w.writerow(["number", r[0], r[1], r[2], r[3], "", "", r[4]])
     for r in claim_rows:
-        w.writerow(["claim", r[0], "", r[1], r[2], r[3], r[4]])
-    tex = tabulate(body, headers=["quantity", "method", "paper", "ours", "source"], tablefmt="latex_booktabs",
-                   disable_numparse=True) + "\n" + tabulate(claim_rows, headers=["claim", "paper", "ours", "verdict",
-                                                                                "interval"],
-                                                            tablefmt="latex_booktabs", disable_numparse=True) + "\n"
+        w.writerow(["claim", r[0], r[1], r[2], r[3], r[4], r[5], r[6]])
+    tex = "\n".join(tabulate(rows, headers=h, tablefmt="latex_booktabs", disable_numparse=True) for rows, h in (
+        (regime, ["precondition", "measured", "target", "pass"]),
+        (body, ["quantity", "method", "paper", "ours", "source"]), (claim_rows, headers))) + "\n"
     return {"md": md, "csv": buf.getvalue(), "tex": tex}
 
 
@@ -351,6 +484,61 @@ def _fmt_diff(d: dict, digits: int) -> str:
     if d["lo"] is None:
         return f"{d['diff']:+.{digits}f}"
     return f"{d['diff']:+.{digits}f} [{d['lo']:+.{digits}f}, {d['hi']:+.{digits}f}]"
+
+
+# ---------------------------------------------------------------------------------------------------
+# the control arm's calibration (config/calibrate.yaml)
+
+def calibration_rows(spec: dict) -> list:
+    """Per swept row of a `calibrate` table (after the SFT reference row): lr, the top-1 gain over SFT with its
+    interval, the positives' Δlog p at the last probe (mean and t-interval over seeds), CIDEr, CHAIR_s, and
+    whether the squeezing signature shows (gain ≥ regime.top1_gain with its interval above 0, Δlog p < 0)."""
+    data = RunData(spec)
+    rows = spec["rows"]
+    sft = rows[0]["keys"]
+    out = []
+    for row in rows[1:]:
+        d = claim_difference(data, row["keys"], sft, "top-1", spec["interval"])
+        dl = cell_stats([x for x in (data.last_probe(k, "dlogp_positive") for k in row["keys"]) if x is not None], [])
+        cider = cell_stats([data.value(k, "CIDEr")[0] for k in row["keys"]], [])
+        chair = cell_stats([data.value(k, "CHAIR_s")[0] for k in row["keys"]], [])
+        shows = (d["diff"] is not None and d["lo"] is not None and d["diff"] >= spec["top1_gain"] and d["lo"] > 0
+                 and dl["mean"] is not None and dl["mean"] < 0)
+        out.append({"name": row["name"], "lr": row["lr"], "gain": d, "dlogp": dl, "cider": cider, "chair_s": chair,
+                    "signature": shows})
+    return out
+
+
+def calibration_choice(rows: list):
+    """The rule: the smallest learning rate at which the squeezing signature shows (None: at none)."""
+    hits = sorted((r for r in rows if r["signature"]), key=lambda r: r["lr"])
+    return hits[0] if hits else None
+
+
+def calibrate_table(spec: dict) -> dict:
+    from tabulate import tabulate
+    rows = calibration_rows(spec)
+    choice = calibration_choice(rows)
+    body = [[r["name"], f"{r['lr']:g}", _fmt_diff(r["gain"], 3), fmt(r["dlogp"], 3), fmt(r["cider"], 1),
+             fmt(r["chair_s"], 1), "yes" if r["signature"] else "no"] for r in rows]
+    headers = ["control", "lr", f"top-1 − {spec['rows'][0]['name']} [95% CI]", "Δlog p positives (last probe)",
+               "CIDEr", "CHAIR_s", "squeezing signature"]
+    rule = (f"Rule (written before the sweep, applied to the control arm only): the smallest learning rate at "
+            f"which the control's top-1 mass exceeds {spec['rows'][0]['name']}'s by ≥ {spec['top1_gain']} with the "
+            f"interval above 0 and the positives' Δlog p is below 0. Outcome: "
+            + (f"lr = {choice['lr']:g} ({choice['name']})." if choice else "the signature shows at no swept lr."))
+    md = f"### {spec['title']}\n\n{rule}\n\n" + tabulate(body, headers=headers, tablefmt="github",
+                                                           disable_numparse=True) + "\n"
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["control", "lr", "top1_gain", "top1_gain_lo", "top1_gain_hi", "dlogp_positive", "cider", "chair_s",
+                "signature", "chosen"])
+    for r in rows:
+        w.writerow([r["name"], repr(r["lr"]), _r(r["gain"]["diff"]), _r(r["gain"]["lo"]), _r(r["gain"]["hi"]),
+                    _r(r["dlogp"]["mean"]), _r(r["cider"]["mean"]), _r(r["chair_s"]["mean"]), r["signature"],
+                    choice is r])
+    tex = tabulate(body, headers=headers, tablefmt="latex_booktabs", disable_numparse=True) + "\n"
+    return {"md": md, "csv": buf.getvalue(), "tex": tex}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -422,8 +610,13 @@ def table_inputs(plan, name: str) -> list:
                 keys += [k for k in row["sft_keys"] if k]
             for k in keys:
                 files += [plan.eval_file(kind).format(key=k) for kind in kinds]
-                if "conv. step" in columns and plan.run_file(k):
+                if ("conv. step" in columns or table.get("kind") == "calibrate") and plan.run_file(k):
                     files.append(plan.run_file(k, "probes"))
+    if plan.c["tables"][name].get("kind") == "paper":  # T-regime: the control's probes, the stability seeds
+        control = next((r for r in table_rows(plan, plan.c["tables"].get("main", {}))
+                        if r["name"] == plan.c["regime"]["control_row"]), {"keys": []})
+        files += [plan.run_file(k, "probes") for k in control["keys"] if plan.run_file(k)]
+        files += [plan.path("stability", seed=s) for s in plan.stability_seeds()]
     return sorted(set(files))
 
 
@@ -435,12 +628,20 @@ def table_spec(plan, name: str) -> dict:
     spec = {"name": name, "kind": t["kind"], "title": t.get("title") or name,
             "scale": plan.c["evaluate"]["scale"], "experiment": plan.c["experiment"], "extra_columns": extra,
             "files": {kind: plan.eval_file(kind) for kind in dict.fromkeys(kinds)}}
-    if spec["kind"] == "paper":
+    if spec["kind"] == "calibrate":
+        spec["rows"] = table_rows(plan, t)
+        for row, cfg_row in zip(spec["rows"][1:], t["rows"][1:]):
+            row["lr"] = stage2_recipe(plan.c, cfg_row["stage2"])["lr"]
+        spec["interval"], spec["top1_gain"] = plan.c["claims"]["interval"], plan.c["regime"]["top1_gain"]
+        keys = [k for r in spec["rows"] for k in r["keys"]]
+    elif spec["kind"] == "paper":
         spec["rows_by_name"] = {n: {r["name"]: r["keys"] for r in table_rows(plan, plan.c["tables"][n])
                                     if not r.get("trivial")} for n in tables_read_by(plan, name)}
         keys = [k for rows in spec["rows_by_name"].values() for ks in rows.values() for k in ks]
         spec["scale_note"] = (f"model {plan.c['model']['source']}, data {plan.c['data']['source']}, "
                               f"{len(plan.c['seeds'])} seed(s)")
+        spec["claims"], spec["regime"] = plan.c["claims"], plan.c["regime"]
+        spec["stability"] = [plan.path("stability", seed=s) for s in plan.stability_seeds()]
     else:
         spec["rows"] = table_rows(plan, t)
         spec["columns"] = [c for c in t["columns"] if c not in ("SPICE", "top-5 SPICE")

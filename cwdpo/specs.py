@@ -169,11 +169,25 @@ class TrainSpec:
 
 
 @dataclass(frozen=True)
+class StabilitySpec:
+    """One more pretraining seed of the tiny base model, measured by its test captions' grounding."""
+    seed: int
+    build: BuildModelSpec
+    train: TrainSpec
+    test: DataSpec
+    num_beams: int
+    max_new_tokens: int
+    batch_size: int
+
+
+@dataclass(frozen=True)
 class EvalSetSpec:
+    """An extra caption set; `objects`: its images' COCO categories (`cwdpo coco-objects`) for CHAIR."""
     name: str
     data: DataSpec
     domains: bool
     out: str
+    objects: str | None
 
 
 @dataclass(frozen=True)
@@ -200,7 +214,7 @@ class McqSpec:
 class EvalSpec:
     """Evaluation of one model: captions of the test split and the evaluation sets, MCQ accuracy, and the
     teacher-forced measures. `l_floor`/`tau` give the held-out pairs' w_c; a Stage-2 run's own resolved
-    ℓ_floor is read from `run_metrics` instead."""
+    ℓ_floor is read from `run_metrics` instead. `objects`: the test images' COCO categories, for CHAIR."""
     vlm: Vlm
     model: str
     data: DataSpec
@@ -218,6 +232,7 @@ class EvalSpec:
     pixel_cache_mb: float
     eval_sets: list[EvalSetSpec]
     mcq_sets: list[McqSpec]
+    objects: str | None
 
 
 @dataclass(frozen=True)
@@ -263,3 +278,11 @@ class ProbeSetSpec:
 class TrivialSpec:
     train: DataSpec
     test: DataSpec
+    objects: str | None
+
+
+@dataclass(frozen=True)
+class CocoObjectsSpec:
+    """The COCO categories of a data source's images, from COCO instance annotation files."""
+    instances: list
+    data: DataSpec

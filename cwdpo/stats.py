@@ -4,9 +4,12 @@
 - `paired_bootstrap_ci`: percentile interval of the mean difference of two systems' per-image scores,
   resampling test images with replacement (scipy.stats.bootstrap, paired) — used when there are fewer
   than `min_seeds_for_t` seeds.
-- `verdict`: a claim "A > B" (or "A < B") holds when its 95% interval of the difference excludes 0 on the
-  claimed side, does not hold when it excludes 0 on the other side, and is inconclusive otherwise —
-  decided by the interval, never by eye.
+- `hierarchical_bootstrap_ci`: percentile interval of the mean over seeds of A − B, resampling seeds and,
+  within each seed, test images (the same images for A and B: a paired design); it carries both the
+  training (seed) and the test-set (image) variance.
+- `verdict`: a claim "A > B" (or "A < B") holds when the 95% interval of its effect lies above 0, does
+  not hold when it lies below the smallest effect of interest δ (fixed before the runs), and is
+  inconclusive otherwise — decided by the interval, never by eye.
 - `win_rate`: per image 1 when A's score beats B's, ½ on a tie, 0 otherwise; averaged over images.
 - `convergence_step`: the first step at which a curve reaches `frac` (95%) of its final value.
 No torch import.
@@ -45,15 +48,44 @@ def paired_bootstrap_ci(a: list, b: list, level: float = 0.95, n_resamples: int 
     return float(diff.mean()), float(res.confidence_interval.low), float(res.confidence_interval.high)
 
 
-def difference_ci(a_runs: list, b_runs: list, min_seeds_for_t: int = 3, level: float = 0.95, seed: int = 0) -> dict:
+def hierarchical_bootstrap_ci(a: list, b: list, level: float = 0.95, n_resamples: int = 2000,
+                              seed: int = 0) -> tuple:
+    """(mean over seeds of mean_i(A − B), lo, hi): a two-level percentile bootstrap. `a`, `b`: per-image
+    values [seeds][images], paired by seed and image. Each resample draws seeds with replacement and,
+    within each drawn seed, images with replacement (the same images for A and B)."""
+    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    if d.ndim != 2 or d.size == 0:
+        raise ValueError("per-image values must be [seeds][images] with the same shape for A and B")
+    s, n = d.shape
+    rng = np.random.default_rng(seed)
+    stats_ = np.empty(n_resamples)
+    for start in range(0, n_resamples, 200):  # blocks of resamples keep the index arrays small
+        r = min(200, n_resamples - start)
+        seeds = rng.integers(0, s, (r, s))
+        images = rng.integers(0, n, (r, s, n))
+        stats_[start:start + r] = d[seeds[:, :, None], images].mean(axis=(1, 2))
+    lo, hi = np.quantile(stats_, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return float(d.mean()), float(lo), float(hi)
+
+
+def difference_ci(a_runs: list, b_runs: list, min_seeds_for_t: int = 3, level: float = 0.95, seed: int = 0,
+                  interval: str = "t") -> dict:
     """95% interval of A − B for runs paired by seed; each run is {"value": float, "per_image": [..] or None}.
 
-    With ≥ `min_seeds_for_t` seed pairs: a t-interval over the per-seed differences (training randomness is
-    the main variance). Otherwise: a paired bootstrap over test images of the seed-averaged per-image
-    scores (test-set variance only; said in the `method` field)."""
+    interval "t": with ≥ `min_seeds_for_t` seed pairs, a t-interval over the per-seed differences (training
+    randomness); "hierarchical": with ≥ 2 seed pairs that have per-image values, the two-level bootstrap
+    over seeds and test images (`hierarchical_bootstrap_ci`). Otherwise: a paired bootstrap over test
+    images of the seed-averaged per-image scores (test-set variance only; said in the `method` field)."""
     n = min(len(a_runs), len(b_runs))
     if n == 0:
         return {"diff": None, "lo": None, "hi": None, "method": "n/a: no runs", "n": 0}
+    per = [r.get("per_image") for r in a_runs[:n] + b_runs[:n]]
+    if interval == "hierarchical" and n >= 2 and all(p is not None for p in per):
+        m, lo, hi = hierarchical_bootstrap_ci(per[:n], per[n:], level, seed=seed)
+        return {"diff": m, "lo": lo, "hi": hi, "n": n,
+                "method": f"hierarchical bootstrap over {n} seeds × {len(per[0])} test images"}
+    if interval not in ("t", "hierarchical"):
+        raise ValueError(f"interval must be 't' or 'hierarchical', not {interval!r}")
     if n >= min_seeds_for_t:
         diffs = [a["value"] - b["value"] for a, b in zip(a_runs, b_runs)]
         m, lo, hi = seed_ci(diffs, level)
@@ -70,15 +102,21 @@ def difference_ci(a_runs: list, b_runs: list, min_seeds_for_t: int = 3, level: f
             "method": f"paired bootstrap over {len(ma)} test images ({n} seed(s))"}
 
 
-def verdict(lo, hi, direction: str) -> str:
-    """'holds' / 'does not hold' / 'inconclusive' for the claim A − B > 0 (direction '>') or < 0 ('<')."""
+def verdict(lo, hi, direction: str, delta: float | None = None) -> str:
+    """The verdict on the claim A − B > 0 (direction '>') or < 0 ('<') from the 95% interval [lo, hi] of
+    A − B. The claim's effect is A − B ('>') or B − A ('<'): 'holds' when its interval lies above 0, 'does
+    not hold' when it lies below `delta` (no effect as large as the smallest that would matter; without a
+    delta: below 0), 'inconclusive' otherwise."""
+    if direction not in (">", "<"):
+        raise ValueError(direction)
     if lo is None or hi is None:
         return "inconclusive"
-    if direction == ">":
-        return "holds" if lo > 0 else ("does not hold" if hi < 0 else "inconclusive")
-    if direction == "<":
-        return "holds" if hi < 0 else ("does not hold" if lo > 0 else "inconclusive")
-    raise ValueError(direction)
+    e_lo, e_hi = (lo, hi) if direction == ">" else (-hi, -lo)
+    if e_lo > 0:
+        return "holds"
+    if e_hi < (0.0 if delta is None else float(delta)):
+        return "does not hold"
+    return "inconclusive"
 
 
 def win_rate(a: list, b: list) -> float:
@@ -107,36 +145,65 @@ def convergence_step(steps: list, values: list, frac: float = 0.95):
     return step
 
 
+def bin_sums(conf: np.ndarray, correct: np.ndarray, n_bins: int = 15) -> tuple:
+    """(counts, confidence sums, correct sums) [n_bins] of equal-width confidence bins; a confidence c falls in
+    bin b with lo_b < c ≤ hi_b (the first bin also takes c = 0)."""
+    edges = np.linspace(0, 1, n_bins + 1)
+    idx = np.clip(np.searchsorted(edges[1:-1], conf, side="left"), 0, n_bins - 1)
+    return (np.bincount(idx, minlength=n_bins).astype(np.float64), np.bincount(idx, weights=conf, minlength=n_bins),
+            np.bincount(idx, weights=correct, minlength=n_bins))
+
+
+def ece_from_sums(counts, conf_sums, acc_sums) -> float:
+    """ECE = Σ_b (n_b/N)·|acc_b − conf_b| = Σ_b |Σ correct − Σ conf| / N over the bins' sums (the last axis);
+    several sets of sums at once give one ECE each."""
+    n = np.sum(counts, axis=-1)
+    return np.sum(np.abs(np.asarray(acc_sums) - np.asarray(conf_sums)), axis=-1) / n
+
+
+def ece(conf: np.ndarray, correct: np.ndarray, n_bins: int = 15) -> float:
+    """Token-level expected calibration error (Guo et al. 2017) over equal-width bins: the one implementation
+    (`cwdpo.dynamics.ece` and the bootstraps call it)."""
+    if len(conf) == 0:
+        return math.nan
+    return float(ece_from_sums(*bin_sums(np.asarray(conf, dtype=np.float64), np.asarray(correct, dtype=np.float64),
+                                         n_bins)))
+
+
+def _image_bin_sums(doc: dict, n_bins: int) -> np.ndarray:
+    """[3, images, n_bins]: each test image's bin sums (counts, confidence, correct) of a measures.json["test"]."""
+    conf, correct = np.asarray(doc["conf"], dtype=np.float64), np.asarray(doc["correct"], dtype=np.float64)
+    img = np.asarray(doc["position_image"])
+    n_img = int(img.max()) + 1 if len(img) else 0
+    edges = np.linspace(0, 1, n_bins + 1)
+    b = np.clip(np.searchsorted(edges[1:-1], conf, side="left"), 0, n_bins - 1)
+    flat = img * n_bins + b
+    size = n_img * n_bins
+    return np.stack([np.bincount(flat, minlength=size), np.bincount(flat, weights=conf, minlength=size),
+                     np.bincount(flat, weights=correct, minlength=size)]).reshape(3, n_img, n_bins).astype(np.float64)
+
+
 def ece_difference_ci(a_docs: list, b_docs: list, n_bins: int = 15, n_resamples: int = 1000, level: float = 0.95,
-                      seed: int = 0) -> dict:
+                      seed: int = 0, by_seed: bool = False) -> dict:
     """95% interval of ECE(A) − ECE(B): bootstrap over test images, resampling each image's positions
-    together (ECE is a dataset-level statistic); seeds are pooled. Docs are measures.json["test"]."""
-    def arrays(docs):
-        conf = np.concatenate([np.asarray(d["conf"]) for d in docs])
-        corr = np.concatenate([np.asarray(d["correct"], dtype=np.float64) for d in docs])
-        img = np.concatenate([np.asarray(d["position_image"]) for d in docs])
-        return conf, corr, img
-
-    import torch  # the ECE of `cwdpo.dynamics` (the one implementation; measures.json holds its values)
-
-    from .dynamics import ece
-
-    def ece_of(conf, correct, n_bins):
-        return ece(torch.from_numpy(conf), torch.from_numpy(correct), n_bins)
-
-    ca, ka, ia = arrays(a_docs)
-    cb, kb, ib = arrays(b_docs)
-    n_img = int(max(ia.max(), ib.max())) + 1
-    pos_a = [np.flatnonzero(ia == i) for i in range(n_img)]
-    pos_b = [np.flatnonzero(ib == i) for i in range(n_img)]
+    together (ECE is a dataset-level statistic), through each image's bin sums. Docs are
+    measures.json["test"], one per seed, paired. Seeds pooled, or with `by_seed` a hierarchical bootstrap:
+    seeds resampled, and within each the same test images for A and B; the statistic is then the mean over
+    seeds of ECE(A_s) − ECE(B_s)."""
     rng = np.random.default_rng(seed)
-    diffs = []
-    for _ in range(n_resamples):
-        pick = rng.integers(0, n_img, n_img)
-        sa = np.concatenate([pos_a[i] for i in pick])
-        sb = np.concatenate([pos_b[i] for i in pick])
-        diffs.append(ece_of(ca[sa], ka[sa], n_bins) - ece_of(cb[sb], kb[sb], n_bins))
+    a = [_image_bin_sums(d, n_bins) for d in a_docs]
+    b = [_image_bin_sums(d, n_bins) for d in b_docs]
+    if not by_seed:  # pooled: an image's positions of every seed move together
+        a, b = [np.sum(a, axis=0)], [np.sum(b, axis=0)]
+    s, n_img = len(a), a[0].shape[1]
+    per_seed = [ece_from_sums(*x.sum(axis=1)) - ece_from_sums(*y.sum(axis=1)) for x, y in zip(a, b)]
+    diffs = np.empty(n_resamples)
+    for r in range(n_resamples):
+        seeds = rng.integers(0, s, s)
+        diffs[r] = np.mean([ece_from_sums(*a[k][:, pick].sum(axis=1)) - ece_from_sums(*b[k][:, pick].sum(axis=1))
+                            for k, pick in ((k, rng.integers(0, n_img, n_img)) for k in seeds)])
     lo, hi = np.quantile(diffs, [(1 - level) / 2, 1 - (1 - level) / 2])
-    return {"diff": ece_of(ca, ka, n_bins) - ece_of(cb, kb, n_bins), "lo": float(lo), "hi": float(hi),
-            "n": len(a_docs), "method": f"bootstrap over {n_img} test images (positions resampled per image; "
-                                        f"{len(a_docs)} seed(s) pooled)"}
+    how = (f"hierarchical bootstrap over {s} seeds × {n_img} test images" if by_seed else
+           f"bootstrap over {n_img} test images ({len(a_docs)} seed(s) pooled)")
+    return {"diff": float(np.mean(per_seed)), "lo": float(lo), "hi": float(hi), "n": len(a_docs),
+            "method": how + " (positions resampled per image)"}

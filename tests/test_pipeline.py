@@ -75,6 +75,17 @@ def test_every_rule_wrote_its_log_and_training_its_benchmark(micro_run):
     for method in ("dpo", "focal_dpo", "cw_dpo"):
         assert os.path.isfile(os.path.join(res, "stage2", "sft_c", "s0", method, "model", "model.safetensors"))
         assert os.path.isfile(os.path.join(res, "benchmarks", "stage2", f"sft_c_s0_{method}.tsv"))
+    # every cwdpo job logged its start-up and work seconds; `cwdpo bench` sums them into the start-up share
+    from cwdpo.bench.pipeline import startup_costs
+    import glob
+    logs = glob.glob(os.path.join(res, "logs", "**", "*.log"), recursive=True)
+    silent = [p for p in logs if "[cwdpo] " not in open(p).read()]
+    assert logs and not silent, silent
+    costs = startup_costs(res)
+    assert costs["startup_by_command"]["train"]["jobs"] >= 9 and 0 < costs["startup_share"] < 1
+    # the tiny scale: training jobs evaluate their own models, the evaluate rule only the base model
+    assert [os.path.relpath(p, os.path.join(res, "logs", "eval")) for p in
+            glob.glob(os.path.join(res, "logs", "eval", "**", "evaluate.log"), recursive=True)] == ["base/evaluate.log"]
 
 
 @pytest.mark.slow
@@ -121,16 +132,29 @@ def test_paper_table_has_the_papers_numbers_and_a_verdict_per_claim(micro_run):
     res = os.path.join(micro_run, "results", "micro")
     rows = list(csv.DictReader(open(os.path.join(res, "tables", "paper.csv"))))
     numbers = [r for r in rows if r["section"] == "number"]
-    cw = [r for r in numbers if r["quantity_or_claim"] == "CIDEr" and r["method"] == "CW-DPO"]
-    assert cw and cw[0]["paper"] == "142.6"
+    cw = [r for r in numbers if r["quantity_or_claim"] == "CIDEr" and r["method_or_whose"] == "CW-DPO"]
+    assert cw and cw[0]["paper_or_target"] == "142.6"
     # the "ours" column never holds a paper number: it is our value (or n/a)
     assert cw[0]["ours"] != "142.6"
     claims = [r for r in rows if r["section"] == "claim"]
     paper = json.load(open(os.path.join(os.path.dirname(__file__), "..", "cwdpo", "resources", "paper.json")))
-    assert len(claims) >= len(paper["claims"])
+    assert len(claims) >= len(paper["claims"]) + len(paper["our_claims"])
     for r in claims:
         assert r["verdict"] in ("holds", "does not hold", "inconclusive"), r
         assert r["source_or_interval"], r  # says how the interval was computed
+    ours = [r for r in claims if r["method_or_whose"].startswith("ours")]
+    assert [r["quantity_or_claim"] for r in ours] == ["CW-DPO hallucinates less than DPO (CHAIR_s)"]
+    # δ is printed beside each main claim, as a value and a share of the comparison arm
+    assert all("% of " in r["delta"] for r in claims if r["quantity_or_claim"].startswith("CW-DPO > DPO"))
+    # T-regime: every precondition with its measured value, target and a pass/fail (whatever they are here)
+    regime = [r for r in rows if r["section"] == "regime"]
+    names = " ".join(r["quantity_or_claim"] for r in regime)
+    for word in ("vision", "colour", "shape", "headroom", "squeezing", "top-1", "Δlog p", "stability",
+                 "decidedness"):
+        assert word in names, word
+    assert all(r["verdict"] in ("pass", "fail") and r["ours"] and r["paper_or_target"] for r in regime)
+    stability = [r for r in regime if r["quantity_or_claim"].startswith("stability")]
+    assert "over 3 pretraining seeds" in stability[0]["quantity_or_claim"]
     main = list(csv.DictReader(open(os.path.join(res, "tables", "main.csv"))))
     for col in ("ECE", "TV", "JS", "top-1", "win-rate vs SFT", "conv. step"):
         assert col in main[0]
@@ -143,7 +167,11 @@ def test_paper_table_has_the_papers_numbers_and_a_verdict_per_claim(micro_run):
     ablation = list(csv.DictReader(open(os.path.join(res, "tables", "ablation.csv"))))
     assert "shapes_mcq acc." in ablation[0] and "shapes_ood CIDEr (out-of-domain)" in ablation[0]
     mmmu = [r for r in numbers if r["quantity_or_claim"] == "MMMU acc."]
-    assert mmmu and mmmu[0]["paper"] == "74.6 (accuracy, %)" and mmmu[0]["ours"] == "n/a"
+    assert mmmu and mmmu[0]["paper_or_target"] == "74.6 (accuracy, %)" and mmmu[0]["ours"] == "n/a"
+    # grounding: CHAIR, recall and per-attribute accuracy of every model (the trivial baseline's too)
+    for r in main:
+        for col in ("CHAIR_i", "CHAIR_s", "obj. recall", "colour acc.", "shape acc.", "count acc."):
+            assert 0.0 <= float(r[col]) <= 100.0, (r["method"], col)
 
 
 @pytest.mark.slow
@@ -180,8 +208,14 @@ def test_two_fresh_runs_give_byte_identical_metrics_and_tables(micro_run, tmp_pa
     import sys
     other = copy_workflow(tmp_path / "again")
     key = "stage2/sft_c/s0/cw_dpo"
+    # ...with every model evaluated by a job of its own (the GPU scales' layout): the same bytes as the
+    # training jobs that evaluate their own model at the tiny scale
+    with open(os.path.join(other, "apart.yaml"), "w") as f:
+        f.write("compute: {evaluate_in_training_job: false}\n")
     run([sys.executable, "-m", "snakemake", f"results/micro/eval/{key}/captions.json", "--cores", "2",
-         "--configfile", "micro.yaml"], cwd=other)
+         "--configfile", "micro.yaml", "apart.yaml"], cwd=other)
+    assert os.path.isfile(os.path.join(other, "results", "micro", "logs", "eval", key, "evaluate.log"))
+    assert not os.path.exists(os.path.join(micro_run, "results", "micro", "logs", "eval", key))  # fused there
     for rel in DETERMINISM_FILES:
         a = open(os.path.join(micro_run, "results", "micro", rel), "rb").read()
         b = open(os.path.join(other, "results", "micro", rel), "rb").read()
@@ -243,3 +277,23 @@ def test_killed_training_job_completes_with_rerun_incomplete_resuming_the_checkp
     metrics = json.load(open(os.path.join(wf, target)))
     assert metrics["steps"] == 400 and metrics["resumed_from"].startswith("checkpoint-")
     assert int(metrics["resumed_from"].split("-")[1]) >= 40
+
+
+@pytest.mark.slow
+def test_calibration_overlay_sweeps_the_control_and_writes_f_calibrate(micro_run):
+    """config/calibrate.yaml over the micro config: the control's lr sweep, its table with the rule's
+    outcome and figure F-calibrate (the Stage-1 models of the micro run are reused)."""
+    import sys
+    import shutil
+    shutil.copy(os.path.join(os.path.dirname(__file__), "..", "config", "calibrate.yaml"),
+                os.path.join(micro_run, "calibrate.yaml"))
+    res = os.path.join(micro_run, "results", "micro")
+    run([sys.executable, "-m", "snakemake", "results/micro/figures/calibrate.png", "--cores", "2", "--configfile",
+         "micro.yaml", "calibrate.yaml"], cwd=micro_run)
+    rows = list(csv.DictReader(open(os.path.join(res, "tables", "calibrate.csv"))))
+    assert [float(r["lr"]) for r in rows] == [5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3]
+    assert sum(r["chosen"] == "True" for r in rows) <= 1
+    for r in rows:
+        assert math.isfinite(float(r["top1_gain"])) and math.isfinite(float(r["dlogp_positive"]))
+    assert "Outcome:" in open(os.path.join(res, "tables", "calibrate.md")).read()
+    assert os.path.getsize(os.path.join(res, "figures", "calibrate.png")) > 10000

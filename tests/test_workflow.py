@@ -106,3 +106,40 @@ def test_ruff_is_clean():
     out = subprocess.run([sys.executable, "-m", "ruff", "check", "cwdpo", "tests", "scripts"], cwd=REPO,
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+
+
+def _job_counts(workdir, *configs):
+    out = run([sys.executable, "-m", "snakemake", "-n", *(["--configfile", *configs] if configs else [])],
+              cwd=workdir).stdout
+    table = out.split("Job stats:")[1].split("\n\n")[0]
+    return {line.split()[0]: int(line.split()[1]) for line in table.splitlines()[3:] if line.strip()}
+
+
+def test_training_jobs_evaluate_their_own_models_at_the_tiny_scale_only(workdir, tmp_path):
+    """Fewer, fuller processes at the tiny scale: a Stage-1/Stage-2 job evaluates the model it trained, so the
+    `evaluate` rule runs for the base model alone; set apart (the GPU scales) every model has its own job."""
+    fused = _job_counts(workdir)
+    apart_cfg = tmp_path / "apart.yaml"
+    apart_cfg.write_text("compute: {evaluate_in_training_job: false}\n")
+    apart = _job_counts(workdir, str(apart_cfg))
+    assert fused["evaluate"] == 1 and apart["evaluate"] > 20
+    assert fused["total"] == apart["total"] - (apart["evaluate"] - 1)
+    assert fused["stage1"] == apart["stage1"] and fused["stage2"] == apart["stage2"]
+
+
+def test_the_schema_names_what_the_code_defines():
+    """Names the schema lists for validation (metrics, methods, table columns, claims) are the code's own
+    constants, so a new metric or method cannot be valid in one place and unknown in the other."""
+    import yaml
+    from conftest import REPO
+    from cwdpo.config import CLAIM_IDS, STAGE1_METHODS, STAGE2_METHODS
+    from cwdpo.metrics import METRIC_NAMES
+    from cwdpo.report import COLUMNS, SPECIAL
+    schema = yaml.safe_load(open(os.path.join(REPO, "workflow", "schemas", "config.schema.yaml")))
+    props, defs = schema["properties"], schema["$defs"]
+    assert tuple(props["evaluate"]["properties"]["metrics"]["items"]["enum"]) == METRIC_NAMES
+    assert tuple(props["eval_sets"]["additionalProperties"]["properties"]["metrics"]["items"]["enum"]) == METRIC_NAMES
+    assert tuple(defs["stage1_recipe"]["properties"]["method"]["enum"]) == STAGE1_METHODS
+    assert tuple(defs["stage2_recipe"]["properties"]["method"]["enum"]) == STAGE2_METHODS
+    assert set(defs["table"]["properties"]["columns"]["items"]["enum"]) == set(COLUMNS) | set(SPECIAL)
+    assert set(props["claims"]["properties"]["min_effect"]["default"]) == set(CLAIM_IDS)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import subprocess
 import sys
 import time
@@ -56,4 +57,24 @@ def pipeline_costs(experiment_dir: str) -> dict:
     seconds = sum(float(r["s"]) for r in rows)
     peak = max(float(r["max_rss"]) for r in rows if r.get("max_rss") not in (None, "", "NA"))
     return {"jobs_with_benchmarks": len(rows), "sum_job_seconds": seconds, "max_job_rss_mb": peak,
-            "wall_s": max(ends) - min(starts)}
+            "wall_s": max(ends) - min(starts), **startup_costs(experiment_dir)}
+
+
+STARTUP_LINE = re.compile(r"^\[cwdpo\] (\S+): start-up ([0-9.]+) s, work ([0-9.]+) s$", re.M)
+
+
+def startup_costs(experiment_dir: str) -> dict:
+    """Start-up of the run's `cwdpo` jobs, from the line each writes to its log: start-up seconds (process
+    start to the end of its imports), work seconds, and the start-up share of all job-seconds, by command."""
+    by_command: dict = {}
+    for path in glob.glob(os.path.join(experiment_dir, "logs", "**", "*.log"), recursive=True):
+        with open(path, errors="replace") as f:
+            for command, startup, work in STARTUP_LINE.findall(f.read()):
+                c = by_command.setdefault(command, {"jobs": 0, "startup_s": 0.0, "work_s": 0.0})
+                c["jobs"] += 1
+                c["startup_s"] += float(startup)
+                c["work_s"] += float(work)
+    startup = sum(c["startup_s"] for c in by_command.values())
+    total = startup + sum(c["work_s"] for c in by_command.values())
+    return {"startup_s": startup, "job_seconds_from_logs": total, "startup_share": startup / total if total else None,
+            "startup_by_command": by_command}

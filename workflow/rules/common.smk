@@ -43,3 +43,4 @@ wildcard_constraints:
     key=ModelKey.PATTERN,
     negset=NAME_PATTERN,
     evalset=NAME_PATTERN,
+    source=NAME_PATTERN,

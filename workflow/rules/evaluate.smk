@@ -2,18 +2,18 @@
 # pairs), then pycocoevalcap scores of all caption files in one job.
 
 
+# (At the tiny scale the training jobs evaluate their own models: this rule then makes the base model's only.)
 rule evaluate:
     input:
         unpack(lambda wc: P.eval_inputs(wc.key)),
     output:
-        captions=P.pattern("captions"),
-        measures=P.pattern("measures"),
-        sets=[P.eval_file(f"captions_{name}") for name in P.eval_sets()],
-        mcq=[P.eval_file(f"mcq_{name}") for name in P.mcq_sets()],
+        **P.eval_outputs("{key}"),
     log:
         f"{OUT}/logs/eval/{{key}}/evaluate.log",
     benchmark:
         f"{OUT}/benchmarks/eval/{{key}}/evaluate.tsv"
+    wildcard_constraints:
+        key=P.evaluated_apart(),
     threads: 1
     resources:
         gpu=P.gpus("infer"),
@@ -24,9 +24,24 @@ rule evaluate:
         "--measures {output.measures:q} > {log:q} 2>&1"
 
 
+# The COCO categories of the captioned images (from COCO instance annotations), for CHAIR on real captions.
+rule coco_objects:
+    input:
+        lambda wc: P.instances_of(wc.source),
+    output:
+        P.pattern("objects"),
+    log:
+        f"{OUT}/logs/coco_objects_{{source}}.log",
+    params:
+        spec=lambda wc: to_json(P.coco_objects_spec(wc.source)),
+    shell:
+        "cwdpo coco-objects --spec {params.spec:q} --out {output:q} > {log:q} 2>&1"
+
+
 rule trivial_baseline:
     input:
         P.data_inputs(),
+        [f for f in [P.objects_file("data")] if f],
     output:
         P.path("captions", key=TRIVIAL),
     log:

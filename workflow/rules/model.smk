@@ -40,3 +40,20 @@ if P.tiny and config["pretrain"]["enabled"]:
             launch=P.launcher("train"),
         shell:
             "{params.launch} train --spec {params.spec:q} --out {params.out:q} --threads {threads} > {log:q} 2>&1"
+
+    # the same pretraining from other seeds, measured only (T-regime: the testbed's stability)
+    rule stability:
+        input:
+            P.data_inputs(),
+        output:
+            P.pattern("stability"),
+        log:
+            f"{OUT}/logs/stability_s{{seed}}.log",
+        benchmark:
+            f"{OUT}/benchmarks/stability_s{{seed}}.tsv"
+        threads: 1
+        params:
+            spec=lambda wc: to_json(P.stability_spec(wc.seed)),
+            out=lambda wc, output: os.path.dirname(output[0]),
+        shell:
+            "cwdpo stability --spec {params.spec:q} --out {params.out:q} --threads {threads} > {log:q} 2>&1"

@@ -4,12 +4,10 @@
 
 rule stage1:
     input:
-        unpack(lambda wc: P.stage1_inputs(wc.seed)),
+        unpack(lambda wc: P.stage1_inputs(wc.stage1, wc.seed)),
     output:
         model=directory(P.pattern("stage1_dir", "model")),
-        metrics=P.pattern("stage1_dir", "metrics"),
-        train_log=P.pattern("stage1_dir", "train_log"),
-        probes=P.pattern("stage1_dir", "probes"),
+        **P.run_outputs("stage1"),
     log:
         f"{OUT}/logs/stage1/{{stage1}}_s{{seed}}.log",
     benchmark:
@@ -21,8 +19,10 @@ rule stage1:
         spec=lambda wc: to_json(P.stage1_spec(wc.stage1, wc.seed)),
         out=lambda wc, output: os.path.dirname(output.metrics),
         launch=P.launcher("train"),
+        evaluate=lambda wc: P.fused_eval_args(f"stage1/{wc.stage1}/s{wc.seed}"),
     shell:
-        "{params.launch} train --spec {params.spec:q} --out {params.out:q} --threads {threads} > {log:q} 2>&1"
+        "{params.launch} train --spec {params.spec:q} --out {params.out:q} --threads {threads} {params.evaluate} "
+        "> {log:q} 2>&1"
 
 
 rule stage2:
@@ -30,9 +30,7 @@ rule stage2:
         unpack(lambda wc: P.stage2_inputs(wc.stage1, wc.seed, wc.stage2)),
     output:
         model=directory(P.pattern("stage2_dir", "model")),
-        metrics=P.pattern("stage2_dir", "metrics"),
-        train_log=P.pattern("stage2_dir", "train_log"),
-        probes=P.pattern("stage2_dir", "probes"),
+        **P.run_outputs("stage2"),
     log:
         f"{OUT}/logs/stage2/{{stage1}}_s{{seed}}_{{stage2}}.log",
     benchmark:
@@ -44,5 +42,7 @@ rule stage2:
         spec=lambda wc: to_json(P.stage2_spec(wc.stage1, wc.seed, wc.stage2)),
         out=lambda wc, output: os.path.dirname(output.metrics),
         launch=P.launcher("train"),
+        evaluate=lambda wc: P.fused_eval_args(f"stage2/{wc.stage1}/s{wc.seed}/{wc.stage2}"),
     shell:
-        "{params.launch} train --spec {params.spec:q} --out {params.out:q} --threads {threads} > {log:q} 2>&1"
+        "{params.launch} train --spec {params.spec:q} --out {params.out:q} --threads {threads} {params.evaluate} "
+        "> {log:q} 2>&1"

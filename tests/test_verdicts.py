@@ -1,0 +1,155 @@
+"""Verdicts with a smallest effect of interest, the hierarchical interval, T-regime and the calibration rule,
+on synthetic evaluation files whose answers are known."""
+import csv
+import io
+import json
+import os
+
+import numpy as np
+import pytest
+
+from cwdpo import stats
+from cwdpo.report import calibrate_table, paper_table
+
+N_IMAGES = 60
+
+
+def test_verdict_uses_the_smallest_effect_of_interest():
+    # "A > B": holds above 0, does not hold below δ, inconclusive when the interval spans [0, δ]
+    assert stats.verdict(0.5, 2.0, ">", delta=1.0) == "holds"
+    assert stats.verdict(-0.5, 0.8, ">", delta=1.0) == "does not hold"
+    assert stats.verdict(-0.5, 1.5, ">", delta=1.0) == "inconclusive"
+    # "A < B": the effect is B − A
+    assert stats.verdict(-2.0, -0.5, "<", delta=1.0) == "holds"
+    assert stats.verdict(-0.8, 0.5, "<", delta=1.0) == "does not hold"
+    assert stats.verdict(-1.5, 0.5, "<", delta=1.0) == "inconclusive"
+    # without δ: the old rule (the opposite direction must be significant)
+    assert stats.verdict(-0.5, 0.8, ">") == "inconclusive" and stats.verdict(-0.8, -0.1, ">") == "does not hold"
+
+
+def test_hierarchical_interval_carries_the_seed_variance():
+    rng = np.random.default_rng(0)
+    images = rng.normal(0, 1, (5, N_IMAGES))
+    # the same per-image noise; the seeds differ by a large offset in one case and not in the other
+    calm_a, calm_b = images + 1.0, images
+    shifts = np.array([[-3.0], [2.0], [0.5], [3.0], [-2.5]])
+    noisy_a = calm_a + shifts
+    m1, lo1, hi1 = stats.hierarchical_bootstrap_ci(calm_a, calm_b, n_resamples=400)
+    m2, lo2, hi2 = stats.hierarchical_bootstrap_ci(noisy_a, calm_b, n_resamples=400)
+    assert m1 == pytest.approx(1.0) and lo1 == pytest.approx(1.0) and hi1 == pytest.approx(1.0)  # paired: exact
+    assert m2 == pytest.approx(1.0) and hi2 - lo2 > 2.0  # seed-to-seed spread widens the interval
+    # a paired design removes the images' shared variance: A = B + 0.1 for every image of every seed
+    base = rng.normal(0, 5, (4, N_IMAGES))
+    d, lo, hi = stats.hierarchical_bootstrap_ci(base + 0.1, base, n_resamples=200)
+    assert lo == pytest.approx(0.1) and hi == pytest.approx(0.1)
+
+
+def _write(root, key, cider, top1, tv, chair_s, ece_conf=0.8, dlogp=None, shape_acc=0.95, colour_acc=0.99):
+    """Evaluation files of one model key: per-image CIDEr/top-1/TV/CHAIR_s centred on the given values."""
+    rng = np.random.default_rng(abs(hash(key)) % 2 ** 32)
+    ids = [str(i) for i in range(N_IMAGES)]
+    per_cider = cider / 100 + rng.normal(0, 0.01, N_IMAGES)
+    per_chair = (rng.random(N_IMAGES) < chair_s).astype(float)
+    scores = {"corpus": {"CIDEr": float(per_cider.mean())}, "per_image": {"CIDEr": dict(zip(ids, per_cider.tolist()))},
+              "na_reasons": {},
+              "grounding": {"corpus": {"CHAIR_s": float(per_chair.mean()), "1-obj shape acc.": shape_acc,
+                                       "1-obj colour acc.": colour_acc},
+                            "per_image": {"CHAIR_s": dict(zip(ids, per_chair.tolist()))}}}
+    per_top1 = top1 + rng.normal(0, 0.002, N_IMAGES)
+    per_tv = tv + rng.normal(0, 0.002, N_IMAGES)
+    conf = np.full(N_IMAGES * 4, ece_conf)
+    measures = {"test": {"top1": float(per_top1.mean()), "tv": float(per_tv.mean()), "ece": 0.05, "n_bins": 15,
+                         "per_image": {"top1": per_top1.tolist(), "tv": per_tv.tolist(), "positions": [4] * N_IMAGES},
+                         "conf": conf.tolist(), "correct": [1] * (N_IMAGES * 4),
+                         "position_image": [i // 4 for i in range(N_IMAGES * 4)]},
+                "heldout": {"w_c": 0.5, "pref_acc": 0.9}}
+    d = os.path.join(root, "eval", key)
+    os.makedirs(d, exist_ok=True)
+    json.dump(scores, open(os.path.join(d, "scores.json"), "w"))
+    json.dump(measures, open(os.path.join(d, "measures.json"), "w"))
+    if dlogp is not None:
+        run = os.path.join(root, "runs", key)
+        os.makedirs(run, exist_ok=True)
+        with open(os.path.join(run, "probes.csv"), "w") as f:
+            f.write(f"step,dlogp_positive\n0,0.0\n200,{dlogp}\n")
+
+
+def _spec(root, rows_by_name, probes, stability, interval="hierarchical"):
+    from cwdpo.config import load_config, default_config_path
+    cfg = load_config(default_config_path(), {"claims": {"interval": interval}}, check_paths=False)
+    files = {"scores": os.path.join(root, "eval", "{key}", "scores.json"),
+             "measures": os.path.join(root, "eval", "{key}", "measures.json")}
+    return {"name": "paper", "kind": "paper", "title": "paper", "scale": 100, "experiment": "synthetic",
+            "scale_note": "synthetic", "extra_columns": {}, "files": files, "rows_by_name": rows_by_name,
+            "probes": probes, "stability": stability, "claims": cfg["claims"], "regime": cfg["regime"]}
+
+
+def _claims(md):
+    out = {}
+    for line in md.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) == 7 and cells[5] in ("holds", "does not hold", "inconclusive"):
+            out[cells[0]] = cells[5]
+    return out
+
+
+def test_t_paper_decides_claims_with_delta_and_t_regime_shows_the_preconditions(tmp_path):
+    root = str(tmp_path)
+    seeds = range(3)
+    rows = {"base": ["base"], "SFT": [f"sft/{s}" for s in seeds], "SFT-C": [f"sftc/{s}" for s in seeds],
+            "DPO": [f"dpo/{s}" for s in seeds], "CW-DPO": [f"cw/{s}" for s in seeds]}
+    _write(root, "base", 200, 0.70, 0.0, 0.3)
+    probes = {}
+    for s in seeds:
+        _write(root, f"sft/{s}", 250, 0.70, 0.05, 0.20)
+        _write(root, f"sftc/{s}", 248, 0.71, 0.06, 0.20)
+        # DPO: peaked (top-1 + 0.05 over SFT), far from its reference, positives pushed down
+        _write(root, f"dpo/{s}", 230, 0.75, 0.30, 0.30, dlogp=-0.4)
+        probes[f"dpo/{s}"] = os.path.join(root, "runs", f"dpo/{s}", "probes.csv")
+        # CW-DPO: CIDEr clearly above DPO and SFT; TV far lower; top-1 equal to DPO's within noise; CHAIR_s equal
+        _write(root, f"cw/{s}", 260, 0.75, 0.10, 0.30)
+    stability = []
+    for seed, acc in ((1, 0.94), (2, 0.96)):
+        p = tmp_path / f"stab{seed}.json"
+        p.write_text(json.dumps({"corpus": {"1-obj shape acc.": acc}}))
+        stability.append(str(p))
+    out = paper_table(_spec(root, {"main": rows}, probes, stability))
+    v = _claims(out["md"])
+    assert v["CW-DPO > DPO on CIDEr"] == "holds" and v["CW-DPO > SFT on CIDEr"] == "holds"
+    assert v["TV(π, π_ref) lower for CW-DPO than DPO"] == "holds"
+    # equal top-1 mass: the interval lies inside ±δ, so the paper's effect is absent ("does not hold")
+    assert v["top-1 mass lower for CW-DPO than DPO"] == "does not hold"
+    assert v["CW-DPO hallucinates less than DPO (CHAIR_s)"] in ("does not hold", "inconclusive")
+    assert "ours (not the paper's)" in out["md"]
+    regime = [r for r in csv.reader(io.StringIO(out["csv"])) if r[0] == "regime"]
+    verdicts = {r[1].split(":")[0] + ":" + r[1].split(":")[1][:20]: r[6] for r in regime}
+    assert all(x == "pass" for x in verdicts.values()), regime
+    assert out["md"].index("T-regime") < out["md"].index("T-paper")
+    # a base model that cannot see fails the vision row (and says so, it is not hidden)
+    _write(root, "base", 200, 0.70, 0.0, 0.3, shape_acc=0.5)
+    out = paper_table(_spec(root, {"main": rows}, probes, stability))
+    vision = [r for r in csv.reader(io.StringIO(out["csv"])) if r[0] == "regime" and "shape of" in r[1]]
+    assert vision[0][6] == "fail" and vision[0][4] == "50.0%"
+
+
+def test_calibration_rule_picks_the_smallest_lr_with_the_signature(tmp_path):
+    root = str(tmp_path)
+    seeds = range(3)
+    rows = [{"name": "SFT", "keys": [f"sft/{s}" for s in seeds]}]
+    probes = {}
+    for s in seeds:
+        _write(root, f"sft/{s}", 250, 0.70, 0.05, 0.2)
+    for lr, gain, dlogp in ((1e-4, 0.0, 0.1), (5e-4, 0.05, 0.2), (1e-3, 0.05, -0.3), (2e-3, 0.1, -0.9)):
+        keys = [f"dpo{lr}/{s}" for s in seeds]
+        for k in keys:
+            _write(root, k, 240, 0.70 + gain, 0.2, 0.3, dlogp=dlogp)
+            probes[k] = os.path.join(root, "runs", k, "probes.csv")
+        rows.append({"name": f"DPO, lr {lr:g}", "keys": keys, "lr": lr})
+    spec = {"name": "calibrate", "kind": "calibrate", "title": "calibrate", "scale": 100, "extra_columns": {},
+            "files": {"scores": os.path.join(root, "eval", "{key}", "scores.json"),
+                      "measures": os.path.join(root, "eval", "{key}", "measures.json")},
+            "rows": rows, "probes": probes, "interval": "hierarchical", "top1_gain": 0.03}
+    out = calibrate_table(spec)
+    assert "Outcome: lr = 0.001" in out["md"]  # 5e-4 is peaked but its positives did not fall
+    chosen = [r for r in csv.DictReader(io.StringIO(out["csv"])) if r["chosen"] == "True"]
+    assert [r["control"] for r in chosen] == ["DPO, lr 0.001"]
