@@ -20,8 +20,10 @@ rule evaluate:
     params:
         spec=lambda wc: to_json(P.eval_spec(wc.key)),
     shell:
-        "cwdpo evaluate --spec {params.spec:q} --threads {threads} --captions {output.captions:q} "
-        "--measures {output.measures:q} > {log:q} 2>&1"
+        logged(
+            "cwdpo evaluate --spec {params.spec:q} --threads {threads} --captions {output.captions:q} "
+            "--measures {output.measures:q}"
+        )
 
 
 rule trivial_baseline:
@@ -34,7 +36,9 @@ rule trivial_baseline:
     params:
         spec=to_json(P.trivial_spec()),
     shell:
-        "cwdpo trivial --spec {params.spec:q} --out {output:q} > {log:q} 2>&1"
+        logged(
+            "cwdpo trivial --spec {params.spec:q} --out {output:q}"
+        )
 
 
 # One job scores every caption file: METEOR's JVM loads its paraphrase tables once (~10 s).
@@ -48,4 +52,6 @@ rule score:
     params:
         metrics=",".join(config["evaluate"]["metrics"]),
     shell:
-        "cwdpo score --captions {input.captions:q} --out {output:q} --metrics {params.metrics:q} > {log:q} 2>&1"
+        logged(
+            "cwdpo score --captions {input.captions:q} --out {output:q} --metrics {params.metrics:q}"
+        )

@@ -22,7 +22,9 @@ rule stage1:
         out=lambda wc, output: os.path.dirname(output.metrics),
         launch=P.launcher("train"),
     shell:
-        "{params.launch} train --spec {params.spec:q} --out {params.out:q} --threads {threads} > {log:q} 2>&1"
+        logged(
+            "{params.launch} train --spec {params.spec:q} --out {params.out:q} --threads {threads}"
+        )
 
 
 rule stage2:
@@ -45,4 +47,6 @@ rule stage2:
         out=lambda wc, output: os.path.dirname(output.metrics),
         launch=P.launcher("train"),
     shell:
-        "{params.launch} train --spec {params.spec:q} --out {params.out:q} --threads {threads} > {log:q} 2>&1"
+        logged(
+            "{params.launch} train --spec {params.spec:q} --out {params.out:q} --threads {threads}"
+        )
