@@ -192,9 +192,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cwdpo", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
 
-    def add(name, fn, help_, spec=True, out=True, threads=False, hf=False):
+    def add(name, fn, help_, spec=True, out=True, threads=False, hf=False, job=True):
+        """`job`: a command the rules run (its errors also print the traceback, kept in the job's log);
+        the commands people type (validate-config, estimate, ...) say one line only."""
         sp = sub.add_parser(name, help=help_)
-        sp.set_defaults(fn=fn, hf=hf)
+        sp.set_defaults(fn=fn, hf=hf, job=job)
         if spec:
             sp.add_argument("--spec", required=True, help="the job's JSON spec (or @file)")
         if out:
@@ -239,40 +241,70 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("figure", cmd_figure, "draw a figure (PNG + PDF) from the runs' probes and measures", out=False)
     sp.add_argument("--out", required=True, help="output stem: writes <out>.png and <out>.pdf")
     sp = add("convert-nocaps", cmd_convert_nocaps, "NoCaps annotations (COCO style) -> Karpathy format with domains",
-             spec=False)
+             spec=False, job=False)
     sp.add_argument("--annotations", required=True, help="e.g. nocaps_val_4500_captions.json")
     sp.add_argument("--split", default="val")
     sp = add("bench", cmd_bench, "step-time ratios, cached reference, TRL peer, shared prefix, throughput",
-             spec=False, out=False, threads=True, hf=True)
+             spec=False, out=False, threads=True, hf=True, job=False)
     sp.add_argument("--quick", action="store_true", help="tiny model only, few steps (for CI)")
     sp.add_argument("--out", default="results/bench")
     sp.add_argument("--no-large", action="store_true", help="skip the larger random-init model")
     sp.add_argument("--workdir", default=".", help="the workflow folder for the DAG timings")
     sp.add_argument("--experiment-dir", default="results/tiny", help="a finished run for the pipeline costs")
-    sp = add("estimate", cmd_estimate, "tokens, FLOPs and GPU-hours of a config's whole DAG", spec=False, out=False)
+    sp = add("estimate", cmd_estimate, "tokens, FLOPs and GPU-hours of a config's whole DAG", spec=False, out=False,
+             job=False)
     sp.add_argument("--configfile", required=True)
     sp.add_argument("--mfu", type=float, default=0.40, help="assumed model FLOPs utilisation (gpu_smoke measures it)")
     sp.add_argument("--peak-tflops", type=float, default=None, help="peak bf16 TFLOP/s per GPU (default H100: 989)")
     sp.add_argument("--image-size", default=None, help="WxH of the typical image for Karpathy data (default 640x480)")
     sp.add_argument("--json", default=None, help="also write the estimate as JSON")
     sp = add("validate-config", cmd_validate_config, "validate a config file against the workflow schema",
-             spec=False, out=False)
+             spec=False, out=False, job=False)
     sp.add_argument("--configfile", required=True)
     return p
 
 
-def main(argv=None):
-    _CLOCK["main"] = time.time()
+def one_line(message: str) -> str:
+    """A message as one line: 'invalid config:\n  a\n  b' → 'invalid config: a; b'."""
+    lines = [line.strip() for line in str(message).splitlines() if line.strip()]
+    if not lines:
+        return ""
+    head, rest = lines[0], lines[1:]
+    if not rest:
+        return head
+    return f"{head} {'; '.join(rest)}" if head.endswith(":") else "; ".join(lines)
+
+
+def _expected_errors() -> tuple:
+    """The errors that mean bad input or a failed run rather than a bug: `ConfigError`, `DataError`, and
+    `TrainingError` (a diverged or incomplete run) when the training module was imported at all."""
     from .config import ConfigError
     from .data import DataError
+    train = sys.modules.get("cwdpo.train")  # imported by the training commands only (it pulls in torch)
+    return (ConfigError, DataError) + ((train.TrainingError,) if train is not None else ())
+
+
+def main(argv=None):
+    """Run one command. Bad input or a failed run (`_expected_errors`) ends the process with exit status 1
+    and one line `cwdpo <command>: <message>`, the last line on stderr; a command the rules run prints the
+    traceback before it (the job's log keeps it for debugging; the rules repeat the line where Snakemake's
+    failure summary shows it)."""
+    _CLOCK["main"] = time.time()
     args = build_parser().parse_args(argv)
     if args.hf:
         _quiet_hf()
         _CLOCK["hf"] = True
     try:
         args.fn(args)
-    except (ConfigError, DataError) as e:  # bad input: one line naming the problem
-        sys.exit(f"cwdpo {args.command}: {e}")
+    except Exception as e:
+        if not isinstance(e, _expected_errors()):
+            raise
+        sys.stdout.flush()
+        if args.job:
+            import traceback
+            traceback.print_exc(file=sys.stderr)
+        print(f"cwdpo {args.command}: {one_line(str(e))}", file=sys.stderr, flush=True)
+        sys.exit(1)
     _report_times(args.command)
 
 

@@ -8,14 +8,17 @@ No torch import.
 from __future__ import annotations
 
 import copy
+import math
 import os
 import re
 
 import yaml
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# a name that becomes part of a path (experiment, recipes, sets, tables): no separators, no leading dot
+# a name that becomes part of a path (experiment, recipes, sets, tables, figures): no separators, no leading
+# dot, no whitespace; checked with `re.fullmatch` (never `$`, which also accepts a trailing newline)
 NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]*"
+NAME_RULE = "letters, digits, '_', '.' and '-', starting with a letter or digit"
 STAGE1_METHODS = ("sft", "sft_c")
 STAGE2_METHODS = ("dpo", "focal_dpo", "cw_dpo")
 METHODS = STAGE1_METHODS + STAGE2_METHODS
@@ -97,38 +100,75 @@ def stage1_recipe(config: dict, name: str) -> dict:
     return deep_merge(config["stage1"]["defaults"], config["stage1"]["recipes"][name])
 
 
-def check_config(config: dict, check_paths: bool = True) -> None:
-    """Checks the schema cannot express: recipe names and methods, table rows naming known recipes,
-    negative sets, required paths. Raises `ConfigError` naming the key."""
+def name_keys(config: dict) -> list:
+    """(key, name) of every config value that becomes part of an output path: the experiment and the names
+    of recipes, tables, figures, evaluation sets, MCQ sets and negative sets."""
     c = config
+    keys = [("experiment", c["experiment"])]
+    for section in ("stage1.recipes", "stage2.recipes", "tables", "figures", "eval_sets", "mcq_sets",
+                    "negatives.sets"):
+        node = c
+        for part in section.split("."):
+            node = node[part]
+        keys += [(section, name) for name in node]
+    return keys
+
+
+def check_name(key: str, name) -> None:
+    """The one check of a name that becomes part of a path (a full match of NAME_PATTERN)."""
+    if not isinstance(name, str) or not re.fullmatch(NAME_PATTERN, name):
+        raise ConfigError(f"{key}: invalid name {name!r} (it becomes part of a path under results/: {NAME_RULE})")
+
+
+def non_finite_keys(node, path: str = "") -> list:
+    """(key path, value) of every NaN or ±inf number in a config (JSON-schema range checks let NaN through)."""
+    if isinstance(node, float):
+        return [] if math.isfinite(node) else [(path or "(top level)", node)]
+    if isinstance(node, dict):
+        return [k for key, v in node.items() for k in non_finite_keys(v, f"{path}.{key}" if path else str(key))]
+    if isinstance(node, list):
+        return [k for i, v in enumerate(node) for k in non_finite_keys(v, f"{path}[{i}]")]
+    return []
+
+
+def check_config(config: dict, check_paths: bool = True) -> None:
+    """Checks the schema cannot express: finite numbers, names that become paths, recipe names and
+    methods, table rows and figure series naming known recipes, negative sets, required paths. Raises
+    `ConfigError` naming the key."""
+    c = config
+    bad = non_finite_keys(c)
+    if bad:
+        raise ConfigError(f"{bad[0][0]}: {bad[0][1]!r} is not a finite number (NaN and infinity are not allowed)")
+    for key, name in name_keys(c):
+        check_name(key, name)
     s1, s2 = c["stage1"]["recipes"], c["stage2"]["recipes"]
     for name, r in s1.items():
-        if not re.fullmatch(NAME_PATTERN, name) or name == "base":
-            raise ConfigError(f"stage1.recipes: invalid recipe name {name!r}")
+        if name == "base":
+            raise ConfigError("stage1.recipes: 'base' is reserved (the base model); rename the recipe")
         if r["method"] not in STAGE1_METHODS:
             raise ConfigError(f"stage1.recipes.{name}.method: {r['method']!r} is not one of "
                               f"{', '.join(STAGE1_METHODS)}")
     for name, r in s2.items():
-        if not re.fullmatch(NAME_PATTERN, name):
-            raise ConfigError(f"stage2.recipes: invalid recipe name {name!r}")
         if r["method"] not in STAGE2_METHODS:
             raise ConfigError(f"stage2.recipes.{name}.method: {r['method']!r} is not one of "
                               f"{', '.join(STAGE2_METHODS)}")
-    for tname, table in c["tables"].items():
-        for i, row in enumerate(table.get("rows", [])):
-            where = f"tables.{tname}.rows[{i}]"
-            if row.get("trivial"):
-                continue
-            st1 = row.get("stage1", "base")
-            if st1 != "base" and st1 not in s1:
-                raise ConfigError(f"{where}.stage1: unknown Stage-1 recipe {st1!r}; known: base, {', '.join(s1)}")
-            st2 = row.get("stage2")
-            if st2 is not None and st2 not in s2:
-                raise ConfigError(f"{where}.stage2: unknown Stage-2 recipe {st2!r}; known: {', '.join(s2)}")
+    selections = [(f"tables.{t}.rows[{i}]", row) for t, table in c["tables"].items()
+                  for i, row in enumerate(table.get("rows", []))]
+    selections += [(f"figures.{f}.series.{label}", sel) for f, fig in c["figures"].items()
+                   for label, sel in (fig.get("series") or {}).items()]
+    for where, row in selections:
+        if row.get("trivial"):
+            continue
+        st1 = row.get("stage1", "base")
+        if st1 != "base" and st1 not in s1:
+            raise ConfigError(f"{where}.stage1: unknown Stage-1 recipe {st1!r}; known: base, {', '.join(s1)}")
+        st2 = row.get("stage2")
+        if st2 is not None and st2 not in s2:
+            raise ConfigError(f"{where}.stage2: unknown Stage-2 recipe {st2!r}; known: {', '.join(s2)}")
+    floor = c["figures"].get("floor")
+    if floor and floor["enabled"] and floor["table"] not in c["tables"]:
+        raise ConfigError(f"figures.floor.table: unknown table {floor['table']!r}; known: {', '.join(c['tables'])}")
     sets = c["negatives"]["sets"]
-    for name in sets:
-        if not re.fullmatch(NAME_PATTERN, name):
-            raise ConfigError(f"negatives.sets: invalid set name {name!r}")
     for name in s2:
         negset = stage2_recipe(c, name)["negatives"]
         if negset not in sets:
@@ -198,16 +238,38 @@ def default_config_path() -> str:
     return os.path.normpath(os.path.join(os.path.dirname(schema_path()), "..", "..", "config", "config.yaml"))
 
 
+def read_config_file(path: str) -> dict:
+    """A YAML (or JSON) config file as a dict, with the verdicts of `snakemake --configfile`: a missing
+    file, a file that is not UTF-8 or not YAML (a `!!python/...` tag included: safe loading only), and a
+    file whose top level is not a mapping (an empty file too) each raise one `ConfigError` line."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory, not a config file") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else path
+        problem = " ".join(str(getattr(e, "problem", None) or e).split())
+        raise ConfigError(f"{where}: not valid YAML ({problem})") from None
+    if not isinstance(doc, dict):
+        what = "the file is empty" if doc is None else f"its top level is a {type(doc).__name__}"
+        raise ConfigError(f"{path}: a config must be a YAML mapping with keys at top level ({what})")
+    return doc
+
+
 def load_config(path: str, overrides: dict | None = None, check_paths: bool = True) -> dict:
     """Read a YAML config the way `snakemake --configfile path` does — merged over the workflow's default
     config/config.yaml — apply `overrides` (nested dict), validate and fill defaults."""
     default = default_config_path()
     config = {}
     if os.path.isfile(default) and os.path.abspath(default) != os.path.abspath(path):
-        with open(default) as f:
-            config = yaml.safe_load(f) or {}
-    with open(path) as f:
-        config = deep_merge(config, yaml.safe_load(f) or {})
+        config = read_config_file(default)
+    config = deep_merge(config, read_config_file(path))
     if overrides:
         config = deep_merge(config, overrides)
     return validate_config(config, check_paths=check_paths)

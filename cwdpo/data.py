@@ -69,23 +69,60 @@ def verify_image(path: str) -> str | None:
     return None
 
 
-_CAPTION_FILES: dict = {}  # (path, mtime_ns, size) → parsed caption file, for this process
+_CAPTION_FILES: dict = {}  # (path, mtime_ns, size) → (parsed caption file, where its first non-UTF-8 byte is)
 
 
-def _caption_file(json_path: str):
-    """The parsed caption file, read once per process while unchanged (a job reads its splits separately)."""
+def _caption_file(json_path: str) -> tuple:
+    """(the parsed caption file, None or ('file:line', 'not UTF-8 text (...)')), read once per process while
+    unchanged (a job reads its splits separately). The file is UTF-8; bytes that are not are kept as lone
+    surrogates (`surrogateescape`), so `load_karpathy` can stop naming file:line or skip just the entries
+    that hold them."""
     try:
         st = os.stat(json_path)
     except FileNotFoundError:
         raise DataError(f"{json_path}: caption file not found") from None
     key = (os.path.abspath(json_path), st.st_mtime_ns, st.st_size)
     if key not in _CAPTION_FILES:
+        not_utf8 = None
         try:
-            with open(json_path) as f:
-                _CAPTION_FILES[key] = json.load(f)
+            try:
+                with open(json_path, encoding="utf-8") as f:
+                    doc = json.load(f)
+            except UnicodeDecodeError:
+                with open(json_path, "rb") as f:
+                    raw = f.read()
+                try:
+                    raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    line = raw.count(b"\n", 0, e.start) + 1
+                    not_utf8 = (f"{json_path}:{line}",
+                                f"not UTF-8 text (byte {raw[e.start]:#04x} at offset {e.start})")
+                with open(json_path, encoding="utf-8", errors="surrogateescape") as f:
+                    doc = json.load(f)
         except json.JSONDecodeError as e:
             raise DataError(f"{json_path}:{e.lineno}: not valid JSON ({e.msg})") from None
+        _CAPTION_FILES[key] = (doc, not_utf8)
     return _CAPTION_FILES[key]
+
+
+_NOT_UTF8 = re.compile("[\udc80-\udcff]")  # a byte that is not UTF-8, kept by surrogateescape
+
+
+def _has_undecodable(node) -> bool:
+    if isinstance(node, str):
+        return bool(_NOT_UTF8.search(node))
+    if isinstance(node, dict):
+        return any(_has_undecodable(k) or _has_undecodable(v) for k, v in node.items())
+    if isinstance(node, list):
+        return any(_has_undecodable(v) for v in node)
+    return False
+
+
+def inside(path: str, root: str) -> bool:
+    """Whether `path` stays inside the folder `root` once `..` and absolute parts are resolved (symbolic
+    links inside the root are followed as they are: a linked image folder is fine)."""
+    root = os.path.abspath(root)
+    return os.path.commonpath([root, os.path.abspath(path)]) == root
 
 
 def load_karpathy(json_path: str, image_root: str | None = None, splits=None, on_bad_input: str = "error",
@@ -93,25 +130,45 @@ def load_karpathy(json_path: str, image_root: str | None = None, splits=None, on
                   verify_images: bool = False) -> list[ImageRecord]:
     """Read a Karpathy-format caption file; return the images of `splits` (all when None), in file order.
 
-    Every image needs `filename`, `split` and a non-empty `sentences` list of non-empty `raw` captions;
-    with `check_files` the image file must exist. A violation raises `DataError` naming the file and the
-    image (index and id), or with `on_bad_input='skip'` the image is skipped and logged in `bad_log`.
+    Every image needs a unique id (`cocoid`, else `imgid`), string `filename` and `split`, and a non-empty
+    `sentences` list of non-empty `raw` captions; its path must stay inside `image_root`, and with
+    `check_files` the image file must exist. The file is UTF-8. A violation raises `DataError` naming the
+    file and the image (index and id; file:line for bytes that are not UTF-8), or with
+    `on_bad_input='skip'` the image is skipped and logged in `bad_log` (a repeated id: the later entry).
     """
     image_root = image_root if image_root is not None else os.path.dirname(json_path)
-    doc = _caption_file(json_path)
+    doc, not_utf8 = _caption_file(json_path)
+    if not_utf8 and on_bad_input != "skip":
+        raise DataError(": ".join(not_utf8))
     if not isinstance(doc, dict) or not isinstance(doc.get("images"), list):
         raise DataError(f"{json_path}: top level must be an object with an 'images' list (Karpathy format)")
     wanted = None if splits is None else set([splits] if isinstance(splits, str) else splits)
     out = []
+    first_of: dict = {}  # image id → index of its first entry
+    n_undecodable = 0
     for idx, img in enumerate(doc["images"]):
         ident = img.get("cocoid", img.get("imgid", idx)) if isinstance(img, dict) else idx
         where = f"{json_path}: images[{idx}] (id {ident})"
         if not isinstance(img, dict):
             _fail_or_skip(on_bad_input, bad_log, where, "entry is not an object")
             continue
+        if not_utf8 and _has_undecodable(img):
+            n_undecodable += 1
+            _fail_or_skip(on_bad_input, bad_log, where, "not UTF-8 text", str(ident))
+            continue
+        if str(ident) in first_of:  # a later entry never replaces (nor hides) the first one
+            # logged without an image id: the run leaves out this entry, not the first one of that id
+            _fail_or_skip(on_bad_input, bad_log, where,
+                          f"duplicate image id {ident} (first at images[{first_of[str(ident)]}])")
+            continue
+        first_of[str(ident)] = idx
         missing = [k for k in ("filename", "split", "sentences") if k not in img]
         if missing:
             _fail_or_skip(on_bad_input, bad_log, where, f"missing field(s) {', '.join(missing)}", str(ident))
+            continue
+        wrong = [k for k in ("filename", "split", "filepath") if k in img and not isinstance(img[k], str)]
+        if wrong:
+            _fail_or_skip(on_bad_input, bad_log, where, f"field(s) {', '.join(wrong)} must be strings", str(ident))
             continue
         if wanted is not None and img["split"] not in wanted:
             continue
@@ -131,8 +188,11 @@ def load_karpathy(json_path: str, image_root: str | None = None, splits=None, on
             _fail_or_skip(on_bad_input, bad_log, where, bad, str(ident))
             continue
         path = os.path.join(image_root, img.get("filepath", ""), img["filename"])
-        problem = verify_image(path) if verify_images else (
-            f"image file not found: {path}" if check_files and not os.path.isfile(path) else None)
+        if not inside(path, image_root):
+            problem = f"image path {path} is outside the image root {os.path.abspath(image_root)}"
+        else:
+            problem = verify_image(path) if verify_images else (
+                f"image file not found: {path}" if check_files and not os.path.isfile(path) else None)
         if problem:
             _fail_or_skip(on_bad_input, bad_log, where, problem, str(ident))
             continue
@@ -142,7 +202,24 @@ def load_karpathy(json_path: str, image_root: str | None = None, splits=None, on
             extra["sentence_meta"] = [{"template": s["template"], "slots": s["slots"]} for s in sentences]
         out.append(ImageRecord(image_id=str(ident), path=path, split=img["split"], captions=captions,
                                attributes=img.get("attributes"), domain=img.get("domain"), extra=extra))
+    if not_utf8 and not n_undecodable and bad_log is not None:  # the bytes are outside every image entry
+        bad_log.add(*not_utf8)
     return out
+
+
+def split_counts(json_path: str) -> dict:
+    """{split: images} of a Karpathy-format file (every entry with a `split`), for messages."""
+    doc, _ = _caption_file(json_path)
+    counts: dict = {}
+    for img in doc.get("images", []) if isinstance(doc, dict) else []:
+        if isinstance(img, dict) and isinstance(img.get("split"), str):
+            counts[img["split"]] = counts.get(img["split"], 0) + 1
+    return counts
+
+
+def _no_images(json_path: str, splits, after: str = "") -> DataError:
+    have = ", ".join(f"{k} ({v})" for k, v in sorted(split_counts(json_path).items())) or "none"
+    return DataError(f"{json_path}: no images in split(s) {', '.join(splits)}{after}; the file's splits: {have}")
 
 
 def load_records(d, bad_log: BadInputLog | None = None) -> list[ImageRecord]:
@@ -157,15 +234,24 @@ def load_records(d, bad_log: BadInputLog | None = None) -> list[ImageRecord]:
         excluded = {x["image_id"] for x in read_json(d.validated).get("items", []) if x.get("image_id")}
     records = load_karpathy(d.json, d.image_root, d.splits, on_bad_input=d.on_bad_input, bad_log=bad_log,
                             check_files=not d.validated)
-    return [r for r in records if r.image_id not in excluded]
+    kept = [r for r in records if r.image_id not in excluded]
+    if not kept:  # every job needs images: say which file and splits instead of failing later
+        raise _no_images(d.json, d.splits, " (after leaving out bad input)" if records or excluded else "")
+    return kept
 
 
 def stage_records(records: list, d) -> list:
-    """The share of `records` the spec's `stage` takes (stage1 / stage2 of `stage_split`); all without one."""
+    """The share of `records` the spec's `stage` takes (stage1 / stage2 of `stage_split`); all without one.
+    An empty share raises `DataError` naming the file, the splits and stage1.fraction."""
     if d.stage is None:
         return records
     first, second = stage_split(records, d.stage1_fraction)
-    return first if d.stage == "stage1" else second
+    share = first if d.stage == "stage1" else second
+    if not share:
+        raise DataError(f"{d.json}: the {d.stage} share of split(s) {', '.join(d.splits)} is empty "
+                        f"({len(records)} image(s), stage1.fraction {d.stage1_fraction}); add images or change "
+                        "stage1.fraction")
+    return share
 
 
 def validate_data(spec, out: str) -> list:
@@ -175,6 +261,9 @@ def validate_data(spec, out: str) -> list:
     bad = BadInputLog()
     records = load_karpathy(spec.json, spec.image_root, None, on_bad_input=spec.on_bad_input, bad_log=bad,
                             verify_images=True)
+    if not records:
+        raise DataError(f"{spec.json}: no usable images" + (f" ({len(bad.skipped)} skipped as bad input)"
+                                                            if bad.skipped else ""))
     counts: dict = {}
     for r in records:
         counts[r.split] = counts.get(r.split, 0) + 1
@@ -187,25 +276,39 @@ def caption_tokens(raw: str) -> list[str]:
     return re.findall(r"[a-z0-9]+", raw.lower())
 
 
+@dataclass(frozen=True)
+class JsonlLineError:
+    """A line of a JSONL file that cannot be read; `reason` says why (not UTF-8, not valid JSON)."""
+    reason: str
+
+
 def iter_jsonl(path: str):
-    """(line number, 'file:line', parsed object or the JSONDecodeError) of every non-empty line (UTF-8)."""
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    """(line number, 'file:line', parsed object or a `JsonlLineError`) of every non-empty line. Lines are
+    decoded as UTF-8 one by one, so a line that is not UTF-8 is named (and can be skipped) like a line
+    that is not JSON."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield lineno, f"{path}:{lineno}", JsonlLineError(
+                    f"not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1})")
+                continue
             if not line.strip():
                 continue
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                obj = e
+                obj = JsonlLineError(f"not valid JSON ({e.msg})")
             yield lineno, f"{path}:{lineno}", obj
 
 
 def read_jsonl(path: str) -> list:
-    """Every object of a JSONL file (UTF-8); a malformed line raises `DataError` naming file:line."""
+    """Every object of a JSONL file (UTF-8); an unreadable line raises `DataError` naming file:line."""
     rows = []
     for _, where, obj in iter_jsonl(path):
-        if isinstance(obj, json.JSONDecodeError):
-            raise DataError(f"{where}: not valid JSON ({obj.msg})")
+        if isinstance(obj, JsonlLineError):
+            raise DataError(f"{where}: {obj.reason}")
         rows.append(obj)
     return rows
 
@@ -291,7 +394,7 @@ def write_text(path: str, text: str):
 
 
 def read_json(path: str):
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:
         return json.load(f)
 
 

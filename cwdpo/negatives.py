@@ -237,19 +237,21 @@ def build_probe_set(records: list, samples: dict, cfg, seed: int = 0) -> list:
 # ---------------------------------------------------------------------------------------------------
 # external negatives
 
-def read_external(path: str, known_ids=None, on_bad_input: str = "error", bad_log=None) -> dict:
+def read_external(path: str, known_ids=None, on_bad_input: str = "error", bad_log=None,
+                  max_chars: int | None = None) -> dict:
     """Read an external negatives JSONL: one object per line,
     {"image_id": str|int, "negative": non-empty str[, "kind": str][, "score": number][, "positive": str]}.
 
-    Returns {image_id (str): [negative dicts]}. A malformed line raises `DataError` naming file:line (or is
-    skipped and logged with `on_bad_input='skip'`); an unknown image id is an error when `known_ids` is given.
+    Returns {image_id (str): [negative dicts]}. A malformed line (not UTF-8, not JSON, a negative longer
+    than `max_chars` characters) raises `DataError` naming file:line (or is skipped and logged with
+    `on_bad_input='skip'`); an unknown image id is an error when `known_ids` is given.
     """
-    from .data import iter_jsonl
+    from .data import JsonlLineError, iter_jsonl
     out: dict = {}
     for _, where, obj in iter_jsonl(path):
         try:
-            if isinstance(obj, json.JSONDecodeError):
-                raise ValueError(f"not valid JSON ({obj.msg})")
+            if isinstance(obj, JsonlLineError):
+                raise ValueError(obj.reason)
             if not isinstance(obj, dict):
                 raise ValueError("line is not a JSON object")
             ident = obj.get("image_id")
@@ -258,6 +260,9 @@ def read_external(path: str, known_ids=None, on_bad_input: str = "error", bad_lo
             neg = obj.get("negative")
             if not isinstance(neg, str) or not neg.strip():
                 raise ValueError("missing or empty 'negative'")
+            if max_chars is not None and len(neg.strip()) > max_chars:
+                raise ValueError(f"'negative' is {len(neg.strip())} characters, over the limit of {max_chars} "
+                                 "(negatives.external_max_chars)")
             if "score" in obj and not isinstance(obj["score"], (int, float)):
                 raise ValueError("'score' must be a number")
             if "kind" in obj and not isinstance(obj["kind"], str):
@@ -265,7 +270,7 @@ def read_external(path: str, known_ids=None, on_bad_input: str = "error", bad_lo
             image_id = str(obj["image_id"])
             if known_ids is not None and image_id not in known_ids:
                 raise ValueError(f"unknown image_id {image_id!r}")
-        except (ValueError, json.JSONDecodeError) as e:
+        except ValueError as e:
             if on_bad_input == "skip":
                 if bad_log is not None:
                     bad_log.add(where, str(e))
@@ -418,12 +423,12 @@ def _text_of(turns, role: str, where: str) -> str:
 def read_pairs(path: str, expected_prompt: str | None = None) -> list:
     """Read a pairs JSONL into trainer items {image, chosen, rejected, image_id, source, kind, score};
     a malformed line raises `DataError` naming file:line."""
-    from .data import iter_jsonl
+    from .data import JsonlLineError, iter_jsonl
     items = []
     for _, where, obj in iter_jsonl(path):
         try:
-            if isinstance(obj, json.JSONDecodeError):
-                raise ValueError(f"not valid JSON ({obj.msg})")
+            if isinstance(obj, JsonlLineError):
+                raise ValueError(obj.reason)
             images = obj["images"]
             if not isinstance(images, list) or len(images) != 1 or not isinstance(images[0], str):
                 raise ValueError("'images' must be a list with one image path")
@@ -439,7 +444,7 @@ def read_pairs(path: str, expected_prompt: str | None = None) -> list:
                 raise ValueError("empty chosen or rejected text")
             if obj.get("source") is not None and obj["source"] not in SOURCES:
                 raise ValueError(f"'source' must be one of {', '.join(SOURCES)}")
-        except (KeyError, ValueError, TypeError, AttributeError, json.JSONDecodeError) as e:
+        except (KeyError, ValueError, TypeError, AttributeError) as e:
             msg = f"missing key {e}" if isinstance(e, KeyError) else str(e)
             raise DataError(f"{where}: {msg}") from None
         items.append({"image": images[0], "chosen": chosen, "rejected": rejected,
@@ -470,7 +475,8 @@ def make_pairs(spec, onpolicy: str | None, out: str, summary_out: str) -> dict:
     external = None
     if spec.negatives.external:
         external = read_external(spec.negatives.external, {r.image_id for r in corpus},
-                                 on_bad_input=spec.data.on_bad_input, bad_log=bad)
+                                 on_bad_input=spec.data.on_bad_input, bad_log=bad,
+                                 max_chars=spec.negatives.external_max_chars)
     scorer = corpus_scorer(corpus)
     pairs, summary = build_pairs(records, spec.negatives, spec.rho, spec.seed,
                                  onpolicy=read_samples(onpolicy) if onpolicy else None, external=external,
@@ -490,11 +496,13 @@ def write_probe_set(spec, onpolicy: str | None, out: str) -> list:
     """`cwdpo probe-set` (a `ProbeSetSpec`): the fixed probe set of the runs that start from one model —
     probe images with their positive, gentle, easy and on-policy negatives (the model's lowest-scoring
     sample of each probe image, from `onpolicy`)."""
-    from .data import iter_jsonl, load_records, write_text
+    from .data import DataError, JsonlLineError, iter_jsonl, load_records, write_text
     records = load_records(spec.probe_data)[: spec.probe_images]
     samples = {}
     if onpolicy:
-        for _, _, obj in iter_jsonl(onpolicy):
+        for _, where, obj in iter_jsonl(onpolicy):
+            if isinstance(obj, JsonlLineError):
+                raise DataError(f"{where}: {obj.reason}")
             if obj.get("split") == "probe":
                 samples[str(obj["image_id"])] = obj["samples"]
     rows = build_probe_set(records, samples, spec.negatives, seed=spec.seed)

@@ -72,6 +72,7 @@ class Plan:
         n = self.c["negatives"]
         return NegativesSpec(p_easy=n["p_easy"], gentle_kinds=n["gentle_kinds"], easy_kinds=n["easy_kinds"],
                              pairs_per_image=n["pairs_per_image"], external=n["external"] if external else None,
+                             external_max_chars=n["external_max_chars"],
                              sft_c_kind=n["sft_c_kind"],
                              heldout=self.c["data"]["shapes"]["heldout_combos"] if self.is_shapes else [])
 

@@ -109,6 +109,7 @@ class NegativesSpec:
     easy_kinds: list
     pairs_per_image: int
     external: str | None
+    external_max_chars: int
     sft_c_kind: str
     heldout: list
 

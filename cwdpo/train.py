@@ -27,8 +27,16 @@ from .models import load_model, load_processor, set_threads, unwrap
 from .specs import to_dict
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingError(RuntimeError):
+    """A training run that did not do what its spec asked; `cwdpo train` says it in one line."""
+
+
+class TrainingDiverged(TrainingError):
     """A NaN/inf loss or gradient; the message names the step and the method."""
+
+
+class TrainingIncomplete(TrainingError):
+    """The Trainer stopped before the steps asked (the message names steps done and asked)."""
 
 
 class ListDataset(torch.utils.data.Dataset):
@@ -185,14 +193,57 @@ def checkpoint_step(path: str) -> int:
     return int(re.search(r"checkpoint-(\d+)$", path).group(1))
 
 
-def last_checkpoint(ckpt_dir: str) -> str | None:
-    """The newest complete `checkpoint-N` folder (one with trainer_state.json), or None."""
-    best, best_step = None, -1
+def checkpoint_problem(path: str) -> str | None:
+    """Why a `checkpoint-N` folder cannot be resumed from, or None. Cheap checks of every file, never a
+    full read (a 72B optimizer state is hundreds of GB): trainer_state.json and the other JSON files parse,
+    every safetensors header parses and covers its file, every torch file (.pt/.pth/.bin, DeepSpeed's
+    included) is a complete zip archive (truncation removes its central directory)."""
+    import zipfile
+    state = os.path.join(path, "trainer_state.json")
+    if not os.path.isfile(state):
+        return "no trainer_state.json (the save did not finish)"
+    for root, _, names in os.walk(path):
+        for name in sorted(names):
+            f = os.path.join(root, name)
+            rel = os.path.relpath(f, path)
+            try:
+                if name.endswith(".json"):
+                    with open(f, encoding="utf-8") as fh:
+                        doc = json.load(fh)
+                    if name == "trainer_state.json" and not isinstance(doc.get("global_step"), int):
+                        return f"{rel}: no global_step"
+                elif name.endswith(".safetensors"):
+                    from safetensors import safe_open
+                    with safe_open(f, "pt"):
+                        pass
+                elif name.endswith((".pt", ".pth", ".bin")) and not zipfile.is_zipfile(f):
+                    return f"{rel}: not a complete torch file"
+            except Exception as e:  # JSON, UTF-8 and safetensors errors: the file is unreadable
+                return f"{rel}: {type(e).__name__}: {' '.join(str(e).split())}"
+    return None
+
+
+def last_checkpoint(ckpt_dir: str, discard_unreadable: bool = False) -> str | None:
+    """The newest `checkpoint-N` folder that can be resumed from (`checkpoint_problem`), or None. A newer
+    one that cannot be read (a node lost while writing it, a truncated or corrupted file) is passed over,
+    so a run falls back to the checkpoint before it; with `discard_unreadable` it is also deleted (it can
+    never be resumed, and the Trainer would save into it again) and named on stderr."""
+    import shutil
+    import sys
+    found = []
     for path in glob.glob(os.path.join(ckpt_dir, "checkpoint-*")):
         m = re.search(r"checkpoint-(\d+)$", path)
-        if m and os.path.isfile(os.path.join(path, "trainer_state.json")) and int(m.group(1)) > best_step:
-            best, best_step = path, int(m.group(1))
-    return best
+        if m and os.path.isdir(path):
+            found.append((int(m.group(1)), path))
+    for _, path in sorted(found, reverse=True):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path
+        if discard_unreadable:
+            print(f"[cwdpo train] {path} cannot be resumed from ({problem}); deleted, falling back to an "
+                  "earlier checkpoint", file=sys.stderr)
+            shutil.rmtree(path, ignore_errors=True)  # every torchrun rank may get here
+    return None
 
 
 def spec_fingerprint(spec) -> str:
@@ -217,8 +268,9 @@ def _stat_fingerprint(path: str) -> list:
 
 
 def prepare_checkpoints(ckpt_dir: str, spec) -> str | None:
-    """The checkpoint to resume from: the newest one of *this* spec. Checkpoints left by a run with another
-    spec (changed hyperparameters, data or init) are deleted instead of silently resumed."""
+    """The checkpoint to resume from: the newest readable one of *this* spec. Checkpoints left by a run with
+    another spec (changed hyperparameters, data or init) are deleted instead of silently resumed, and so
+    are unreadable ones (`last_checkpoint`)."""
     import shutil
     stamp = os.path.join(ckpt_dir, "spec.sha256")
     fp = spec_fingerprint(spec)
@@ -228,7 +280,7 @@ def prepare_checkpoints(ckpt_dir: str, spec) -> str | None:
             shutil.rmtree(ckpt_dir)
     os.makedirs(ckpt_dir, exist_ok=True)
     write_text(stamp, fp + "\n")
-    return last_checkpoint(ckpt_dir)
+    return last_checkpoint(ckpt_dir, discard_unreadable=True)
 
 
 def training_arguments(spec, out_dir: str) -> TrainingArguments:
@@ -315,6 +367,23 @@ def make_probe_callback(spec, encoder: Encoder, out_dir: str):
                          max_new_tokens=p.max_new_tokens)
 
 
+def check_enough_data(spec, n_items: int, unit: str, world_size: int) -> None:
+    """Raise `ConfigError` before training when one optimizer step needs more examples than the data has
+    (batch_size × grad_accum × processes): the Trainer drops incomplete batches, so such a run would take
+    no step (or only partial ones) and still end "successfully" with the initial weights."""
+    from .config import ConfigError
+    hp = spec.hparams
+    bs, ga = int(hp["batch_size"]), int(hp["grad_accum"])
+    need = bs * ga * world_size
+    if n_items >= need:
+        return
+    stage = spec.data.stage or "pretrain"
+    raise ConfigError(
+        f"{stage} ({spec.method}): one optimizer step takes batch_size {bs} × grad_accum {ga} × {world_size} "
+        f"process(es) = {need} {unit}, but the training data has {n_items} {unit}: not one full step of the "
+        f"{hp['steps']} asked fits. Lower the batch size or grad_accum (config {stage}), or give it more data")
+
+
 def resolve_l_floor(l_floor, ref_logps: str | None) -> float:
     """ℓ_floor as a number; "mean" = mean ℓ̄ of the Stage-2 negatives under the Stage-1 (reference) model."""
     if l_floor == "mean":
@@ -338,6 +407,8 @@ def run_training(spec, out_dir: str, threads: int = 0) -> dict:
     encoder = Encoder(processor, vlm.prompt, vlm.max_response_tokens,
                       pixel_cache_mb=float(spec.train["pixel_cache_mb"]))
     items, kind, summary = build_dataset(spec)
+    check_enough_data(spec, len(items), "pairs" if kind == "pair" else "examples",
+                      int(os.environ.get("WORLD_SIZE", "1")))
     model = load_model(spec.init, base=vlm.base, dtype=vlm.dtype, trainable=True, lora=spec.lora,
                        trust_remote_code=vlm.trust_remote_code)
     args = training_arguments(spec, out_dir)
@@ -361,6 +432,9 @@ def run_training(spec, out_dir: str, threads: int = 0) -> dict:
         train_metrics = {}
     else:
         train_metrics = trainer.train(resume_from_checkpoint=resume).metrics
+    if trainer.state.global_step < args.max_steps:  # never save a run that stopped short as a trained model
+        raise TrainingIncomplete(f"{spec.method}: the Trainer stopped after {trainer.state.global_step} of the "
+                                 f"{args.max_steps} steps asked ({len(items)} training items)")
     model_dir = os.path.join(out_dir, "model")
     trainer.save_model(model_dir)  # every rank takes part (ZeRO-3 gathers the weights); rank 0 writes
     history = [h for h in trainer.state.log_history if "loss" in h]

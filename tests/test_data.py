@@ -103,3 +103,76 @@ def test_most_frequent_caption():
     from cwdpo.data import ImageRecord
     recs = [ImageRecord("1", "", "train", ["b cat", "a dog"]), ImageRecord("2", "", "train", ["A dog", "c"])]
     assert most_frequent_caption(recs) == "a dog"
+
+
+def test_duplicate_id_under_skip_keeps_the_first_entry_in_every_job(tmp_path):
+    """A repeated image id once made a dict drop a test image silently (42 images, 41 captions scored).
+    Under `skip` the later entry is left out — in the report and in every job — and the first is kept."""
+    from cwdpo.data import load_records, validate_data
+    from cwdpo.specs import ValidateSpec
+    import specs
+    path, root = _write_karpathy(tmp_path)
+    doc = json.load(open(path))
+    dup = json.loads(json.dumps(doc["images"][0]))
+    dup.update(split="test", filepath="val2014", filename="COCO_val2014_000000000002.jpg")
+    doc["images"].append(dup)
+    json.dump(doc, open(path, "w"))
+    with pytest.raises(DataError, match=r"images\[3\] \(id 1000\): duplicate image id 1000 \(first at images\[0\]\)"):
+        load_karpathy(path, root)
+    report = str(tmp_path / "validated.json")
+    skipped = validate_data(ValidateSpec(json=path, image_root=root, on_bad_input="skip"), report)
+    assert [s["where"].split(": ")[-1] for s in skipped] == ["images[3] (id 1000)"]
+    recs = load_records(specs.data(path, ["train", "restval", "test"], image_root=root, on_bad_input="skip",
+                                   validated=report))
+    assert [(r.image_id, r.split) for r in recs] == [("1000", "train"), ("1001", "restval"), ("1002", "test")]
+
+
+def test_image_paths_stay_inside_the_image_root_but_may_follow_links_in_it(tmp_path):
+    path, root = _write_karpathy(tmp_path)
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    Image.new("RGB", (8, 8)).save(outside / "x.jpg")
+    os.symlink(outside, os.path.join(root, "linked"))  # a linked image folder inside the root is fine
+    doc = json.load(open(path))
+    doc["images"][0].update(filepath="linked", filename="x.jpg")
+    json.dump(doc, open(path, "w"))
+    assert load_karpathy(path, root)[0].path == os.path.join(root, "linked", "x.jpg")
+    for filepath in (str(outside), "../elsewhere", "val2014/../../elsewhere"):
+        doc["images"][0].update(filepath=filepath, filename="x.jpg")
+        json.dump(doc, open(path, "w"))
+        with pytest.raises(DataError, match=r"images\[0\] \(id 1000\): image path .* is outside the image root"):
+            load_karpathy(path, root)
+        log = BadInputLog()
+        assert [r.image_id for r in load_karpathy(path, root, on_bad_input="skip", bad_log=log)] == ["1001", "1002"]
+        assert log.summary()["skipped"] == 1
+
+
+def test_caption_file_not_utf8_names_the_line_or_skips_only_the_entries_holding_it(tmp_path):
+    path, root = _write_karpathy(tmp_path)
+    raw = open(path, "rb").read().replace(b"A photo number 1.", b"A ph\xe9to number 1.")
+    open(path, "wb").write(raw)
+    with pytest.raises(DataError, match=r"dataset_coco\.json:1: not UTF-8 text \(byte 0xe9 at offset \d+\)"):
+        load_karpathy(path, root)
+    log = BadInputLog()
+    assert [r.image_id for r in load_karpathy(path, root, on_bad_input="skip", bad_log=log)] == ["1000", "1002"]
+    assert log.summary()["by_reason"] == {"not UTF-8 text": 1}
+
+
+def test_pairs_file_not_utf8_names_file_and_line(tmp_path):
+    from cwdpo.negatives import read_pairs
+    p = tmp_path / "pairs.jsonl"
+    good = json.dumps({"images": ["a.png"], "prompt": [{"role": "user", "content": "Describe the image."}],
+                       "chosen": [{"role": "assistant", "content": "a red square"}],
+                       "rejected": [{"role": "assistant", "content": "a blue square"}]}).encode()
+    p.write_bytes(good + b"\n" + good.replace(b"a blue square", b"a bl\xffe square") + b"\n")
+    with pytest.raises(DataError, match=r"pairs\.jsonl:2: not UTF-8 text \(byte 0xff at column \d+\)"):
+        read_pairs(str(p))
+
+
+def test_empty_split_names_the_file_and_its_splits(tmp_path):
+    from cwdpo.data import load_records
+    import specs
+    path, root = _write_karpathy(tmp_path)
+    with pytest.raises(DataError, match=r"no images in split\(s\) val, probe; the file's splits: restval \(1\), "
+                                        r"test \(1\), train \(1\)"):
+        load_records(specs.data(path, ["val", "probe"], image_root=root))

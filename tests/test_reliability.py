@@ -90,6 +90,123 @@ def test_injected_nan_stops_training_naming_step_and_method(tiny_model_dir, shap
     assert not os.path.exists(tmp_path / "run" / "model")
 
 
+@pytest.mark.parametrize("batch_size,grad_accum", [(64, 1), (8, 8)])
+def test_batch_larger_than_the_pairs_fails_before_training(tiny_model_dir, shapes_dir, shapes_records, tmp_path,
+                                                           batch_size, grad_accum):
+    """With 32 pairs, one step of 64 pairs would take no optimizer step (incomplete batches are dropped)
+    and still end "successfully" with the Stage-1 weights: it stops before training, naming the numbers."""
+    from cwdpo.config import ConfigError
+    from cwdpo.train import run_training
+    pairs, ref = _pairs_and_ref(tiny_model_dir, shapes_records, tmp_path)
+    spec = _cw_spec(tiny_model_dir, shapes_dir, pairs, ref, steps=6, save_steps=3)
+    spec = dataclasses.replace(spec, hparams={**spec.hparams, "batch_size": batch_size, "grad_accum": grad_accum})
+    out = tmp_path / "run"
+    with pytest.raises(ConfigError, match=rf"batch_size {batch_size} × grad_accum {grad_accum} × 1 process\(es\) = "
+                       rf"64 pairs, but the training data has 32 pairs: not one full step of the 6 asked fits"):
+        run_training(spec, str(out))
+    assert not out.exists()  # before the checkpoints folder, the model, anything
+
+
+def test_a_run_that_stops_short_is_an_error_not_a_model(tiny_model_dir, shapes_dir, shapes_records, tmp_path,
+                                                         monkeypatch):
+    from transformers.trainer_utils import TrainOutput
+
+    from cwdpo.train import CWDPOTrainer, TrainingIncomplete, run_training
+    pairs, ref = _pairs_and_ref(tiny_model_dir, shapes_records, tmp_path)
+    spec = _cw_spec(tiny_model_dir, shapes_dir, pairs, ref, steps=6, save_steps=3)
+    monkeypatch.setattr(CWDPOTrainer, "train", lambda self, **kw: TrainOutput(0, 0.0, {}))  # a silent no-op
+    with pytest.raises(TrainingIncomplete, match=r"cw_dpo: the Trainer stopped after 0 of the 6 steps asked "
+                                                 r"\(32 training items\)"):
+        run_training(spec, str(tmp_path / "run"))
+    assert not (tmp_path / "run" / "model").exists() and not (tmp_path / "run" / "metrics.json").exists()
+
+
+@pytest.fixture(scope="module")
+def whole_run(tiny_model_dir, shapes_dir, shapes_records, tmp_path_factory):
+    """An uninterrupted 10-step CW-DPO run (checkpoints every 2 steps) and its pairs."""
+    from cwdpo.train import run_training
+    tmp = tmp_path_factory.mktemp("whole")
+    pairs, ref = _pairs_and_ref(tiny_model_dir, shapes_records, tmp)
+    spec = _cw_spec(tiny_model_dir, shapes_dir, pairs, ref, steps=10, save_steps=2)
+    run_training(spec, str(tmp / "run"))
+    return spec, str(tmp / "run")
+
+
+def _truncate(path):
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize("damage", [
+    lambda ck: _truncate(os.path.join(ck, "model.safetensors")),
+    lambda ck: _truncate(os.path.join(ck, "optimizer.pt")),
+    lambda ck: open(os.path.join(ck, "trainer_state.json"), "w").write('{"global_step": 6, "log_hi'),
+], ids=["weights-truncated", "optimizer-truncated", "state-garbled"])
+def test_unreadable_newest_checkpoint_falls_back_to_the_previous_one(whole_run, tmp_path, damage):
+    from safetensors.torch import load_file
+
+    from cwdpo.train import TrainingDiverged, run_training
+    spec, whole = whole_run
+    out = str(tmp_path / "run")
+    # stop the run after step 6 (checkpoints 4 and 6 kept; the test hook is not part of the spec's identity)
+    with pytest.raises(TrainingDiverged):
+        run_training(dataclasses.replace(spec, train={**spec.train, "inject_nan_step": 7}), out)
+    ckpts = os.path.join(out, "checkpoints")
+    assert sorted(os.listdir(ckpts)) == ["checkpoint-4", "checkpoint-6", "spec.sha256"]
+    damage(os.path.join(ckpts, "checkpoint-6"))  # e.g. the node died while writing it
+    m = run_training(spec, out)
+    assert m["resumed_from"] == "checkpoint-4" and m["steps"] == 10
+    wa = load_file(os.path.join(whole, "model", "model.safetensors"))
+    wb = load_file(os.path.join(out, "model", "model.safetensors"))
+    assert all((wa[k] == wb[k]).all() for k in wa)  # the same weights as the run that was never interrupted
+
+
+def test_training_errors_end_the_job_with_one_line_after_the_traceback(tiny_model_dir, shapes_dir, shapes_records,
+                                                                        tmp_path):
+    """`cwdpo train` (as a rule runs it): a diverged run and a batch too large for the data each end with
+    one line `cwdpo train: <message>`; the traceback above it stays in the job's log."""
+    pairs, ref = _pairs_and_ref(tiny_model_dir, shapes_records, tmp_path)
+    spec = _cw_spec(tiny_model_dir, shapes_dir, pairs, ref, steps=6, save_steps=2)
+    cases = [(dataclasses.replace(spec, train={**spec.train, "inject_nan_step": 3}),
+              "cwdpo train: non-finite gradient at step 3 of method cw_dpo; the last good checkpoint is kept"),
+             (dataclasses.replace(spec, hparams={**spec.hparams, "batch_size": 40}),
+              "cwdpo train: stage1 (cw_dpo): one optimizer step takes batch_size 40 × grad_accum 1 × 1 process(es) "
+              "= 40 pairs, but the training data has 32 pairs: not one full step of the 6 asked fits. Lower the "
+              "batch size or grad_accum (config stage1), or give it more data")]
+    for i, (bad, line) in enumerate(cases):
+        proc = subprocess.run(["cwdpo", "train", "--spec", to_json(bad), "--out", str(tmp_path / f"run{i}"),
+                               "--threads", "1"], capture_output=True, text=True)
+        assert proc.returncode == 1
+        assert proc.stderr.splitlines()[-1] == line, proc.stderr[-3000:]
+        assert "Traceback (most recent call last)" in proc.stderr
+
+
+@pytest.mark.slow
+def test_micro_stage2_batch_larger_than_its_pairs_fails_before_training_in_one_line(tmp_path):
+    """The micro config with a Stage-2 batch of 64 (its Stage 2 has 48 pairs): the stage2 job stops before
+    training, and the one line naming the batch and the pairs reaches Snakemake's own output (the
+    workflow profile, which also prints failed logs, switched off), with the traceback in the job's log."""
+    wf = copy_workflow(tmp_path / "wf")
+    cfg = tmp_path / "big_batch.yaml"
+    cfg.write_text("stage2: {defaults: {batch_size: 64}}\n")
+    target = "results/micro/stage2/base/s0/dpo/metrics.json"
+    run_dir = os.path.join(wf, os.path.dirname(target))
+    proc = subprocess.run([sys.executable, "-m", "snakemake", target, "--cores", "2",
+                           "--workflow-profile", "none", "--configfile", "micro.yaml", str(cfg)], cwd=wf,
+                          capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    lines = re.findall(r"^cwdpo train: .*$", out, re.M)
+    assert lines == ["cwdpo train: stage2 (dpo): one optimizer step takes batch_size 64 × grad_accum 1 × 1 "
+                     "process(es) = 64 pairs, but the training data has 48 pairs: not one full step of the 6 asked "
+                     "fits. Lower the batch size or grad_accum (config stage2), or give it more data"], out[-4000:]
+    assert "Traceback" not in out  # the traceback stays in the job's log
+    log = open(os.path.join(wf, "results", "micro", "logs", "stage2", "base_s0_dpo.log")).read()
+    assert "Traceback (most recent call last)" in log and log.rstrip().endswith(lines[0])
+    assert not os.path.exists(os.path.join(run_dir, "checkpoints"))  # no training started
+    assert not os.path.exists(os.path.join(run_dir, "metrics.json"))
+
+
 def test_atomic_writes_leave_no_truncated_file(tmp_path, monkeypatch):
     from cwdpo import data
     path = str(tmp_path / "table.json")

@@ -47,6 +47,14 @@ def test_unlock_and_cleanup_work_without_cores(workdir):
     assert not list(locks.glob("*.lock"))
 
 
+def test_readme_says_what_to_do_when_a_run_is_interrupted():
+    """After snakemake itself was killed, its lock stays: the README says to run `snakemake --unlock`."""
+    from conftest import REPO
+    text = open(os.path.join(REPO, "README.md")).read()
+    section = text.split("## When a run is interrupted", 1)[1].split("\n## ", 1)[0]
+    assert "`snakemake --unlock`" in section and "--rerun-incomplete" in section
+
+
 def test_lint_is_clean(workdir):
     out = run([sys.executable, "-m", "snakemake", "--lint"], cwd=workdir)
     assert "Congratulations" in out.stdout + out.stderr
@@ -81,7 +89,8 @@ def test_torch_free_commands_do_not_import_torch(tmp_path, shapes_dir):
                               negatives=specs.negatives(), seed=0)
     pairs_spec = PairsSpec(prompt=specs.PROMPT, data=specs.data(data_json, ["finetune"]),
                            negatives=specs.negatives(pairs_per_image=2), rho=1.0, p_easy=None, seed=0)
-    trivial_spec = TrivialSpec(train=specs.data(data_json, ["train"]), test=specs.data(data_json, ["test"]))
+    trivial_spec = TrivialSpec(train=specs.data(data_json, ["train"]), test=specs.data(data_json, ["test"]),
+                               objects=None)
     commands = [
         ["probe-set", "--spec", to_json(probe_spec), "--out", str(tmp_path / "probe.jsonl")],
         ["make-pairs", "--spec", to_json(pairs_spec), "--out", str(tmp_path / "pairs.jsonl"),

@@ -7,12 +7,11 @@ import base64
 import binascii
 import csv
 import glob
-import json
 import math
 import os
 import re
 
-from ..data import DataError, iter_jsonl
+from ..data import DataError, JsonlLineError, iter_jsonl
 from .items import _PLACEHOLDER, LETTERS, InvalidItem, MCQItem, _lazy_image
 
 MMBENCH_CIRCULAR_OFFSET = 1_000_000  # MMBench TSVs carry circular copies of row i as index i + k * 1e6
@@ -90,8 +89,8 @@ def _rows_jsonl(file: str, bad):
     """(row index among the non-empty lines, dict) of a JSON-lines file; a line that is not a JSON object
     goes to `bad` (named and skipped, or an error)."""
     for i, (_, _, row) in enumerate(iter_jsonl(file)):
-        if isinstance(row, json.JSONDecodeError):
-            bad(i, None, _Bad("invalid JSON", f"not valid JSON ({row.msg})"))
+        if isinstance(row, JsonlLineError):
+            bad(i, None, _Bad("invalid JSON", row.reason))
         elif not isinstance(row, dict):
             bad(i, None, _Bad("invalid JSON", "line is not a JSON object"))
         else:

@@ -29,6 +29,16 @@ P = Plan(config)
 OUT = P.out
 
 
+def logged(command):
+    """A rule's shell command with its stdout and stderr in the job's log. When the job fails, its one-line
+    error (cwdpo's last line "cwdpo <command>: <message>", printed after the traceback that stays in the
+    log; else the log's last line) is repeated on stderr, where Snakemake's failure summary shows it."""
+    return (
+        command + " > {log:q} 2>&1 || {{ rc=$?; "
+        "{{ grep -E '^cwdpo [a-z-]+: ' {log:q} || tail -n 1 {log:q}; }} | tail -n 1 >&2; exit $rc; }}"
+    )
+
+
 def optional_flag(name):
     """`--<name> <path>` when the input function gave that input, else nothing."""
     return lambda wc, input: (

@@ -12,7 +12,9 @@ if P.is_shapes:
             spec=to_json(P.shapes_spec()),
             out=lambda wc, output: os.path.dirname(output.json),
         shell:
-            "cwdpo prepare-data --spec {params.spec:q} --out {params.out:q} > {log:q} 2>&1"
+            logged(
+                "cwdpo prepare-data --spec {params.spec:q} --out {params.out:q}"
+            )
 
 
 rule validate_data:
@@ -25,4 +27,6 @@ rule validate_data:
     params:
         spec=to_json(P.validate_spec()),
     shell:
-        "cwdpo validate-data --spec {params.spec:q} --out {output:q} > {log:q} 2>&1"
+        logged(
+            "cwdpo validate-data --spec {params.spec:q} --out {output:q}"
+        )

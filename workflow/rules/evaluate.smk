@@ -20,8 +20,10 @@ rule evaluate:
     params:
         spec=lambda wc: to_json(P.eval_spec(wc.key)),
     shell:
-        "cwdpo evaluate --spec {params.spec:q} --threads {threads} --captions {output.captions:q} "
-        "--measures {output.measures:q} > {log:q} 2>&1"
+        logged(
+            "cwdpo evaluate --spec {params.spec:q} --threads {threads} --captions {output.captions:q} "
+            "--measures {output.measures:q}"
+        )
 
 
 # The COCO categories of the captioned images (from COCO instance annotations), for CHAIR on real captions.
@@ -35,7 +37,7 @@ rule coco_objects:
     params:
         spec=lambda wc: to_json(P.coco_objects_spec(wc.source)),
     shell:
-        "cwdpo coco-objects --spec {params.spec:q} --out {output:q} > {log:q} 2>&1"
+        logged("cwdpo coco-objects --spec {params.spec:q} --out {output:q}")
 
 
 rule trivial_baseline:
@@ -49,7 +51,9 @@ rule trivial_baseline:
     params:
         spec=to_json(P.trivial_spec()),
     shell:
-        "cwdpo trivial --spec {params.spec:q} --out {output:q} > {log:q} 2>&1"
+        logged(
+            "cwdpo trivial --spec {params.spec:q} --out {output:q}"
+        )
 
 
 # One job scores every caption file: METEOR's JVM loads its paraphrase tables once (~10 s).
@@ -63,4 +67,6 @@ rule score:
     params:
         metrics=",".join(config["evaluate"]["metrics"]),
     shell:
-        "cwdpo score --captions {input.captions:q} --out {output:q} --metrics {params.metrics:q} > {log:q} 2>&1"
+        logged(
+            "cwdpo score --captions {input.captions:q} --out {output:q} --metrics {params.metrics:q}"
+        )

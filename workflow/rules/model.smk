@@ -14,7 +14,9 @@ if P.tiny:
         params:
             spec=to_json(P.build_model_spec()),
         shell:
-            "cwdpo build-model --spec {params.spec:q} --out {output:q} > {log:q} 2>&1"
+            logged(
+                "cwdpo build-model --spec {params.spec:q} --out {output:q}"
+            )
 
 
 if P.tiny and config["pretrain"]["enabled"]:
@@ -39,7 +41,9 @@ if P.tiny and config["pretrain"]["enabled"]:
             out=lambda wc, output: os.path.dirname(output.metrics),
             launch=P.launcher("train"),
         shell:
-            "{params.launch} train --spec {params.spec:q} --out {params.out:q} --threads {threads} > {log:q} 2>&1"
+            logged(
+                "{params.launch} train --spec {params.spec:q} --out {params.out:q} --threads {threads}"
+            )
 
     # the same pretraining from other seeds, measured only (T-regime: the testbed's stability)
     rule stability:
@@ -56,4 +60,6 @@ if P.tiny and config["pretrain"]["enabled"]:
             spec=lambda wc: to_json(P.stability_spec(wc.seed)),
             out=lambda wc, output: os.path.dirname(output[0]),
         shell:
-            "cwdpo stability --spec {params.spec:q} --out {params.out:q} --threads {threads} > {log:q} 2>&1"
+            logged(
+                "cwdpo stability --spec {params.spec:q} --out {params.out:q} --threads {threads}"
+            )

@@ -20,8 +20,10 @@ rule sample_onpolicy:
     params:
         spec=lambda wc: to_json(P.sample_spec(wc.stage1, wc.seed)),
     shell:
-        "cwdpo sample-onpolicy --spec {params.spec:q} --threads {threads} --out {output.samples:q} "
-        "--summary {output.summary:q} > {log:q} 2>&1"
+        logged(
+            "cwdpo sample-onpolicy --spec {params.spec:q} --threads {threads} --out {output.samples:q} "
+            "--summary {output.summary:q}"
+        )
 
 
 rule make_pairs:
@@ -36,8 +38,10 @@ rule make_pairs:
         spec=lambda wc: to_json(P.pairs_spec(wc.stage1, wc.seed, wc.negset)),
         onpolicy=optional_flag("onpolicy"),
     shell:
-        "cwdpo make-pairs --spec {params.spec:q} {params.onpolicy} --out {output.pairs:q} "
-        "--summary {output.summary:q} > {log:q} 2>&1"
+        logged(
+            "cwdpo make-pairs --spec {params.spec:q} {params.onpolicy} --out {output.pairs:q} "
+            "--summary {output.summary:q}"
+        )
 
 
 rule ref_logps:
@@ -56,7 +60,9 @@ rule ref_logps:
     params:
         spec=lambda wc: to_json(P.ref_spec(wc.stage1, wc.seed)),
     shell:
-        "cwdpo ref-logps --spec {params.spec:q} --threads {threads} --pairs {input.pairs:q} --out {output:q} > {log:q} 2>&1"
+        logged(
+            "cwdpo ref-logps --spec {params.spec:q} --threads {threads} --pairs {input.pairs:q} --out {output:q}"
+        )
 
 
 # The fixed probe set of every run that starts from this model (learning-dynamics probes during training).
@@ -71,7 +77,9 @@ rule probe_set:
         spec=lambda wc: to_json(P.probe_set_spec(wc.stage1, wc.seed)),
         onpolicy=optional_flag("onpolicy"),
     shell:
-        "cwdpo probe-set --spec {params.spec:q} {params.onpolicy} --out {output:q} > {log:q} 2>&1"
+        logged(
+            "cwdpo probe-set --spec {params.spec:q} {params.onpolicy} --out {output:q}"
+        )
 
 
 # Held-out pairs of the test split (dataset negatives only, fixed seed): preference accuracy and w_c.
@@ -86,4 +94,6 @@ rule heldout_pairs:
     params:
         spec=to_json(P.heldout_spec()),
     shell:
-        "cwdpo make-pairs --spec {params.spec:q} --out {output.pairs:q} --summary {output.summary:q} > {log:q} 2>&1"
+        logged(
+            "cwdpo make-pairs --spec {params.spec:q} --out {output.pairs:q} --summary {output.summary:q}"
+        )

@@ -20,7 +20,9 @@ rule table:
         spec=lambda wc: to_json(table_spec(P, wc.table)),
         stem=lambda wc, output: output.md[: -len(".md")],
     shell:
-        "cwdpo table --spec {params.spec:q} --out {params.stem:q} > {log:q} 2>&1"
+        logged(
+            "cwdpo table --spec {params.spec:q} --out {params.stem:q}"
+        )
 
 
 rule figure:
@@ -40,4 +42,6 @@ rule figure:
         spec=lambda wc: to_json(figure_spec(P, wc.figure)),
         stem=lambda wc, output: output.png[: -len(".png")],
     shell:
-        "cwdpo figure --spec {params.spec:q} --out {params.stem:q} > {log:q} 2>&1"
+        logged(
+            "cwdpo figure --spec {params.spec:q} --out {params.stem:q}"
+        )

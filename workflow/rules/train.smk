@@ -21,8 +21,10 @@ rule stage1:
         launch=P.launcher("train"),
         evaluate=lambda wc: P.fused_eval_args(f"stage1/{wc.stage1}/s{wc.seed}"),
     shell:
-        "{params.launch} train --spec {params.spec:q} --out {params.out:q} --threads {threads} {params.evaluate} "
-        "> {log:q} 2>&1"
+        logged(
+            "{params.launch} train --spec {params.spec:q} --out {params.out:q} --threads {threads} "
+            "{params.evaluate}"
+        )
 
 
 rule stage2:
@@ -44,5 +46,7 @@ rule stage2:
         launch=P.launcher("train"),
         evaluate=lambda wc: P.fused_eval_args(f"stage2/{wc.stage1}/s{wc.seed}/{wc.stage2}"),
     shell:
-        "{params.launch} train --spec {params.spec:q} --out {params.out:q} --threads {threads} {params.evaluate} "
-        "> {log:q} 2>&1"
+        logged(
+            "{params.launch} train --spec {params.spec:q} --out {params.out:q} --threads {threads} "
+            "{params.evaluate}"
+        )
