@@ -177,6 +177,15 @@ def check_config(config: dict, check_paths: bool = True) -> None:
         if sets[negset]["rho"] < 1 and not c["negatives"]["onpolicy"]["enabled"]:
             raise ConfigError(f"negatives.sets.{negset}.rho: {sets[negset]['rho']} needs on-policy negatives "
                               "but negatives.onpolicy.enabled is false (use rho: 1)")
+    shapes = c["data"]["shapes"]
+    for key, probs in [("object_counts", shapes["object_counts"])] + [
+            (f"object_counts_by_split.{k}", v) for k, v in shapes["object_counts_by_split"].items()]:
+        if sum(probs) <= 0:
+            raise ConfigError(f"data.shapes.{key}: {probs} gives no image any objects (the weights must not all be 0)")
+    unknown_splits = sorted(set(shapes["object_counts_by_split"]) - set(shapes["splits"]))
+    if unknown_splits:
+        raise ConfigError(f"data.shapes.object_counts_by_split: unknown split(s) {', '.join(unknown_splits)}; "
+                          f"known: {', '.join(shapes['splits'])}")
     if c["data"]["source"] == "karpathy" and not c["data"]["karpathy"].get("json"):
         raise ConfigError("data.karpathy.json: required when data.source is 'karpathy'")
     if check_paths:

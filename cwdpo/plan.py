@@ -64,7 +64,8 @@ class Plan:
         s = self.c["data"]["shapes"]
         return ShapesSpec(splits=s["splits"], seed=s["seed"], image_size=s["image_size"],
                           heldout=tuple(tuple(x) for x in s["heldout_combos"]),
-                          ood={k: v for k, v in s["ood"].items() if v})
+                          ood={k: v for k, v in s["ood"].items() if v}, p_counts=tuple(s["object_counts"]),
+                          counts_by_split={k: tuple(v) for k, v in s["object_counts_by_split"].items()} or None)
 
     def negatives_spec(self, external: bool = True) -> NegativesSpec:
         """The dataset-negative settings of a data job; the held-out (colour, shape) combinations of the

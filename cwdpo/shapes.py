@@ -110,6 +110,7 @@ class ShapesSpec:
     seed: int = 1
     image_size: int = 112
     p_counts: tuple = (0.3, 0.4, 0.3)
+    counts_by_split: dict | None = None  # split -> (p of 1, 2, 3 objects) where it differs from p_counts
     p_size_word: float = 0.8
     refs_per_image: int = 5
     heldout: tuple = ()
@@ -119,12 +120,13 @@ class ShapesSpec:
 DOMAINS = ("in-domain", "near-domain", "out-of-domain")
 
 
-def sample_attributes(rng: random.Random, spec: ShapesSpec, domain: str | None = None) -> dict:
+def sample_attributes(rng: random.Random, spec: ShapesSpec, domain: str | None = None,
+                      split: str | None = None) -> dict:
     """One random scene: 1-3 objects in a 3x3 grid, with the relation between them.
 
     Objects never use a held-out (colour, shape) combination, except in an `ood` domain: near-domain
     makes exactly one object (at random) a held-out combination, out-of-domain all of them."""
-    n = rng.choices((1, 2, 3), weights=spec.p_counts)[0]
+    n = rng.choices((1, 2, 3), weights=(spec.counts_by_split or {}).get(split, spec.p_counts))[0]
     heldout = [tuple(x) for x in spec.heldout]
     if domain == "near-domain":
         special = {rng.randrange(n)}
@@ -240,7 +242,7 @@ def generate(out_dir: str, spec: ShapesSpec, progress: bool = True) -> str:
         os.makedirs(os.path.join(out_dir, "images", split), exist_ok=True)
     for split, i, domain in tqdm(jobs, desc="shapes", disable=not progress, mininterval=1.0):
         rng = random.Random(f"shapes:{spec.seed}:{split}:{i}")
-        attributes = sample_attributes(rng, spec, domain)
+        attributes = sample_attributes(rng, spec, domain, split)
         captions = sample_captions(rng, attributes, spec)
         filename = f"shapes_{split}_{i:06d}.png"
         draw_image(attributes, spec.image_size, rng).save(

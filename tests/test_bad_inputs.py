@@ -92,6 +92,10 @@ CONFIG_CASES = [
      r"invalid config: figures\.squeeze\.series\.X\.stage2: unknown Stage-2 recipe 'ppo'; known: .*", "ppo"),
     ("figure-floor-unknown-table", "figures: {floor: {table: nope}}",
      r"invalid config: figures\.floor\.table: unknown table 'nope'; known: .*", "nope"),
+    ("object-counts-all-zero", "data: {shapes: {object_counts: [0, 0, 0]}}",
+     r"invalid config: data\.shapes\.object_counts: \[0, 0, 0\] gives no image any objects .*", "object_counts"),
+    ("object-counts-unknown-split", "data: {shapes: {object_counts_by_split: {trian: [1, 0, 0]}}}",
+     r"invalid config: data\.shapes\.object_counts_by_split: unknown split\(s\) trian; known: .*", "trian"),
     ("table-row-unknown-recipe", "tables: {t: {rows: [{name: r, stage1: sft_x}]}}",
      r"invalid config: tables\.t\.rows\[0\]\.stage1: unknown Stage-1 recipe 'sft_x'; known: .*", "sft_x"),
 ]

@@ -58,17 +58,21 @@ def test_estimate_matches_a_hand_computation_for_the_tiny_config():
     est = estimate(cfg, mfu=0.5, peak_flops=1e12)
     n, vision = _tiny_params_by_hand(cfg["model"]["tiny"])
     assert est["parameters"]["total"] == n and est["parameters"]["vision"] == vision
-    # 112x112 images -> 4x4 merged patches = 16 image tokens; 16 chat-template tokens; 11.8 words + <|im_end|>
-    assert est["image_tokens"] == 16 and est["prefix_tokens"] == 32
+    # side x side images -> (side / 28)^2 merged patches (84 px: 9 image tokens); 16 chat-template tokens;
+    # 11.8 words + <|im_end|>
+    side, pre_cfg = cfg["data"]["shapes"]["image_size"], cfg["pretrain"]
+    assert est["image_tokens"] == (side // 28) ** 2 and est["prefix_tokens"] == (side // 28) ** 2 + 16
     assert est["caption_tokens"] == pytest.approx(12.8)
     pre = next(r for r in est["rules"] if r["rule"] == "pretrain")
-    tokens = 3000 * 16 * (32 + 12.8)
+    tokens = pre_cfg["steps"] * pre_cfg["batch_size"] * (est["prefix_tokens"] + 12.8)
     assert pre["tokens"] == pytest.approx(tokens)
     assert pre["flops"] == pytest.approx(6 * n * tokens)
     assert pre["gpu_hours"] == pytest.approx(6 * n * tokens / (1e12 * 0.5) / 3600)
     s2 = next(r for r in est["rules"] if r["rule"] == "stage2 (cw_dpo)")
-    # shared prefix: one prefix + chosen + rejected per pair; 200 steps x 16 pairs per run
-    assert s2["tokens"] == pytest.approx(s2["jobs"] * 200 * 16 * (32 + 2 * 12.8))
+    # shared prefix: one prefix + chosen + rejected per pair; steps x batch pairs per run
+    hp = cfg["stage2"]["defaults"]
+    per_pair = est["prefix_tokens"] + 2 * 12.8
+    assert s2["tokens"] == pytest.approx(s2["jobs"] * hp["steps"] * hp["batch_size"] * per_pair)
     assert est["total"]["gpu_hours"] == pytest.approx(sum(r["gpu_hours"] for r in est["rules"]))
 
 
@@ -131,3 +135,29 @@ def test_pipeline_costs_sum_benchmarks_and_span_the_run_from_file_times(tmp_path
     assert c["jobs_with_benchmarks"] == 2 and c["sum_job_seconds"] == 90.0 and c["max_job_rss_mb"] == 900.0
     assert c["wall_s"] == pytest.approx(190.0)
     assert "na" in pipeline_costs(str(tmp_path / "missing"))
+
+
+def test_startup_share_is_summed_from_the_jobs_log_lines(tmp_path):
+    """`cwdpo bench` reads each job's `[cwdpo] <command>: start-up X s, work Y s` line (written by every
+    cwdpo command) and reports the start-up share of all job-seconds, per command too."""
+    from cwdpo.bench.pipeline import startup_costs
+    logs = tmp_path / "logs" / "stage1"
+    logs.mkdir(parents=True)
+    (logs / "a.log").write_text("noise\n[cwdpo] train: start-up 5.00 s, work 15.00 s\n")
+    (logs / "b.log").write_text("[cwdpo] train: start-up 3.00 s, work 17.00 s\n")
+    (tmp_path / "logs" / "score.log").write_text("[cwdpo] score: start-up 1.00 s, work 39.00 s\n")
+    costs = startup_costs(str(tmp_path))
+    assert costs["startup_s"] == pytest.approx(9.0) and costs["job_seconds_from_logs"] == pytest.approx(80.0)
+    assert costs["startup_share"] == pytest.approx(9 / 80)
+    assert costs["startup_by_command"]["train"] == {"jobs": 2, "startup_s": 8.0, "work_s": 32.0}
+    assert startup_costs(str(tmp_path / "none"))["startup_share"] is None
+
+
+def test_every_cwdpo_command_logs_its_start_up_and_work(tmp_path):
+    """The line `cwdpo bench` reads: start-up from the process start to the end of the command's imports."""
+    import re
+    out = subprocess.run(["cwdpo", "validate-config", "--configfile", os.path.join(REPO, "config", "config.yaml")],
+                         capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    m = re.search(r"^\[cwdpo\] validate-config: start-up ([0-9.]+) s, work ([0-9.]+) s$", out.stderr, re.M)
+    assert m and 0 < float(m.group(1)) < 60 and float(m.group(2)) >= 0

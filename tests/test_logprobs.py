@@ -27,7 +27,8 @@ def test_completion_mask_covers_exactly_the_caption_tokens(encoder, shapes_recor
         first = int(b.completion_mask[r].nonzero()[0])
         assert not b.completion_mask[r, :first].any()
         assert int(b.attention_mask[r].sum()) == first + len(ids)
-        assert (b.input_ids[r, :first] == encoder.image_token_id).sum() == 16
+        # the image's placeholder expanded to its merged patches (grid t·h·w / 2²)
+        assert (b.input_ids[r, :first] == encoder.image_token_id).sum() == int(b.image_grid_thw[r].prod()) // 4
 
 
 def test_prompt_ids_and_positions_match_the_processor_and_model(encoder, processor, model64, shapes_records):

@@ -37,6 +37,15 @@ def test_split_content_independent_of_other_split_sizes(tmp_path):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
 
 
+def test_a_split_can_have_its_own_object_counts():
+    import random
+    spec = shapes.ShapesSpec(splits={"train": 50, "test": 50}, p_counts=(0, 0, 1), counts_by_split={"train": (1, 0, 0)})
+    train = [shapes.sample_attributes(random.Random(i), spec, split="train") for i in range(50)]
+    test = [shapes.sample_attributes(random.Random(i), spec, split="test") for i in range(50)]
+    assert {len(a["objects"]) for a in train} == {1}
+    assert {len(a["objects"]) for a in test} == {3}
+
+
 def test_karpathy_fields_and_five_distinct_references(shapes_dir):
     doc = json.load(open(os.path.join(shapes_dir, "dataset_shapes.json")))
     assert doc["dataset"] == "shapes"
