@@ -81,6 +81,14 @@ def cmd_ref_logps(a):
     print(f"reference log-probs of {doc['n_pairs']} pairs -> {a.out}")
 
 
+def cmd_fetch_model(a):
+    from .data import write_json
+    from .hub import fetch
+    doc = fetch(a.model, os.path.join(a.cache, "hub"))
+    write_json(a.out, doc)
+    print(f"{a.model}: snapshot {doc['commit']} in {a.cache} ({'downloaded' if doc['downloaded'] else 'cached'})")
+
+
 def cmd_trivial(a):
     from .data import write_trivial
     write_trivial(_spec("TrivialSpec", a.spec), a.out)
@@ -168,6 +176,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("ref-logps", cmd_ref_logps, "cache the reference model's log-probs of a pairs file", threads=True,
              hf=True)
     sp.add_argument("--pairs", required=True)
+    sp = add("fetch-model", cmd_fetch_model, "put a hub model into the workflow's Hugging Face cache (network)",
+             spec=False)
+    sp.add_argument("--model", required=True, help="hub id, e.g. Qwen/Qwen2.5-VL-3B-Instruct")
+    sp.add_argument("--cache", required=True, help="HF_HOME of the workflow (config model.cache)")
     add("trivial", cmd_trivial, "the trivial baseline: the most frequent training caption for every image")
     sp = add("score", cmd_score, "score caption files with pycocoevalcap (one JVM for all files)", spec=False,
              out=False)

@@ -145,8 +145,8 @@ def estimate(config: dict, mfu: float = 0.40, peak_flops: float = H100_BF16_DENS
     img_tok = image_tokens(hh, ww, m["min_pixels"], m["max_pixels"])
     prompt_text_tokens = 16 if m["source"] == "tiny" else 30  # chat template + prompt text (+ system prompt)
     prefix = img_tok + prompt_text_tokens
-    cap_tokens = ds["caption_words"] * (1.0 if m["source"] == "tiny" else 1.3) + 1  # + <|im_end|>
-    cap_tokens = min(cap_tokens, m["max_response_tokens"] + 1)
+    cap_tokens = ds["caption_words"] * (1.0 if m["source"] == "tiny" else 1.3) + 2  # + <|im_end|>\n
+    cap_tokens = min(cap_tokens, m["max_response_tokens"])
     shared = config["train"]["forward"] == "shared_prefix"
     train_mult = 4 if lora else 6
     f1 = config["stage1"]["fraction"]

@@ -2,7 +2,8 @@
 circular accuracy (MMBench's CircularEval: an item counts only when every rotation is answered correctly).
 
 - scoring="loglik": each option is scored by the model's mean token log-probability ℓ̄ of the response
-  "<letter>. <option text>" (+ the closing <|im_end|>, as everywhere in cwdpo) after the prompt; the
+  "<letter>. <option text>" (as the chat template closes the assistant turn, `<|im_end|>\n` for Qwen, as
+  everywhere in cwdpo) after the prompt; the
   prediction is the argmax (ties: the earliest letter).
 - scoring="generate": greedy decoding; `parse_letter` maps the output to a letter (unparseable = wrong).
 """
@@ -105,8 +106,7 @@ def loglik_scores(model, encoder_for, items: list, pres: list, batch_size: int =
                 encoded = (p.item_index, enc.encode_images([item_image(items[p.item_index])]))
             batches.append(enc.build_encoded(*encoded[1], [(0, r) for r in p.responses]))
             keys.append(p.item_index)
-            lengths = [len(x) for x in enc.tokenizer(p.responses, add_special_tokens=False)["input_ids"]]
-            truncated.append(sum(n > enc.max_response_tokens for n in lengths))
+            truncated.append(sum(enc.truncated(p.responses)))
         batch = concat_batches(batches, keys, enc.pad_id).to(model.device)
         with torch.no_grad():
             means = completion_logps(model, batch, enc.image_token_id).means.double().cpu().tolist()

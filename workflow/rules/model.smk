@@ -1,5 +1,22 @@
 # The base VLM. tiny: built offline with random weights, then pretrained on the `shapes` train split.
-# Hub ids / local folders (config model.source) are used as they are.
+# A hub id (config model.source) is fetched once into the workflow's own Hugging Face cache (model.cache,
+# default resources/huggingface) by a local job (compute nodes often have no internet); every other job
+# reads it offline (common.smk). A local folder is used as it is.
+if P.hub:
+
+    rule fetch_model:
+        output:
+            P.fetch_marker(),
+        log:
+            f"{OUT}/logs/fetch_model.log",
+        localrule: True
+        params:
+            model=config["model"]["source"],
+            cache=config["model"]["cache"],
+        shell:
+            "HF_HUB_OFFLINE=0 cwdpo fetch-model --model {params.model:q} --cache {params.cache:q} --out {output:q} "
+            "> {log:q} 2>&1"
+
 if P.tiny:
 
     rule build_model:

@@ -77,7 +77,8 @@ rule probe_set:
 # Held-out pairs of the test split (dataset negatives only, fixed seed): preference accuracy and w_c.
 rule heldout_pairs:
     input:
-        P.data_inputs(),
+        data=P.data_inputs(),
+        tokenizer=P.tokenizer_inputs(),
     output:
         pairs=P.pattern("heldout_pairs"),
         summary=P.pattern("heldout_summary"),
