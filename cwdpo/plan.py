@@ -388,10 +388,12 @@ class Plan:
         return int(self.c["compute"]["gpus_per_train_job" if kind == "train" else "gpus_per_infer_job"])
 
     def launcher(self, kind: str) -> str:
-        """The command that starts `cwdpo`: plain, or torchrun/accelerate with one process per GPU."""
+        """The command that starts `cwdpo`: plain, or torchrun/accelerate with one process per GPU. The
+        launchers run the same `cwdpo` console script (`--no-python`), so every process imports the installed
+        package — never a `cwdpo/` folder that happens to be in the working directory (`python -m` would)."""
         n = self.gpus(kind)
         if kind != "train" or n <= 1:
             return "cwdpo"
         if self.c["compute"]["launcher"] == "accelerate":
-            return f"accelerate launch --num_processes {n} -m cwdpo.cli"
-        return f"torchrun --standalone --nproc_per_node {n} -m cwdpo.cli"
+            return f"accelerate launch --num_processes {n} --no_python cwdpo"
+        return f"torchrun --standalone --nproc_per_node {n} --no-python cwdpo"

@@ -55,7 +55,12 @@ class VLLMSampler:
                                   mm_processor_kwargs=self.mm_kwargs, generation_config="vllm", seed=0,
                                   enable_lora=self.adapter is not None, **(llm_kwargs or {}))
         if self.adapter is not None:
-            self.engine_kwargs.setdefault("max_lora_rank", 64)
+            rank = adapter_rank(self.adapter)
+            self.engine_kwargs.setdefault("max_lora_rank", vllm_max_lora_rank(rank))
+            limit = self.engine_kwargs["max_lora_rank"]
+            if limit < rank:
+                raise ValueError(f"negatives.onpolicy.vllm.max_lora_rank {limit} is below the adapter's rank {rank} "
+                                 f"({self.adapter}); vLLM would refuse the adapter")
         self.llm = None
         if build_engine:
             from vllm import LLM
@@ -98,6 +103,25 @@ class VLLMSampler:
         return [[" ".join(c.text.split()) for c in o.outputs] for o in outs]
 
 
+# the max_lora_rank values vLLM accepts (vllm.config.lora.MaxLoRARanks, vLLM 0.33)
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def adapter_rank(path: str) -> int:
+    """The largest LoRA rank of a peft adapter folder (`r`, or a larger one of its `rank_pattern`)."""
+    with open(os.path.join(path, "adapter_config.json")) as f:
+        cfg = json.load(f)
+    return max([int(cfg["r"])] + [int(v) for v in (cfg.get("rank_pattern") or {}).values()])
+
+
+def vllm_max_lora_rank(rank: int) -> int:
+    """The smallest `max_lora_rank` vLLM accepts that holds an adapter of `rank` (vLLM rejects r > it)."""
+    for r in VLLM_LORA_RANKS:
+        if r >= rank:
+            return r
+    raise ValueError(f"LoRA rank {rank} is above vLLM's largest max_lora_rank {VLLM_LORA_RANKS[-1]}")
+
+
 def make_sampler(onpolicy: dict, model_dir: str, vlm):
     """The sampler of config `negatives.onpolicy` (backend hf or vllm) for `model_dir`."""
     if onpolicy["backend"] == "hf":
@@ -112,11 +136,11 @@ def score_samples(records: list, samples: list, scorer: CiderD, threshold: float
     out = []
     for rec, texts in zip(records, samples):
         refs = [simple_tokenize(c) for c in rec.captions]
-        ref_set = {" ".join(c.lower().split()) for c in rec.captions}
+        ref_set = set(refs)  # case, punctuation and spacing ignored: "A dog runs." is the reference "a dog runs"
         entries = []
         for t in texts:
             score = float(scorer.score_one(simple_tokenize(t), refs))
-            is_ref = " ".join(t.lower().split()) in ref_set
+            is_ref = simple_tokenize(t) in ref_set
             entries.append({"text": t, "score": score, "is_reference": is_ref,
                             "kept": bool(t.strip()) and not is_ref and score < threshold})
         out.append({"image_id": rec.image_id, "samples": entries})

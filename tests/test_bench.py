@@ -105,7 +105,7 @@ def test_gpu_configs_validate_and_dry_run_with_placeholder_paths(tmp_path, name)
     text = out.stdout + out.stderr
     assert "stage2" in text and "sample_onpolicy" in text and "evaluate" in text
     if name == "paper":
-        assert "torchrun --standalone --nproc_per_node 8 -m cwdpo.cli train" in text
+        assert "torchrun --standalone --nproc_per_node 8 --no-python cwdpo train" in text
 
 
 def test_pipeline_costs_sum_benchmarks_and_span_the_run_from_file_times(tmp_path):

@@ -36,7 +36,7 @@ def test_reads_hand_made_karpathy_file(tmp_path):
     recs = load_karpathy(path, root)
     assert [r.image_id for r in recs] == ["1000", "1001", "1002"]
     assert recs[0].path == os.path.join(root, "val2014", "COCO_val2014_000000000000.jpg")
-    assert recs[2].captions == ["A photo number 2.", "Something else."]
+    assert recs[2].captions == ["A photo number 2", "Something else"]  # trailing periods dropped
     assert [r.split for r in recs] == ["train", "restval", "test"]
     assert [r.image_id for r in load_karpathy(path, root, splits=["train", "restval"])] == ["1000", "1001"]
 
@@ -103,3 +103,22 @@ def test_most_frequent_caption():
     from cwdpo.data import ImageRecord
     recs = [ImageRecord("1", "", "train", ["b cat", "a dog"]), ImageRecord("2", "", "train", ["A dog", "c"])]
     assert most_frequent_caption(recs) == "a dog"
+
+
+def test_captions_are_normalised_like_the_references(tmp_path):
+    """COCO's raw captions end in '.', ' .' or '. ' and hold double spaces; as training targets a model would
+    learn to reproduce them. Every job sees one form: spaces collapsed, trailing periods dropped."""
+    from cwdpo.data import normalise_caption
+    path, root = _write_karpathy(tmp_path)
+    doc = json.loads(open(path).read())
+    doc["images"][0]["sentences"][0]["raw"] = "A  man riding   a horse .  "
+    doc["images"][0]["sentences"][1]["raw"] = "Mr. Smith's dog\n on a mat."
+    open(path, "w").write(json.dumps(doc))
+    recs = load_karpathy(path, root)
+    assert recs[0].captions == ["A man riding a horse", "Mr. Smith's dog on a mat"]
+    assert normalise_caption("two dogs") == "two dogs" and normalise_caption("a cat...") == "a cat"
+    # a caption that is only punctuation is empty: the loader names it
+    doc["images"][1]["sentences"][0]["raw"] = " . "
+    open(path, "w").write(json.dumps(doc))
+    with pytest.raises(DataError, match="empty or missing 'raw' caption"):
+        load_karpathy(path, root)

@@ -84,3 +84,36 @@ def test_unknown_backend_is_refused(tiny_model_dir):
     with pytest.raises(ValueError, match="allowed: hf, vllm"):
         sampling.make_sampler({**specs.config()["negatives"]["onpolicy"], "backend": "sglang"}, tiny_model_dir,
                               specs.vlm())
+
+
+def test_a_sample_equal_to_a_reference_up_to_punctuation_is_no_negative(shapes_records):
+    """`is_reference` compares tokens (case, punctuation and spacing ignored): a model that ends its caption
+    with a period has not produced a negative."""
+    rec = shapes_records[0]
+    scorer = corpus_scorer(shapes_records)
+    variants = [rec.captions[0] + ".", rec.captions[0].upper() + " .", "  " + rec.captions[0].replace(" ", "  ")]
+    scored = sampling.score_samples([rec], [variants], scorer, threshold=100.0)
+    assert all(s["is_reference"] and not s["kept"] for s in scored[0]["samples"])
+
+
+def _adapter(tmp_path, tiny_model_dir, r, rank_pattern=None):
+    import json
+    adapter = tmp_path / f"adapter_r{r}"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps(
+        {"base_model_name_or_path": tiny_model_dir, "r": r, "rank_pattern": rank_pattern or {}}))
+    for name in os.listdir(tiny_model_dir):
+        if not name.endswith(".safetensors") and name != "config.json":
+            (adapter / name).write_bytes(open(os.path.join(tiny_model_dir, name), "rb").read())
+    return str(adapter)
+
+
+def test_vllm_max_lora_rank_comes_from_the_adapter(tiny_model_dir, tmp_path):
+    """vLLM refuses an adapter whose rank exceeds `max_lora_rank`: it is the adapter's own rank (rounded up
+    to a value vLLM accepts), not a fixed 64."""
+    for r, pattern, expected in ((128, None, 128), (16, None, 16), (64, {"q_proj": 100}, 128)):
+        s = sampling.VLLMSampler(_adapter(tmp_path, tiny_model_dir, r, pattern), specs.vlm(), build_engine=False)
+        assert s.engine_kwargs["enable_lora"] and s.engine_kwargs["max_lora_rank"] == expected, (r, pattern)
+    with pytest.raises(ValueError, match="below the adapter's rank 128"):
+        sampling.VLLMSampler(str(tmp_path / "adapter_r128"), specs.vlm(), build_engine=False,
+                             llm_kwargs={"max_lora_rank": 64})

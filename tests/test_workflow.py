@@ -117,3 +117,23 @@ def test_ruff_is_clean():
     out = subprocess.run([sys.executable, "-m", "ruff", "check", "cwdpo", "tests", "scripts"], cwd=REPO,
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+
+
+def test_multi_gpu_launcher_runs_the_installed_package_not_the_working_directory(tmp_path):
+    """torchrun / accelerate start the `cwdpo` console script (`--no-python`), like single-GPU jobs: a
+    `cwdpo/` folder in the working directory (a checkout of another version) is never what they import
+    (`python -m cwdpo.cli` would import it, since `-m` puts the working directory first on sys.path)."""
+    import shlex
+    from cwdpo.config import load_config
+    from cwdpo.plan import Plan
+    plan = Plan(load_config(specs.MICRO_CONFIG, overrides={"compute": {"gpus_per_train_job": 2}}, check_paths=False))
+    assert plan.launcher("train") == "torchrun --standalone --nproc_per_node 2 --no-python cwdpo"
+    acc = Plan({**plan.c, "compute": {**plan.c["compute"], "launcher": "accelerate"}})
+    assert acc.launcher("train") == "accelerate launch --num_processes 2 --no_python cwdpo"
+    shadow = tmp_path / "cwdpo"
+    shadow.mkdir()
+    (shadow / "__init__.py").write_text("")
+    (shadow / "cli.py").write_text("import sys\nprint('SHADOW PACKAGE')\nsys.exit(3)\n")
+    argv = shlex.split(plan.launcher("train")) + ["validate-config", "--configfile", specs.MICRO_CONFIG]
+    out = run(argv, cwd=str(tmp_path), env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert "SHADOW" not in out.stdout + out.stderr and out.stdout.count("valid (experiment micro)") == 2
