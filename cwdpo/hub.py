@@ -65,3 +65,40 @@ def fetch(repo_id: str, cache_dir: str) -> dict:
         raise FileNotFoundError(f"{repo_id}: the snapshot {path} has no config.json / *.safetensors weights")
     return {"repo_id": repo_id, "commit": snapshot_commit(path), "snapshot": os.path.relpath(path, cache_dir),
             "files": files, "downloaded": downloaded}
+
+
+def publish_to_cache(folder: str, repo_id: str, cache_dir: str) -> str:
+    """Lay a local model folder into a Hugging Face hub cache (`cache_dir` = HF_HUB_CACHE) as if
+    `repo_id` had been downloaded: blobs, a snapshot of links to them and `refs/main`. The commit is a
+    hash of the files, so the same folder always gives the same snapshot. For machines without the hub
+    (the CPU rehearsal of config/qwen3b.yaml, scripts/gpu_check.sh, an air-gapped cluster that has the
+    weights): `fetch_model` then finds the model cached and downloads nothing. Returns the snapshot path."""
+    import hashlib
+    import shutil
+    names = sorted(os.path.relpath(os.path.join(d, f), folder) for d, _, fs in os.walk(folder) for f in fs)
+    digests = {}
+    commit = hashlib.sha1(repo_id.encode())
+    for name in names:
+        h = hashlib.sha256()
+        with open(os.path.join(folder, name), "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        digests[name] = h.hexdigest()
+        commit.update(f"{name}\0{digests[name]}\0".encode())
+    commit = commit.hexdigest()
+    repo = os.path.join(cache_dir, "models--" + repo_id.replace("/", "--"))
+    snapshot = os.path.join(repo, "snapshots", commit)
+    for name in names:
+        blob = os.path.join(repo, "blobs", digests[name])
+        if not os.path.exists(blob):
+            os.makedirs(os.path.dirname(blob), exist_ok=True)
+            shutil.copyfile(os.path.join(folder, name), blob)
+        link = os.path.join(snapshot, name)
+        os.makedirs(os.path.dirname(link), exist_ok=True)
+        if os.path.lexists(link):
+            os.remove(link)
+        os.symlink(os.path.relpath(blob, os.path.dirname(link)), link)
+    os.makedirs(os.path.join(repo, "refs"), exist_ok=True)
+    with open(os.path.join(repo, "refs", "main"), "w") as f:
+        f.write(commit)
+    return snapshot

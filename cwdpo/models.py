@@ -145,13 +145,17 @@ def is_adapter_dir(path: str) -> bool:
     return os.path.isfile(os.path.join(path, "adapter_config.json"))
 
 
+def cuda_available() -> bool:
+    import torch
+    return torch.cuda.is_available()
+
+
 def inference_placement() -> dict:
     """`from_pretrained` arguments that place an inference model: over the visible GPUs when CUDA is present
     (`device_map="auto"`: one GPU holds a 3B model whole, several GPUs share a 72B one, as the job's
     `compute.gpus_per_infer_job` gives them), nothing on a CPU machine. Training leaves placement to the
     Trainer / DeepSpeed."""
-    import torch
-    return {"device_map": "auto"} if torch.cuda.is_available() else {}
+    return {"device_map": "auto"} if cuda_available() else {}
 
 
 def load_model(path: str, *, base: str | None = None, dtype: str = "float32", trainable: bool = False,
