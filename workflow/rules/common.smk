@@ -29,7 +29,7 @@ P = Plan(config)
 OUT = P.out
 if P.hub:
     # every job of a hub-model config reads the workflow's Hugging Face cache, offline (fetch_model fills it)
-    shell.prefix("set -euo pipefail; " + P.hf_env())
+    shell.prefix(f"set -euo pipefail; {P.hf_env()}")
 
 
 def optional_flag(name):
