@@ -181,10 +181,10 @@ def load_model(path: str, *, base: str | None = None, dtype: str = "float32", tr
         if base is None:
             with open(os.path.join(path, "adapter_config.json")) as f:
                 base = json.load(f).get("base_model_name_or_path")
-        model = AutoModelForImageTextToText.from_pretrained(base, **kwargs)
+        model = keep_used_weight_conversions(AutoModelForImageTextToText.from_pretrained(base, **kwargs))
         model = PeftModel.from_pretrained(model, path, is_trainable=trainable)
     else:
-        model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
+        model = keep_used_weight_conversions(AutoModelForImageTextToText.from_pretrained(path, **kwargs))
         if lora:
             from peft import LoraConfig, get_peft_model
             model = get_peft_model(model, LoraConfig(**lora))
@@ -192,6 +192,17 @@ def load_model(path: str, *, base: str | None = None, dtype: str = "float32", tr
         model.eval()
         for p in model.parameters():
             p.requires_grad_(False)
+    return model
+
+
+def keep_used_weight_conversions(model):
+    """Keep only the checkpoint-key conversions that matched a key while loading, as transformers' plain
+    loader does. Its ZeRO-3 loader (transformers 5.2x, `_load_state_dict_into_zero3_model`) keeps every
+    candidate, and `save_pretrained` reverts them all: a ZeRO-3 run then saved `model.model.embed_tokens...`,
+    which no loader maps back (the reloaded model would have missed every language-model weight)."""
+    conversions = getattr(model, "_weight_conversions", None)
+    if conversions:
+        model._weight_conversions = [c for c in conversions if getattr(c, "was_used", lambda: True)()]
     return model
 
 
