@@ -89,6 +89,11 @@ def cmd_fetch_model(a):
     print(f"{a.model}: snapshot {doc['commit']} in {a.cache} ({'downloaded' if doc['downloaded'] else 'cached'})")
 
 
+def cmd_gpus(a):
+    from .gpus import run
+    run(a.n, a.command[1:] if a.command[:1] == ["--"] else a.command)
+
+
 def cmd_trivial(a):
     from .data import write_trivial
     write_trivial(_spec("TrivialSpec", a.spec), a.out)
@@ -180,6 +185,10 @@ def build_parser() -> argparse.ArgumentParser:
              spec=False)
     sp.add_argument("--model", required=True, help="hub id, e.g. Qwen/Qwen2.5-VL-3B-Instruct")
     sp.add_argument("--cache", required=True, help="HF_HOME of the workflow (config model.cache)")
+    sp = add("gpus", cmd_gpus, "run a command on GPUs of its own (CUDA_VISIBLE_DEVICES from free GPU slots)",
+             spec=False, out=False)
+    sp.add_argument("--n", type=int, required=True, help="GPUs the command needs (0: run it as it is)")
+    sp.add_argument("command", nargs=argparse.REMAINDER, help="-- the command and its arguments")
     add("trivial", cmd_trivial, "the trivial baseline: the most frequent training caption for every image")
     sp = add("score", cmd_score, "score caption files with pycocoevalcap (one JVM for all files)", spec=False,
              out=False)

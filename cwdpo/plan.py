@@ -387,6 +387,12 @@ class Plan:
         """GPUs a job of `kind` ('train' or 'infer') asks for (the `gpu` resource of its rule)."""
         return int(self.c["compute"]["gpus_per_train_job" if kind == "train" else "gpus_per_infer_job"])
 
+    def gpu_prefix(self, kind: str) -> str:
+        """What a GPU job's command starts with: `cwdpo gpus --n N -- ` takes N free GPUs of the visible ones
+        for it (CUDA_VISIBLE_DEVICES; `cwdpo.gpus`), so local jobs never share a GPU. Nothing for CPU jobs."""
+        n = self.gpus(kind)
+        return f"cwdpo gpus --n {n} -- " if n > 0 else ""
+
     def launcher(self, kind: str) -> str:
         """The command that starts `cwdpo`: plain, or torchrun/accelerate with one process per GPU. The
         launchers run the same `cwdpo` console script (`--no-python`), so every process imports the installed

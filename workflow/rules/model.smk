@@ -55,5 +55,6 @@ if P.tiny and config["pretrain"]["enabled"]:
             spec=to_json(P.pretrain_spec()),
             out=lambda wc, output: os.path.dirname(output.metrics),
             launch=P.launcher("train"),
+            gpus=P.gpu_prefix("train"),
         shell:
-            "{params.launch} train --spec {params.spec:q} --out {params.out:q} --threads {threads} > {log:q} 2>&1"
+            "{params.gpus}{params.launch} train --spec {params.spec:q} --out {params.out:q} --threads {threads} > {log:q} 2>&1"

@@ -19,8 +19,9 @@ rule sample_onpolicy:
         gpu=P.gpus("infer"),
     params:
         spec=lambda wc: to_json(P.sample_spec(wc.stage1, wc.seed)),
+        gpus=P.gpu_prefix("infer"),
     shell:
-        "cwdpo sample-onpolicy --spec {params.spec:q} --threads {threads} --out {output.samples:q} "
+        "{params.gpus}cwdpo sample-onpolicy --spec {params.spec:q} --threads {threads} --out {output.samples:q} "
         "--summary {output.summary:q} > {log:q} 2>&1"
 
 
@@ -55,8 +56,9 @@ rule ref_logps:
         gpu=P.gpus("infer"),
     params:
         spec=lambda wc: to_json(P.ref_spec(wc.stage1, wc.seed)),
+        gpus=P.gpu_prefix("infer"),
     shell:
-        "cwdpo ref-logps --spec {params.spec:q} --threads {threads} --pairs {input.pairs:q} --out {output:q} > {log:q} 2>&1"
+        "{params.gpus}cwdpo ref-logps --spec {params.spec:q} --threads {threads} --pairs {input.pairs:q} --out {output:q} > {log:q} 2>&1"
 
 
 # The fixed probe set of every run that starts from this model (learning-dynamics probes during training).

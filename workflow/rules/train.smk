@@ -21,8 +21,9 @@ rule stage1:
         spec=lambda wc: to_json(P.stage1_spec(wc.stage1, wc.seed)),
         out=lambda wc, output: os.path.dirname(output.metrics),
         launch=P.launcher("train"),
+        gpus=P.gpu_prefix("train"),
     shell:
-        "{params.launch} train --spec {params.spec:q} --out {params.out:q} --threads {threads} > {log:q} 2>&1"
+        "{params.gpus}{params.launch} train --spec {params.spec:q} --out {params.out:q} --threads {threads} > {log:q} 2>&1"
 
 
 rule stage2:
@@ -44,5 +45,6 @@ rule stage2:
         spec=lambda wc: to_json(P.stage2_spec(wc.stage1, wc.seed, wc.stage2)),
         out=lambda wc, output: os.path.dirname(output.metrics),
         launch=P.launcher("train"),
+        gpus=P.gpu_prefix("train"),
     shell:
-        "{params.launch} train --spec {params.spec:q} --out {params.out:q} --threads {threads} > {log:q} 2>&1"
+        "{params.gpus}{params.launch} train --spec {params.spec:q} --out {params.out:q} --threads {threads} > {log:q} 2>&1"
