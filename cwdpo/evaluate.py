@@ -150,4 +150,5 @@ def run(spec, captions_out: str, measures_out: str, threads: int = 0) -> None:
     measures["test"] = test_measures(model, encoder, records, ref_model=ref_model, n_bins=spec.n_bins,
                                      batch_size=spec.forward_batch_size)
     measures["test"]["reference"] = spec.reference
+    measures["device"] = str(model.device)  # where the evaluated model ran
     write_json(measures_out, measures, indent=None)

@@ -37,7 +37,7 @@ def reference_logps(model_dir: str, pairs_path: str, out_path: str, vlm, batch_s
             result["ref_rejected_logps"] += out.sums[n:].double().tolist()
             result["ref_chosen_avg"] += out.means[:n].double().tolist()
             result["ref_rejected_avg"] += out.means[n:].double().tolist()
-    doc = {"key": key, "n_pairs": len(pairs), **result}
+    doc = {"key": key, "n_pairs": len(pairs), "device": str(model.device), **result}
     write_json(out_path, doc, indent=None)
     return doc
 

@@ -36,6 +36,7 @@ class HFSampler:
         self.model, self.processor = load_for_inference(model_dir, vlm)
         self.encoder = Encoder(self.processor, vlm.prompt, vlm.max_response_tokens)
         self.batch_size = batch_size
+        self.device = str(self.model.device)
 
     def decoding(self, *, k: int, temperature: float, top_p: float, max_new_tokens: int) -> dict:
         from .generation import decoding_settings
@@ -65,6 +66,7 @@ class VLLMSampler:
         from .logprobs import chat_prompt
         from .models import is_adapter_dir, load_processor
         self.model_dir, self.prompt, self.batch_size = model_dir, vlm.prompt, int(batch_size)
+        self.device = "vllm"  # the engine places the model on the job's GPUs
         # the exact prompt text of training (our model folders carry their processor and chat template)
         self.prompt_text = chat_prompt(load_processor(model_dir, vlm.min_pixels, vlm.max_pixels,
                                                       vlm.trust_remote_code), vlm.prompt)
@@ -207,6 +209,7 @@ def run(spec, out: str, summary_out: str, threads: int = 0) -> dict:
                "kept": sum(s["kept"] for x in stage2_scored for s in x["samples"]),
                "equal_to_a_reference": sum(s["is_reference"] for x in stage2_scored for s in x["samples"]),
                "backend": o["backend"], "k": o["k"], "threshold": o["threshold"], "seed": spec.seed,
+               "device": sampler.device,
                "decoding": sampler.decoding(k=int(o["k"]), temperature=float(o["temperature"]), top_p=float(o["top_p"]),
                                             max_new_tokens=int(o["max_new_tokens"])),
                "mean_score": sum(s["score"] for x in stage2_scored for s in x["samples"]) / max(1, n)}

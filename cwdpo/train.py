@@ -378,6 +378,7 @@ def run_training(spec, out_dir: str, threads: int = 0) -> dict:
     metrics = {"method": spec.method, "steps": int(trainer.state.global_step), "seed": int(spec.seed),
                "final_loss": last.get("loss"), "l_floor": hp.get("l_floor"), "data": summary,
                "resumed_from": os.path.basename(resume) if resume else None,
+               "device": str(next(trainer.model.parameters()).device),  # where the weights trained
                # ZeRO-3 partitions parameters into placeholders: count their full sizes (ds_numel)
                "parameters": sum(getattr(p, "ds_numel", 0) or p.numel() for p in model.parameters()),
                "trainable_parameters": sum(getattr(p, "ds_numel", 0) or p.numel() for p in model.parameters()

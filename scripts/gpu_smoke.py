@@ -32,6 +32,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -218,7 +219,8 @@ def main(argv=None) -> dict:
     if device.type == "cpu" and os.environ.get("OMP_NUM_THREADS") is None:
         torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
     t0 = time.perf_counter()
-    model, ids = build_model(args, torch)
+    with torch.device(device) if cuda else contextlib.nullcontext():  # random init on the GPU: seconds, not minutes
+        model, ids = build_model(args, torch)
     build_s = time.perf_counter() - t0
     if precision == "bf16":
         model = model.to(torch.bfloat16)
