@@ -54,7 +54,7 @@ def test_caption_file_is_parsed_once_per_process_and_reread_when_it_changes(tmp_
     doc["images"][2]["sentences"][0]["raw"] = "A changed caption, longer than before."
     with open(path, "w") as f:
         json.dump(doc, f)
-    assert load_karpathy(path, root, splits="test")[0].captions[0] == "A changed caption, longer than before."
+    assert load_karpathy(path, root, splits="test")[0].captions[0] == "A changed caption, longer than before"
     assert parses == [path, path]
 
 
