@@ -121,6 +121,19 @@ def cmd_ref_logps(a):
     print(f"reference log-probs of {doc['n_pairs']} pairs -> {a.out}")
 
 
+def cmd_fetch_model(a):
+    from .data import write_json
+    from .hub import fetch
+    doc = fetch(a.model, os.path.join(a.cache, "hub"))
+    write_json(a.out, doc)
+    print(f"{a.model}: snapshot {doc['commit']} in {a.cache} ({'downloaded' if doc['downloaded'] else 'cached'})")
+
+
+def cmd_gpus(a):
+    from .gpus import run
+    run(a.n, a.command[1:] if a.command[:1] == ["--"] else a.command)
+
+
 def cmd_trivial(a):
     from .data import write_trivial
     _started()
@@ -229,6 +242,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("ref-logps", cmd_ref_logps, "cache the reference model's log-probs of a pairs file", threads=True,
              hf=True)
     sp.add_argument("--pairs", required=True)
+    sp = add("fetch-model", cmd_fetch_model, "put a hub model into the workflow's Hugging Face cache (network)",
+             spec=False)
+    sp.add_argument("--model", required=True, help="hub id, e.g. Qwen/Qwen2.5-VL-3B-Instruct")
+    sp.add_argument("--cache", required=True, help="HF_HOME of the workflow (config model.cache)")
+    sp = add("gpus", cmd_gpus, "run a command on GPUs of its own (CUDA_VISIBLE_DEVICES from free GPU slots)",
+             spec=False, out=False)
+    sp.add_argument("--n", type=int, required=True, help="GPUs the command needs (0: run it as it is)")
+    sp.add_argument("command", nargs=argparse.REMAINDER, help="-- the command and its arguments")
     add("trivial", cmd_trivial, "the trivial baseline: the most frequent training caption for every image")
     add("coco-objects", cmd_coco_objects, "the COCO categories of a data source's images (for CHAIR)")
     sp = add("score", cmd_score, "score caption files with pycocoevalcap (one JVM for all files)", spec=False,

@@ -180,10 +180,10 @@ def load_karpathy(json_path: str, image_root: str | None = None, splits=None, on
         bad = None
         for j, s in enumerate(sentences):
             raw = s.get("raw") if isinstance(s, dict) else None
-            if not isinstance(raw, str) or not raw.strip():
+            if not isinstance(raw, str) or not normalise_caption(raw):
                 bad = f"sentences[{j}] has an empty or missing 'raw' caption"
                 break
-            captions.append(raw.strip())
+            captions.append(normalise_caption(raw))
         if bad:
             _fail_or_skip(on_bad_input, bad_log, where, bad, str(ident))
             continue
@@ -269,6 +269,14 @@ def validate_data(spec, out: str) -> list:
         counts[r.split] = counts.get(r.split, 0) + 1
     write_json(out, {"json": spec.json, "on_bad_input": spec.on_bad_input, "images": counts, **bad.summary()})
     return bad.skipped
+
+
+def normalise_caption(raw: str) -> str:
+    """A caption as every job uses it (training target, reference, source of negatives): runs of whitespace
+    collapsed to one space, trailing periods dropped — COCO's raw captions end in ". " or "." about half
+    the time and hold double spaces, which a model would otherwise learn to reproduce (scoring tokenizes
+    punctuation away; cwdpo's decoded captions are whitespace-normalised the same way)."""
+    return re.sub(r"[\s.]*\.$", "", " ".join(raw.split())).strip()
 
 
 def caption_tokens(raw: str) -> list[str]:

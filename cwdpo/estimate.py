@@ -32,6 +32,16 @@ KNOWN = {
 QWEN_VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, patch_size=14,
                    spatial_merge_size=2, temporal_patch_size=2, window_size=112,
                    fullatt_block_indexes=[7, 15, 23, 31])
+# Published configurations of the Qwen2.5 language models below the smallest Qwen2.5-VL (config.json of the
+# hub repos): scripts/gpu_smoke.py's smaller presets put Qwen2.5-VL's vision tower in front of them.
+KNOWN_LM = {
+    "Qwen/Qwen2.5-0.5B-Instruct": dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14,
+                                       num_key_value_heads=2, intermediate_size=4864, vocab_size=151936,
+                                       tie_word_embeddings=True),
+    "Qwen/Qwen2.5-1.5B-Instruct": dict(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12,
+                                       num_key_value_heads=2, intermediate_size=8960, vocab_size=151936,
+                                       tie_word_embeddings=True),
+}
 H100_BF16_DENSE = 989e12
 
 
@@ -145,8 +155,8 @@ def estimate(config: dict, mfu: float = 0.40, peak_flops: float = H100_BF16_DENS
     img_tok = image_tokens(hh, ww, m["min_pixels"], m["max_pixels"])
     prompt_text_tokens = 16 if m["source"] == "tiny" else 30  # chat template + prompt text (+ system prompt)
     prefix = img_tok + prompt_text_tokens
-    cap_tokens = ds["caption_words"] * (1.0 if m["source"] == "tiny" else 1.3) + 1  # + <|im_end|>
-    cap_tokens = min(cap_tokens, m["max_response_tokens"] + 1)
+    cap_tokens = ds["caption_words"] * (1.0 if m["source"] == "tiny" else 1.3) + 2  # + <|im_end|>\n
+    cap_tokens = min(cap_tokens, m["max_response_tokens"])
     shared = config["train"]["forward"] == "shared_prefix"
     train_mult = 4 if lora else 6
     f1 = config["stage1"]["fraction"]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 from .data import grounding_truth, load_records, read_json, write_json
-from .generation import generate_captions
+from .generation import decoding_settings, generate_captions
 from .logprobs import Collator, Encoder, SeqBatch, completion_logps
 
 
@@ -108,7 +108,8 @@ def caption_doc(model, encoder: Encoder, records: list, spec, objects: str | Non
                              max_new_tokens=spec.max_new_tokens, batch_size=spec.batch_size, desc=desc)
     return {"captions": {r.image_id: c[0] for r, c in zip(records, caps)},
             "references": {r.image_id: r.captions for r in records},
-            "decoding": {"num_beams": spec.num_beams, "max_new_tokens": spec.max_new_tokens},
+            "decoding": {"backend": "hf", **decoding_settings(num_beams=spec.num_beams,
+                                                              max_new_tokens=spec.max_new_tokens)},
             **grounding_truth(records, objects)}
 
 
@@ -130,6 +131,8 @@ def run(spec, captions_out: str, measures_out: str, threads: int = 0) -> None:
                                   max_new_tokens=spec.max_new_tokens, batch_size=max(1, spec.batch_size // k),
                                   desc=f"top-{k} beams")
         doc["beams"] = {r.image_id: b for r, b in zip(records, beams)}
+        doc["beams_decoding"] = {"backend": "hf", **decoding_settings(num_beams=k, num_return=k,
+                                                                      max_new_tokens=spec.max_new_tokens)}
     write_json(captions_out, doc)
     for es in spec.eval_sets:  # Flickr30k / NoCaps / shapes OOD: captions with the loaded model
         recs = load_records(es.data)
@@ -150,4 +153,5 @@ def run(spec, captions_out: str, measures_out: str, threads: int = 0) -> None:
     measures["test"] = test_measures(model, encoder, records, ref_model=ref_model, n_bins=spec.n_bins,
                                      batch_size=spec.forward_batch_size)
     measures["test"]["reference"] = spec.reference
+    measures["device"] = str(model.device)  # where the evaluated model ran
     write_json(measures_out, measures, indent=None)

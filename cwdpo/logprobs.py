@@ -1,8 +1,9 @@
 """Per-token log-probs of (image, prompt, response) with masks — one forward over chosen + rejected.
 
 `Encoder` turns images and response texts into a `SeqBatch`: right-padded token ids of
-`chat(prompt with image) + response + <|im_end|>`, a mask of the response tokens (the only ones scored),
-and the pixel values of each *unique* image once. `completion_logps` runs the vision tower once per
+`chat(prompt with image)` followed by the assistant turn exactly as the chat template renders it
+(Qwen: `response<|im_end|>\n`, what TRL's DPOTrainer scores), a mask of those completion tokens (the only
+ones scored), and the pixel values of each *unique* image once. `completion_logps` runs the vision tower once per
 unique image, scatters its features into every row that shows that image (chosen and rejected share
 it), builds Qwen2.5-VL's multimodal (t, h, w) rope positions, and evaluates the LM head only at the
 response positions. The result is identical to the stock `model(**processor(...))` forward (tested),
@@ -21,9 +22,10 @@ from .models import unwrap
 class SeqBatch:
     """Rows of prompt + response tokens; images stored once and referenced by `row_image`.
 
-    input_ids, attention_mask, completion_mask: [N, L] (right padded; completion_mask marks the response
-    tokens incl. the closing <|im_end|>); position_ids: [3, N, L] mRoPE positions; row_image: [N] index of
-    each row's image; pixel_values: [P, D] and image_grid_thw: [M, 3] for the M unique images.
+    input_ids, attention_mask, completion_mask: [N, L] (right padded; completion_mask marks the completion
+    tokens: the response and what the chat template closes the turn with, `<|im_end|>\n` for Qwen);
+    position_ids: [3, N, L] mRoPE positions; row_image: [N] index of each row's image; pixel_values: [P, D]
+    and image_grid_thw: [M, 3] for the M unique images.
     """
 
     input_ids: torch.Tensor
@@ -88,10 +90,32 @@ def mrope_positions(ids: list, grids: list, image_token_id: int, merge: int) -> 
     return out
 
 
+def user_turn(prompt: str) -> list:
+    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+
+
 def chat_prompt(processor, prompt: str) -> str:
     """The chat-templated prompt text: a user turn with one image and `prompt`, then the assistant header."""
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
-    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return processor.apply_chat_template(user_turn(prompt), add_generation_prompt=True, tokenize=False)
+
+
+# a response text no chat template alters, to find what a template renders around the assistant's text
+_MARKER = "CWDPOMARKER7f3a"
+
+
+def assistant_turn(processor, prompt: str) -> tuple[str, str]:
+    """(before, after): what the chat template renders around the assistant's text in the turn after the
+    prompt — ("", "<|im_end|>\n") for Qwen. As TRL's `apply_chat_template` does, the completion is the
+    rendered conversation minus the rendered prompt (with the generation header), so it is exactly the
+    text TRL's DPOTrainer tokenizes and scores."""
+    prompt_text = chat_prompt(processor, prompt)
+    full = processor.apply_chat_template(
+        user_turn(prompt) + [{"role": "assistant", "content": [{"type": "text", "text": _MARKER}]}], tokenize=False)
+    if not full.startswith(prompt_text) or full[len(prompt_text):].count(_MARKER) != 1:
+        raise ValueError("the chat template does not render the prompt (with its generation header) as a prefix "
+                         "of the prompt + assistant turn; cwdpo cannot tell which tokens are the completion")
+    before, after = full[len(prompt_text):].split(_MARKER)
+    return before, after
 
 
 class Encoder:
@@ -99,9 +123,11 @@ class Encoder:
 
     The chat prompt (user turn: image + `prompt`, then the assistant header) is tokenized once; its single
     image placeholder is expanded to the image's token count (grid t*h*w / merge^2), exactly as the
-    processor does. Responses are tokenized separately (no merges across the prompt boundary, as TRL
-    does) and closed with the end-of-turn token. `pixel_cache_mb` bounds an in-memory cache of processed
-    images keyed by path.
+    processor does. A response becomes the assistant turn the chat template renders (`assistant_turn`:
+    for Qwen the text, `<|im_end|>` and the newline), tokenized on its own (no merges across the prompt
+    boundary, as TRL does) and cut to `max_response_tokens` tokens — the end-of-turn tokens count, as
+    under TRL's `max_length` with `keep_start`: a cut response loses its end of turn (`truncated` tells
+    which). `pixel_cache_mb` bounds an in-memory cache of processed images keyed by path.
     """
 
     def __init__(self, processor, prompt: str, max_response_tokens: int = 64, pixel_cache_mb: float = 0):
@@ -110,6 +136,7 @@ class Encoder:
         self.prompt = prompt
         self.max_response_tokens = int(max_response_tokens)
         self.prompt_text = chat_prompt(processor, prompt)
+        self.turn_before, self.turn_after = assistant_turn(processor, prompt)
         self.image_token = getattr(processor, "image_token", "<|image_pad|>")
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
         self.eos_id = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
@@ -169,10 +196,21 @@ class Encoder:
             self._prompt_cache[key] = (ids, mrope_positions(ids, [key], self.image_token_id, self.merge))
         return self._prompt_cache[key]
 
+    def completion_text(self, text: str) -> str:
+        """The assistant turn of a response as the chat template renders it (Qwen: `text<|im_end|>\n`)."""
+        return self.turn_before + text + self.turn_after
+
+    def full_completion_ids(self, texts: list) -> list:
+        """Token ids of each response's whole rendered assistant turn (before any length limit)."""
+        return self.tokenizer([self.completion_text(t) for t in texts], add_special_tokens=False)["input_ids"]
+
     def response_ids(self, texts: list) -> list:
-        """Token ids of each response, truncated to `max_response_tokens`, then the end-of-turn token."""
-        enc = self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
-        return [ids[: self.max_response_tokens] + [self.eos_id] for ids in enc]
+        """Token ids of each response's assistant turn, cut to `max_response_tokens` tokens."""
+        return [ids[: self.max_response_tokens] for ids in self.full_completion_ids(texts)]
+
+    def truncated(self, texts: list) -> list:
+        """Per response: True when its assistant turn is longer than `max_response_tokens` (it is cut)."""
+        return [len(ids) > self.max_response_tokens for ids in self.full_completion_ids(texts)]
 
     def build(self, images: list, rows: list) -> SeqBatch:
         """A batch from unique `images` (PIL or paths) and `rows` = [(image_index, response_text)]."""
@@ -294,7 +332,7 @@ def completion_logps(model, batch: SeqBatch, image_token_id: int, keep_logits: b
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     target_mask = batch.completion_mask[:, 1:]
     rows, cols = target_mask.nonzero(as_tuple=True)
-    h = hidden[rows, cols]  # hidden state at t predicts token t+1
+    h = hidden[rows.to(hidden.device), cols.to(hidden.device)]  # hidden state at t predicts token t+1
     return logps_from_hidden(core, h, batch.input_ids[rows, cols + 1], rows, batch.n_rows, keep_logits)
 
 
@@ -305,6 +343,8 @@ def logps_from_hidden(core, h: torch.Tensor, targets: torch.Tensor, rows: torch.
     logits = core.lm_head(h)
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()
+    # a model spread over several GPUs (device_map="auto") may put the LM head on another one
+    targets, rows = targets.to(logits.device), rows.to(logits.device)
     token_logps = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     sums = torch.zeros(n_rows, dtype=token_logps.dtype, device=token_logps.device).index_add(0, rows, token_logps)
     counts = torch.zeros(n_rows, dtype=token_logps.dtype, device=token_logps.device).index_add(
@@ -314,15 +354,20 @@ def logps_from_hidden(core, h: torch.Tensor, targets: torch.Tensor, rows: torch.
                            logits if keep_logits else None, targets if keep_logits else None)
 
 
-def hf_forward_logps(model, processor, prompt_text: str, images: list, responses: list,
-                     eos: str = "<|im_end|>") -> torch.Tensor:
-    """Reference implementation through the stock processor and `model(**inputs)`: summed response
-    log-probs per (image, response). Used by the tests to pin `completion_logps`."""
+def hf_forward_logps(model, processor, prompt: str, images: list, responses: list) -> torch.Tensor:
+    """Reference implementation through the stock processor and `model(**inputs)`: summed log-probs of
+    each response's assistant turn, found as TRL finds it (the chat template's rendering of prompt +
+    response minus its rendering of the prompt), per (image, response). Used by the tests to pin
+    `completion_logps`."""
     tok = processor.tokenizer
+    prompt_text = chat_prompt(processor, prompt)
     out = []
     for im, resp in zip(images, responses):
+        full = processor.apply_chat_template(
+            user_turn(prompt) + [{"role": "assistant", "content": [{"type": "text", "text": resp}]}], tokenize=False)
+        assert full.startswith(prompt_text)
         p = processor(text=[prompt_text], images=[im], return_tensors="pt")
-        r_ids = tok(resp, add_special_tokens=False)["input_ids"] + [tok.convert_tokens_to_ids(eos)]
+        r_ids = tok(full[len(prompt_text):], add_special_tokens=False)["input_ids"]
         ids = torch.cat([p["input_ids"], torch.tensor([r_ids])], dim=1)
         mm = torch.cat([p["mm_token_type_ids"], torch.zeros(1, len(r_ids), dtype=p["mm_token_type_ids"].dtype)], 1) \
             if "mm_token_type_ids" in p else None

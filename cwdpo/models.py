@@ -31,6 +31,24 @@ TINY_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
+# The chat template of the published Qwen2.5-VL-*-Instruct models (their chat_template.json): a default
+# system turn, then the user turn with its image. Models that stand in for a hub model (the CPU rehearsal of
+# config/qwen3b.yaml, scripts/rehearsal_setup.py) carry it, so the hub path renders what Qwen renders.
+QWEN2_5_VL_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}<|im_start|>system\n"
+    "You are a helpful assistant.<|im_end|>\n{% endif %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n{% else %}"
+    "{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: "
+    "{% endif %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
 _SHIM_REGISTERED = False
 # the tiny vision tower attends over windows of 112 px, i.e. one window per 112 x 112 image
 TINY_WINDOW = 112
@@ -127,8 +145,22 @@ def is_adapter_dir(path: str) -> bool:
     return os.path.isfile(os.path.join(path, "adapter_config.json"))
 
 
+def cuda_available() -> bool:
+    import torch
+    return torch.cuda.is_available()
+
+
+def inference_placement() -> dict:
+    """`from_pretrained` arguments that place an inference model: over the visible GPUs when CUDA is present
+    (`device_map="auto"`: one GPU holds a 3B model whole, several GPUs share a 72B one, as the job's
+    `compute.gpus_per_infer_job` gives them), nothing on a CPU machine. Training leaves placement to the
+    Trainer / DeepSpeed."""
+    return {"device_map": "auto"} if cuda_available() else {}
+
+
 def load_model(path: str, *, base: str | None = None, dtype: str = "float32", trainable: bool = False,
-               lora: dict | None = None, trust_remote_code: bool = False, attn_implementation: str | None = None):
+               lora: dict | None = None, trust_remote_code: bool = False, attn_implementation: str | None = None,
+               device_map=None):
     """Load a VLM for training or inference.
 
     - `path` with full weights: loaded directly (safetensors only).
@@ -136,20 +168,23 @@ def load_model(path: str, *, base: str | None = None, dtype: str = "float32", tr
       (trainable when `trainable`), so every stage of a LoRA recipe is "base + one adapter" — the form
       vLLM's `LoRARequest` serves.
     - `lora` (a dict of LoraConfig fields) given and `path` full weights: a fresh adapter is added.
+    - `device_map`: where the weights go (`inference_placement`); None keeps them on the CPU.
     """
     from transformers import AutoModelForImageTextToText
     kwargs = dict(dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code, use_safetensors=True)
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
+    if device_map is not None:
+        kwargs["device_map"] = device_map
     if is_adapter_dir(path):
         from peft import PeftModel
         if base is None:
             with open(os.path.join(path, "adapter_config.json")) as f:
                 base = json.load(f).get("base_model_name_or_path")
-        model = AutoModelForImageTextToText.from_pretrained(base, **kwargs)
+        model = keep_used_weight_conversions(AutoModelForImageTextToText.from_pretrained(base, **kwargs))
         model = PeftModel.from_pretrained(model, path, is_trainable=trainable)
     else:
-        model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
+        model = keep_used_weight_conversions(AutoModelForImageTextToText.from_pretrained(path, **kwargs))
         if lora:
             from peft import LoraConfig, get_peft_model
             model = get_peft_model(model, LoraConfig(**lora))
@@ -160,11 +195,25 @@ def load_model(path: str, *, base: str | None = None, dtype: str = "float32", tr
     return model
 
 
+def keep_used_weight_conversions(model):
+    """Keep only the checkpoint-key conversions that matched a key while loading, as transformers' plain
+    loader does. Its ZeRO-3 loader (transformers 5.2x, `_load_state_dict_into_zero3_model`) keeps every
+    candidate, and `save_pretrained` reverts them all: a ZeRO-3 run then saved `model.model.embed_tokens...`,
+    which no loader maps back (the reloaded model would have missed every language-model weight)."""
+    conversions = getattr(model, "_weight_conversions", None)
+    if conversions:
+        model._weight_conversions = [c for c in conversions if getattr(c, "was_used", lambda: True)()]
+    return model
+
+
 def load_for_inference(path: str, vlm, processor: bool = True):
-    """(model, processor) of a model folder or hub id for inference (frozen, eval mode), with the prompt
-    and image settings of `vlm` (a `cwdpo.specs.Vlm`); processor None when `processor` is False."""
+    """(model, processor) of a model folder or hub id for inference (frozen, eval mode, on the GPU(s) when
+    CUDA is present: `inference_placement`), with the prompt and image settings of `vlm` (a
+    `cwdpo.specs.Vlm`); processor None when `processor` is False. Every inference job loads through here
+    (evaluation, reference pass, hf sampling); callers move their batches to `model.device`."""
     proc = load_processor(path, vlm.min_pixels, vlm.max_pixels, vlm.trust_remote_code) if processor else None
-    model = load_model(path, base=vlm.base, dtype=vlm.dtype, trust_remote_code=vlm.trust_remote_code)
+    model = load_model(path, base=vlm.base, dtype=vlm.dtype, trust_remote_code=vlm.trust_remote_code,
+                       **inference_placement())
     return model, proc
 
 
@@ -187,9 +236,17 @@ def unwrap(model):
 
 
 def model_fingerprint(path: str) -> str:
-    """A content hash of a model folder's weights and configs (for cache keys of reference log-probs)."""
+    """A content hash of a model folder's weights and configs (for cache keys of reference log-probs); for a
+    hub id (Stage 2 from the base model), its id and the commit of its snapshot in the Hugging Face cache
+    (the commit names the content; hashing ~7-145 GB of weights per job would not)."""
     import hashlib
     h = hashlib.sha256()
+    if not os.path.isdir(path):
+        from .hub import is_hub_id, snapshot_commit, snapshot_path
+        if not is_hub_id(path):
+            raise FileNotFoundError(f"{path}: neither a model folder nor a hub id")
+        h.update(f"hub:{path}@{snapshot_commit(snapshot_path(path))}".encode())
+        return h.hexdigest()
     for name in sorted(os.listdir(path)):
         if name.endswith((".safetensors", ".json")) and not name.startswith("trainer_state"):
             h.update(name.encode())

@@ -487,9 +487,28 @@ def make_pairs(spec, onpolicy: str | None, out: str, summary_out: str) -> dict:
         raise DataError(f"no pairs (rho={spec.rho}, on-policy pool {summary['onpolicy_pool']}); lower "
                         "negatives.onpolicy.threshold or raise rho")
     write_pairs(out, pairs, spec.prompt)
+    summary["truncated"] = truncation_counts(pairs, spec)
     summary["bad_input"] = bad.summary()
     write_json(summary_out, summary)
     return summary
+
+
+def truncation_counts(pairs: list, spec) -> dict:
+    """How many chosen / rejected responses (per source) the length limit cuts: their assistant turn, as
+    the chat template renders it, is longer than `spec.max_response_tokens` tokens (TRL's DPOTrainer cuts
+    the same tokens under `max_length` = prompt + that limit). Counted without torch (`cwdpo.chat`)."""
+    from .chat import CompletionCounter
+    counter = CompletionCounter(spec.tokenizer, spec.prompt, spec.max_response_tokens)
+    out = {"max_response_tokens": int(spec.max_response_tokens), "chosen": 0, "rejected": 0, "by_source": {}}
+    for p in pairs:
+        c, r = counter.truncated(p["chosen_text"]), counter.truncated(p["rejected_text"])
+        out["chosen"] += c
+        out["rejected"] += r
+        if c or r:
+            src = out["by_source"].setdefault(p["source"], {"chosen": 0, "rejected": 0})
+            src["chosen"] += c
+            src["rejected"] += r
+    return out
 
 
 def write_probe_set(spec, onpolicy: str | None, out: str) -> list:

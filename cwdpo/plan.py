@@ -9,6 +9,7 @@ their writers (`cwdpo.report.table_spec`, `cwdpo.figures.figure_spec`).
 from __future__ import annotations
 
 import dataclasses
+import os
 
 from .config import stage1_recipe, stage2_recipe
 from .paths import TRIVIAL, Layout, ModelKey
@@ -81,6 +82,39 @@ class Plan:
     @property
     def tiny(self) -> bool:
         return self.c["model"]["source"] == "tiny"
+
+    @property
+    def hub(self) -> bool:
+        """The model is a hub id: one fetch_model job fills `model.cache`, every other job runs offline."""
+        from .hub import is_hub_id
+        return is_hub_id(self.c["model"]["source"])
+
+    def fetch_marker(self) -> str:
+        """The file the fetch_model job writes once the hub model is in the workflow's cache."""
+        from .hub import marker_name
+        return os.path.join(self.c["model"]["cache"], "cwdpo-fetched", marker_name(self.c["model"]["source"]))
+
+    def model_inputs(self) -> list:
+        """What every job that loads the (base) model waits for: the fetch marker of a hub model."""
+        return [self.fetch_marker()] if self.hub else []
+
+    def hf_env(self) -> str:
+        """Shell prefix of every job of a hub-model config: the workflow's cache (inside the working
+        directory unless `model.cache` is absolute: `apptainer exec --home <workdir>` sees it) and offline
+        mode. Empty for the tiny and local-folder models (no Hugging Face cache involved)."""
+        if not self.hub:
+            return ""
+        cache = self.c["model"]["cache"]
+        home = cache if os.path.isabs(cache) else f"$PWD/{cache}"
+        return f'export HF_HOME="{home}" HF_HUB_CACHE="{home}/hub" HF_HUB_OFFLINE=1; '
+
+    def tokenizer_source(self) -> str:
+        """The model folder or hub id whose tokenizer and chat template count response tokens (the tiny
+        model's tokenizer is built once with it and never changes)."""
+        return self.path("base_init") if self.tiny else self.c["model"]["source"]
+
+    def tokenizer_inputs(self) -> list:
+        return [self.path("base_init")] if self.tiny else self.model_inputs()
 
     def base_model(self) -> str:
         """Folder (or hub id) of the base VLM."""
@@ -235,13 +269,14 @@ class Plan:
         return bool(self.c["probes"]["enabled"])
 
     def init_inputs(self, stage1: str, seed) -> list:
-        """The model a Stage-2 run (and its sampling / reference pass) starts from, when the DAG makes it."""
+        """The model a Stage-2 run (and its sampling / reference pass) starts from, when the DAG makes it,
+        and the fetched hub model under it."""
         if stage1 == "base" and not self.tiny:
-            return []
-        return [self.stage_init(stage1, seed)]
+            return self.model_inputs()
+        return [self.stage_init(stage1, seed)] + self.model_inputs()
 
     def pairs_inputs(self, stage1: str, seed, negset: str) -> dict:
-        inputs = {"data": self.data_inputs()}
+        inputs = {"data": self.data_inputs(), "tokenizer": self.tokenizer_inputs()}
         if self.needs_onpolicy(negset):
             inputs["onpolicy"] = self.path("onpolicy", stage1=stage1, seed=seed)
         if self.c["negatives"]["external"]:
@@ -255,7 +290,7 @@ class Plan:
         return inputs
 
     def stage1_inputs(self, recipe: str, seed) -> dict:
-        inputs = {"data": self.data_inputs()}
+        inputs = {"data": self.data_inputs(), "hub": self.model_inputs()}
         if self.tiny:
             inputs["model"] = self.base_model()
         if self.probes_enabled():
@@ -265,7 +300,7 @@ class Plan:
     def stage2_inputs(self, stage1: str, seed, stage2: str) -> dict:
         negset = self.stage2_negset(stage2)
         inputs = {"data": self.data_inputs(), "pairs": self.path("pairs", stage1=stage1, seed=seed, negset=negset),
-                  "ref": self.path("ref_logps", stage1=stage1, seed=seed, negset=negset)}
+                  "ref": self.path("ref_logps", stage1=stage1, seed=seed, negset=negset), "hub": self.model_inputs()}
         if stage1 != "base" or self.tiny:
             inputs["model"] = self.stage_init(stage1, seed)
         if self.probes_enabled():
@@ -316,7 +351,7 @@ class Plan:
 
     def eval_inputs(self, key: str) -> dict:
         k = ModelKey.parse(key)
-        inputs = {"data": self.data_inputs(), "heldout": self.path("heldout_pairs")}
+        inputs = {"data": self.data_inputs(), "heldout": self.path("heldout_pairs"), "hub": self.model_inputs()}
         inputs["sets"] = [es["json"] for es in self.eval_sets().values() if es["source"] == "karpathy"] + \
             [m["path"] for m in self.mcq_sets().values() if m["path"] and "*" not in m["path"]]
         inputs["objects"] = self.objects_files()
@@ -414,13 +449,17 @@ class Plan:
     def pairs_spec(self, stage1: str, seed, negset: str) -> PairsSpec:
         s = self.c["negatives"]["sets"][negset]
         return PairsSpec(prompt=self.c["prompt"], data=self.data_spec("finetune", stage="stage2"),
-                         negatives=self.negatives_spec(), rho=s["rho"], p_easy=s.get("p_easy"), seed=int(seed))
+                         negatives=self.negatives_spec(), rho=s["rho"], p_easy=s.get("p_easy"), seed=int(seed),
+                         tokenizer=self.tokenizer_source(),
+                         max_response_tokens=self.c["model"]["max_response_tokens"])
 
     def heldout_spec(self) -> PairsSpec:
         """Held-out pairs of the test split: dataset negatives only (no external file), a fixed seed."""
         return PairsSpec(prompt=self.c["prompt"], data=self.data_spec("test"),
                          negatives=self.negatives_spec(external=False), rho=1.0,
-                         p_easy=self.c["negatives"]["p_easy"], seed=self.c["evaluate"]["heldout_seed"])
+                         p_easy=self.c["negatives"]["p_easy"], seed=self.c["evaluate"]["heldout_seed"],
+                         tokenizer=self.tokenizer_source(),
+                         max_response_tokens=self.c["model"]["max_response_tokens"])
 
     def ref_spec(self, stage1: str, seed) -> RefSpec:
         return RefSpec(vlm=self.vlm(), model=self.stage_init(stage1, seed),
@@ -439,11 +478,19 @@ class Plan:
         """GPUs a job of `kind` ('train' or 'infer') asks for (the `gpu` resource of its rule)."""
         return int(self.c["compute"]["gpus_per_train_job" if kind == "train" else "gpus_per_infer_job"])
 
+    def gpu_prefix(self, kind: str) -> str:
+        """What a GPU job's command starts with: `cwdpo gpus --n N -- ` takes N free GPUs of the visible ones
+        for it (CUDA_VISIBLE_DEVICES; `cwdpo.gpus`), so local jobs never share a GPU. Nothing for CPU jobs."""
+        n = self.gpus(kind)
+        return f"cwdpo gpus --n {n} -- " if n > 0 else ""
+
     def launcher(self, kind: str) -> str:
-        """The command that starts `cwdpo`: plain, or torchrun/accelerate with one process per GPU."""
+        """The command that starts `cwdpo`: plain, or torchrun/accelerate with one process per GPU. The
+        launchers run the same `cwdpo` console script (`--no-python`), so every process imports the installed
+        package — never a `cwdpo/` folder that happens to be in the working directory (`python -m` would)."""
         n = self.gpus(kind)
         if kind != "train" or n <= 1:
             return "cwdpo"
         if self.c["compute"]["launcher"] == "accelerate":
-            return f"accelerate launch --num_processes {n} -m cwdpo.cli"
-        return f"torchrun --standalone --nproc_per_node {n} -m cwdpo.cli"
+            return f"accelerate launch --num_processes {n} --no_python cwdpo"
+        return f"torchrun --standalone --nproc_per_node {n} --no-python cwdpo"

@@ -24,7 +24,7 @@ Positions: a token keeps the Qwen2.5-VL mRoPE position (t, h, w) it has in `batc
 completion token ``y_i`` of a row whose prompt has positions ``p`` sits at ``max(p) + i`` on all three
 axes; rope is relative, so the same rotations as in the full sequence give the same attention scores.
 The first response token ``y_1`` is predicted by the prefix's last hidden state, ``y_{i+1}`` by the hidden
-state at ``y_i``; the last token ``y_m`` (``<|im_end|>``) is scored but never fed.
+state at ``y_i``; the last token ``y_m`` (the newline after ``<|im_end|>`` for Qwen) is scored but never fed.
 
 A ready 4-D mask dict goes to the text model (which then skips its own mask builder): a boolean mask for
 "sdpa" (the default), an additive one for "eager"; flash-attention / flex are refused.

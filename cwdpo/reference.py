@@ -15,7 +15,7 @@ def reference_logps(model_dir: str, pairs_path: str, out_path: str, vlm, batch_s
     reference (the Stage-1 model), computed once and cached in `out_path` (JSON, keyed by the reference
     model's weights hash and the pairs file hash). An existing cache with the same key is reused."""
     key = {"model": model_fingerprint(model_dir), "pairs": file_sha256(pairs_path), "dtype": vlm.dtype,
-           "max_response_tokens": int(vlm.max_response_tokens)}
+           "max_response_tokens": int(vlm.max_response_tokens), "completion": "chat template turn"}
     if os.path.exists(out_path):
         cached = read_json(out_path)
         if cached.get("key") == key:
@@ -30,14 +30,14 @@ def reference_logps(model_dir: str, pairs_path: str, out_path: str, vlm, batch_s
     with torch.no_grad():
         for s in tqdm(range(0, len(pairs), batch_size), desc="reference log-probs", mininterval=2.0):
             chunk = pairs[s:s + batch_size]
-            b = SeqBatch.from_dict(collate(chunk)["batch"])
+            b = SeqBatch.from_dict(collate(chunk)["batch"]).to(model.device)
             out = completion_logps(model, b, encoder.image_token_id)
             n = len(chunk)
             result["ref_chosen_logps"] += out.sums[:n].double().tolist()
             result["ref_rejected_logps"] += out.sums[n:].double().tolist()
             result["ref_chosen_avg"] += out.means[:n].double().tolist()
             result["ref_rejected_avg"] += out.means[n:].double().tolist()
-    doc = {"key": key, "n_pairs": len(pairs), **result}
+    doc = {"key": key, "n_pairs": len(pairs), "device": str(model.device), **result}
     write_json(out_path, doc, indent=None)
     return doc
 

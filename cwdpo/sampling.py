@@ -5,7 +5,15 @@ Two backends behind one interface (`Sampler.sample(image_paths) -> [[K texts], .
   batch — the CPU default, reproducible on CPU.
 - `vllm`: `vllm.LLM.generate` with `multi_modal_data`, `SamplingParams(n=K, seed=..., max_tokens=...)`,
   a `LoRARequest` when the model folder is a peft adapter, and the same min/max pixels as training
-  (`mm_processor_kwargs`). Installed by the `gpu` extra and in the container only.
+  (`mm_processor_kwargs`). Images go to vLLM `onpolicy.batch_size` at a time, each chunk's images opened
+  only for its call (28k COCO images at once would be ~200 GB of pixel values). Installed by the `gpu`
+  extra and in the container only.
+
+Both decode with explicit settings (`decoding` of the sampler, recorded in the summary): temperature and
+top-p sampling, no top-k, no penalties — never the model's generation_config. Seeds never overlap: vLLM
+gives the j-th of a request's n = K samples the seed `seed + j`, so image i of N gets
+`(run seed · N + i) · K` and its samples (run seed · N + i) · K + j are distinct for every run seed, image
+and sample.
 
 Each sample gets its CIDEr-D against the image's references with document frequencies from the whole
 reference corpus (`cwdpo.metrics.CiderD`), so a score does not depend on which other images were sampled
@@ -28,6 +36,12 @@ class HFSampler:
         self.model, self.processor = load_for_inference(model_dir, vlm)
         self.encoder = Encoder(self.processor, vlm.prompt, vlm.max_response_tokens)
         self.batch_size = batch_size
+        self.device = str(self.model.device)
+
+    def decoding(self, *, k: int, temperature: float, top_p: float, max_new_tokens: int) -> dict:
+        from .generation import decoding_settings
+        return {"backend": "hf", **decoding_settings(num_return=k, do_sample=True, temperature=temperature,
+                                                     top_p=top_p, max_new_tokens=max_new_tokens)}
 
     def sample(self, image_paths: list, *, k: int, temperature: float, top_p: float, max_new_tokens: int,
                seed: int) -> list:
@@ -37,13 +51,22 @@ class HFSampler:
                                  batch_size=max(1, self.batch_size // k), seed=seed, desc="sample on-policy")
 
 
-class VLLMSampler:
-    """vLLM offline sampling: one request per image with n=K samples and a fixed per-request seed."""
+def request_seed(seed: int, index: int, n_images: int, k: int) -> int:
+    """The vLLM seed of image `index` of `n_images`: vLLM seeds its j-th sample `seed + j` (j < k), so
+    requests k apart, and runs n_images·k apart, never share a sample's stream."""
+    return (int(seed) * int(n_images) + int(index)) * int(k)
 
-    def __init__(self, model_dir: str, vlm, *, llm_kwargs: dict | None = None, build_engine: bool = True):
+
+class VLLMSampler:
+    """vLLM offline sampling: one request per image with n=K samples and a fixed per-request seed, sent
+    `batch_size` images per `generate` call."""
+
+    def __init__(self, model_dir: str, vlm, *, llm_kwargs: dict | None = None, build_engine: bool = True,
+                 batch_size: int = 64):
         from .logprobs import chat_prompt
         from .models import is_adapter_dir, load_processor
-        self.model_dir, self.prompt = model_dir, vlm.prompt
+        self.model_dir, self.prompt, self.batch_size = model_dir, vlm.prompt, int(batch_size)
+        self.device = "vllm"  # the engine places the model on the job's GPUs
         # the exact prompt text of training (our model folders carry their processor and chat template)
         self.prompt_text = chat_prompt(load_processor(model_dir, vlm.min_pixels, vlm.max_pixels,
                                                       vlm.trust_remote_code), vlm.prompt)
@@ -55,7 +78,12 @@ class VLLMSampler:
                                   mm_processor_kwargs=self.mm_kwargs, generation_config="vllm", seed=0,
                                   enable_lora=self.adapter is not None, **(llm_kwargs or {}))
         if self.adapter is not None:
-            self.engine_kwargs.setdefault("max_lora_rank", 64)
+            rank = adapter_rank(self.adapter)
+            self.engine_kwargs.setdefault("max_lora_rank", vllm_max_lora_rank(rank))
+            limit = self.engine_kwargs["max_lora_rank"]
+            if limit < rank:
+                raise ValueError(f"negatives.onpolicy.vllm.max_lora_rank {limit} is below the adapter's rank {rank} "
+                                 f"({self.adapter}); vLLM would refuse the adapter")
         self.llm = None
         if build_engine:
             from vllm import LLM
@@ -68,7 +96,7 @@ class VLLMSampler:
 
     def requests(self, image_paths: list) -> list:
         """One vLLM request per image: the training prompt text (with its single image placeholder, which
-        vLLM expands) and the image as `multi_modal_data`."""
+        vLLM expands) and the image as `multi_modal_data` (opened now: call it per chunk)."""
         from PIL import Image
         text = self.prompt_text
         out = []
@@ -77,10 +105,18 @@ class VLLMSampler:
                 out.append({"prompt": text, "multi_modal_data": {"image": im.convert("RGB")}})
         return out
 
+    def decoding(self, *, k: int, temperature: float, top_p: float, max_new_tokens: int) -> dict:
+        """The `SamplingParams` fields of every request but its seed (the engine ignores the model's
+        generation_config: `generation_config="vllm"`): sampling as the hf backend does it."""
+        return {"backend": "vllm", "n": int(k), "temperature": float(temperature), "top_p": float(top_p), "top_k": 0,
+                "min_p": 0.0, "repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0,
+                "max_tokens": int(max_new_tokens)}
+
     def sampling_params(self, *, k: int, temperature: float, top_p: float, max_new_tokens: int, seed: int):
         from vllm import SamplingParams
-        return SamplingParams(n=int(k), temperature=float(temperature), top_p=float(top_p),
-                              max_tokens=int(max_new_tokens), seed=int(seed))
+        fields = self.decoding(k=k, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)
+        fields.pop("backend")
+        return SamplingParams(**fields, seed=int(seed))
 
     def lora_request(self):
         if self.adapter is None:
@@ -90,12 +126,37 @@ class VLLMSampler:
 
     def sample(self, image_paths: list, *, k: int, temperature: float, top_p: float, max_new_tokens: int,
                seed: int) -> list:
-        reqs = self.requests(image_paths)
-        # one SamplingParams per request so each image's samples are pinned by its own seed
-        params = [self.sampling_params(k=k, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
-                                       seed=seed * 1_000_003 + i) for i in range(len(reqs))]
-        outs = self.llm.generate(reqs, params, lora_request=self.lora_request())
-        return [[" ".join(c.text.split()) for c in o.outputs] for o in outs]
+        n = len(image_paths)
+        texts = []
+        for start in range(0, n, self.batch_size):
+            chunk = image_paths[start:start + self.batch_size]
+            reqs = self.requests(chunk)  # only this chunk's images are open
+            # one SamplingParams per request so each image's samples are pinned by its own seed
+            params = [self.sampling_params(k=k, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+                                           seed=request_seed(seed, start + i, n, k)) for i in range(len(reqs))]
+            outs = self.llm.generate(reqs, params, lora_request=self.lora_request(), use_tqdm=False)
+            texts += [[" ".join(c.text.split()) for c in o.outputs] for o in outs]
+            del reqs
+        return texts
+
+
+# the max_lora_rank values vLLM accepts (vllm.config.lora.MaxLoRARanks, vLLM 0.33)
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def adapter_rank(path: str) -> int:
+    """The largest LoRA rank of a peft adapter folder (`r`, or a larger one of its `rank_pattern`)."""
+    with open(os.path.join(path, "adapter_config.json")) as f:
+        cfg = json.load(f)
+    return max([int(cfg["r"])] + [int(v) for v in (cfg.get("rank_pattern") or {}).values()])
+
+
+def vllm_max_lora_rank(rank: int) -> int:
+    """The smallest `max_lora_rank` vLLM accepts that holds an adapter of `rank` (vLLM rejects r > it)."""
+    for r in VLLM_LORA_RANKS:
+        if r >= rank:
+            return r
+    raise ValueError(f"LoRA rank {rank} is above vLLM's largest max_lora_rank {VLLM_LORA_RANKS[-1]}")
 
 
 def make_sampler(onpolicy: dict, model_dir: str, vlm):
@@ -103,7 +164,7 @@ def make_sampler(onpolicy: dict, model_dir: str, vlm):
     if onpolicy["backend"] == "hf":
         return HFSampler(model_dir, vlm, batch_size=onpolicy["batch_size"])
     if onpolicy["backend"] == "vllm":
-        return VLLMSampler(model_dir, vlm, llm_kwargs=onpolicy["vllm"])
+        return VLLMSampler(model_dir, vlm, llm_kwargs=onpolicy["vllm"], batch_size=onpolicy["batch_size"])
     raise ValueError(f"unknown sampling backend {onpolicy['backend']!r}; allowed: hf, vllm")
 
 
@@ -112,11 +173,11 @@ def score_samples(records: list, samples: list, scorer: CiderD, threshold: float
     out = []
     for rec, texts in zip(records, samples):
         refs = [simple_tokenize(c) for c in rec.captions]
-        ref_set = {" ".join(c.lower().split()) for c in rec.captions}
+        ref_set = set(refs)  # case, punctuation and spacing ignored: "A dog runs." is the reference "a dog runs"
         entries = []
         for t in texts:
             score = float(scorer.score_one(simple_tokenize(t), refs))
-            is_ref = " ".join(t.lower().split()) in ref_set
+            is_ref = simple_tokenize(t) in ref_set
             entries.append({"text": t, "score": score, "is_reference": is_ref,
                             "kept": bool(t.strip()) and not is_ref and score < threshold})
         out.append({"image_id": rec.image_id, "samples": entries})
@@ -147,7 +208,10 @@ def run(spec, out: str, summary_out: str, threads: int = 0) -> dict:
     summary = {"images": len(stage2_scored), "probe_images": len(probe), "samples": n,
                "kept": sum(s["kept"] for x in stage2_scored for s in x["samples"]),
                "equal_to_a_reference": sum(s["is_reference"] for x in stage2_scored for s in x["samples"]),
-               "backend": o["backend"], "k": o["k"], "threshold": o["threshold"],
+               "backend": o["backend"], "k": o["k"], "threshold": o["threshold"], "seed": spec.seed,
+               "device": sampler.device,
+               "decoding": sampler.decoding(k=int(o["k"]), temperature=float(o["temperature"]), top_p=float(o["top_p"]),
+                                            max_new_tokens=int(o["max_new_tokens"])),
                "mean_score": sum(s["score"] for x in stage2_scored for s in x["samples"]) / max(1, n)}
     write_json(summary_out, summary)
     return summary

@@ -251,13 +251,17 @@ class SampleSpec:
 @dataclass(frozen=True)
 class PairsSpec:
     """Preference pairs: a share `rho` of dataset negatives (easy with probability `p_easy`, or the
-    negatives' own share when None) among on-policy ones."""
+    negatives' own share when None) among on-policy ones. The summary counts the responses whose assistant
+    turn is longer than `max_response_tokens` under the tokenizer and chat template of `tokenizer` (a model
+    folder or hub id): those are cut when scored."""
     prompt: str
     data: DataSpec
     negatives: NegativesSpec
     rho: float
     p_easy: float | None
     seed: int
+    tokenizer: str
+    max_response_tokens: int
 
 
 @dataclass(frozen=True)

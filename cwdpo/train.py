@@ -323,6 +323,18 @@ def training_arguments(spec, out_dir: str) -> TrainingArguments:
     return TrainingArguments(**kwargs)
 
 
+def load_for_training(spec, out_dir: str):
+    """(TrainingArguments, model) of a run, in that order: the arguments first, because a DeepSpeed ZeRO-3
+    config among them registers itself with transformers, and `from_pretrained` then builds the model
+    inside `deepspeed.zero.Init` — every rank holds only its shard of the weights from the start (loaded
+    the other way round, each of 8 ranks held the whole 72B model in host memory, ~145 GB each)."""
+    args = training_arguments(spec, out_dir)
+    vlm = spec.vlm
+    model = load_model(spec.init, base=vlm.base, dtype=vlm.dtype, trainable=True, lora=spec.lora,
+                       trust_remote_code=vlm.trust_remote_code)
+    return args, model
+
+
 def build_dataset(spec) -> tuple[list, str, dict]:
     """(items, collator kind, summary) for the spec's method and data: one item per (image, reference
     caption) for SFT, with a gentle negative for SFT-C, the pairs (with their cached reference
@@ -409,9 +421,7 @@ def run_training(spec, out_dir: str, threads: int = 0) -> dict:
     items, kind, summary = build_dataset(spec)
     check_enough_data(spec, len(items), "pairs" if kind == "pair" else "examples",
                       int(os.environ.get("WORLD_SIZE", "1")))
-    model = load_model(spec.init, base=vlm.base, dtype=vlm.dtype, trainable=True, lora=spec.lora,
-                       trust_remote_code=vlm.trust_remote_code)
-    args = training_arguments(spec, out_dir)
+    args, model = load_for_training(spec, out_dir)
     callbacks = []
     if spec.train["inject_nan_step"]:
         callbacks.append(InjectNan(spec.train["inject_nan_step"]))
@@ -442,6 +452,7 @@ def run_training(spec, out_dir: str, threads: int = 0) -> dict:
     metrics = {"method": spec.method, "steps": int(trainer.state.global_step), "seed": int(spec.seed),
                "final_loss": last.get("loss"), "l_floor": hp.get("l_floor"), "data": summary,
                "resumed_from": os.path.basename(resume) if resume else None,
+               "device": str(next(trainer.model.parameters()).device),  # where the weights trained
                # ZeRO-3 partitions parameters into placeholders: count their full sizes (ds_numel)
                "parameters": sum(getattr(p, "ds_numel", 0) or p.numel() for p in model.parameters()),
                "trainable_parameters": sum(getattr(p, "ds_numel", 0) or p.numel() for p in model.parameters()

@@ -2,8 +2,10 @@
 """GPU smoke test and throughput probe for the cwdpo stack: a randomly initialised Qwen2.5-VL model.
 
 Builds `Qwen2_5_VLForConditionalGeneration` straight from a `Qwen2_5_VLConfig` (no download; sizes from a
-preset, each overridable by a flag), trains it a few AdamW steps on synthetic image+text batches, then
-generates with HF `generate`, and prints ONE JSON line with the measurements:
+preset — the published configs of Qwen2.5-VL-3B/7B-Instruct, or a published Qwen2.5 language model behind
+Qwen2.5-VL's vision tower, from cwdpo/estimate.py — each overridable by a flag), trains it a few AdamW
+steps on synthetic image+text batches, then generates with HF `generate`, and prints ONE JSON line with
+the measurements:
 
   params, params_text, params_vision        parameter counts (vision = the ViT tower and its merger)
   train_tokens_per_s                        language-model tokens (image + text) per second, timed steps
@@ -22,7 +24,7 @@ bf16), `fp32`. `--deepspeed workflow/deepspeed/zero2.json` (or zero3.json) wraps
 DeepSpeed engine, single process, with the "auto" values filled the way the HF Trainer does.
 
 Examples:
-  python scripts/gpu_smoke.py                                  # preset 3b on cuda:0, bf16 autocast
+  python scripts/gpu_smoke.py                                  # preset 3b (Qwen2.5-VL-3B's published config)
   python scripts/gpu_smoke.py --preset 1b --batch-size 8 --steps 20
   python scripts/gpu_smoke.py --deepspeed workflow/deepspeed/zero3.json
   python scripts/gpu_smoke.py --preset tiny --device cpu       # seconds, no GPU (the CI test)
@@ -30,26 +32,45 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import sys
 import time
 
+try:  # the published configs (no download); the script also runs from a checkout without an install
+    from cwdpo.estimate import KNOWN, KNOWN_LM, QWEN_VISION
+except ImportError:
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from cwdpo.estimate import KNOWN, KNOWN_LM, QWEN_VISION
+
+
+def published(lm: dict, vision_depth: int | None = None, **run) -> dict:
+    """A preset from a published config: the language model's sizes, Qwen2.5-VL's vision tower (optionally
+    fewer blocks), and the run's batch settings."""
+    depth = vision_depth or QWEN_VISION["depth"]
+    return dict(hidden=lm["hidden_size"], layers=lm["num_hidden_layers"], heads=lm["num_attention_heads"],
+                kv_heads=lm["num_key_value_heads"], intermediate=lm["intermediate_size"], vocab=lm["vocab_size"],
+                tie=int(lm["tie_word_embeddings"]), vision_depth=depth, vision_hidden=QWEN_VISION["hidden_size"],
+                vision_heads=QWEN_VISION["num_heads"], vision_intermediate=QWEN_VISION["intermediate_size"], **run)
+
+
+RUN = dict(image_size=448, text_tokens=40, batch_size=8, gen_tokens=32)
 # sizes of the language model and the vision tower; every key is also a command-line flag
 PRESETS = {
     # a few MB: for CPU tests of the script itself
-    "tiny": dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vocab=1024,
+    "tiny": dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vocab=1024, tie=1,
                  vision_depth=2, vision_hidden=32, vision_heads=2, vision_intermediate=64,
                  image_size=112, text_tokens=16, batch_size=2, gen_tokens=8),
-    # ~1.9B: Qwen2.5-1.5B-shaped language model, half of Qwen2.5-VL's vision tower
-    "1b": dict(hidden=1536, layers=28, heads=12, kv_heads=2, intermediate=8960, vocab=151936,
-               vision_depth=16, vision_hidden=1280, vision_heads=16, vision_intermediate=3420,
-               image_size=448, text_tokens=40, batch_size=8, gen_tokens=32),
-    # ~3.1B: Qwen2.5-VL-3B's widths with 28 layers, and its full 32-block, 1280-wide vision tower
-    "3b": dict(hidden=2048, layers=28, heads=16, kv_heads=2, intermediate=11008, vocab=151936,
-               vision_depth=32, vision_hidden=1280, vision_heads=16, vision_intermediate=3420,
-               image_size=448, text_tokens=40, batch_size=8, gen_tokens=32),
+    # ~0.83B: Qwen2.5-0.5B-Instruct's language model behind 16 blocks of Qwen2.5-VL's vision tower
+    "0.5b": published(KNOWN_LM["Qwen/Qwen2.5-0.5B-Instruct"], vision_depth=16, **RUN),
+    # ~2.2B: Qwen2.5-1.5B-Instruct's language model behind Qwen2.5-VL's whole vision tower
+    "1b": published(KNOWN_LM["Qwen/Qwen2.5-1.5B-Instruct"], **RUN),
+    # ~3.75B: Qwen2.5-VL-3B-Instruct as published (36 layers, 2048 wide, tied embeddings, 32-block tower)
+    "3b": published(KNOWN["Qwen/Qwen2.5-VL-3B-Instruct"], **RUN),
+    # ~8.3B: Qwen2.5-VL-7B-Instruct as published (bf16 AdamW needs ~130 GB: an 80 GB GPU needs --deepspeed)
+    "7b": published(KNOWN["Qwen/Qwen2.5-VL-7B-Instruct"], **{**RUN, "batch_size": 4}),
 }
 PATCH, MERGE, TEMPORAL = 14, 2, 2
 
@@ -58,7 +79,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default="3b")
-    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
+    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: the current CUDA device when available)")
     p.add_argument("--precision", choices=["amp", "bf16", "fp32"], default=None,
                    help="default: amp on GPU, fp32 on CPU")
     p.add_argument("--steps", type=int, default=10, help="timed training steps")
@@ -104,13 +125,14 @@ def build_model(args, torch):
                          num_hidden_layers=args.layers, num_attention_heads=args.heads,
                          num_key_value_heads=args.kv_heads, max_position_embeddings=32768, rms_norm_eps=1e-6,
                          rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": mrope},
-                         bos_token_id=ids["pad"], eos_token_id=ids["eos"], pad_token_id=ids["pad"]),
+                         bos_token_id=ids["pad"], eos_token_id=ids["eos"], pad_token_id=ids["pad"],
+                         tie_word_embeddings=bool(args.tie)),
         vision_config=dict(depth=args.vision_depth, hidden_size=args.vision_hidden,
                            intermediate_size=args.vision_intermediate, num_heads=args.vision_heads,
                            patch_size=PATCH, spatial_merge_size=MERGE, temporal_patch_size=TEMPORAL,
                            window_size=112, out_hidden_size=args.hidden, fullatt_block_indexes=fullatt),
         image_token_id=ids["image"], video_token_id=ids["video"], vision_start_token_id=ids["vision_start"],
-        vision_end_token_id=ids["vision_end"], tie_word_embeddings=True)
+        vision_end_token_id=ids["vision_end"], tie_word_embeddings=bool(args.tie))
     torch.manual_seed(args.seed)
     model = Qwen2_5_VLForConditionalGeneration(config)
     model.generation_config.eos_token_id = ids["eos"]
@@ -176,19 +198,29 @@ def deepspeed_config(path, args, precision):
     return cfg
 
 
+def setup_device(name, torch):
+    """The device to run on, with an index: `torch.cuda.set_device` refuses `cuda` without one ("Expected a
+    torch.device with a specified index"), which is what the defaults gave."""
+    device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+    return device
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     import torch
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = setup_device(args.device, torch)
     cuda = device.type == "cuda"
     precision = args.precision or ("amp" if cuda else "fp32")
-    if cuda:
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True
     if device.type == "cpu" and os.environ.get("OMP_NUM_THREADS") is None:
         torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
     t0 = time.perf_counter()
-    model, ids = build_model(args, torch)
+    with torch.device(device) if cuda else contextlib.nullcontext():  # random init on the GPU: seconds, not minutes
+        model, ids = build_model(args, torch)
     build_s = time.perf_counter() - t0
     if precision == "bf16":
         model = model.to(torch.bfloat16)

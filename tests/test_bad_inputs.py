@@ -233,7 +233,7 @@ DATA_CASES = [
 ]
 
 
-def _data_command(case, tmp_path, on_bad_input):
+def _data_command(case, tmp_path, on_bad_input, tokenizer):
     path, root = _karpathy(tmp_path, case.edit, case.raw)
     ext = None
     if case.external is not None:
@@ -254,7 +254,7 @@ def _data_command(case, tmp_path, on_bad_input):
             data = dataclasses.replace(data, stage="stage2", stage1_fraction=0.75)
         spec = PairsSpec(prompt=specs.PROMPT, data=data,
                          negatives=specs.negatives(pairs_per_image=1, external=str(ext) if ext else None),
-                         rho=1.0, p_easy=None, seed=0)
+                         rho=1.0, p_easy=None, seed=0, tokenizer=tokenizer, max_response_tokens=40)
         argv = ["--spec", to_json(spec), "--out", str(out / "pairs.jsonl"), "--summary", str(out / "summary.json")]
     proc = subprocess.run(["cwdpo", case.command, *argv], capture_output=True, text=True)
     return proc, path, root, str(ext), out
@@ -266,9 +266,9 @@ def _expected(case, line, path, root, ext):
 
 
 @pytest.mark.parametrize("case", DATA_CASES, ids=[c.id for c in DATA_CASES])
-def test_bad_data_ends_with_one_line_or_is_skipped_and_counted(tmp_path, case):
+def test_bad_data_ends_with_one_line_or_is_skipped_and_counted(tmp_path, case, tiny_model_dir):
     (tmp_path / "error").mkdir()
-    proc, path, root, ext, out = _data_command(case, tmp_path / "error", "error")
+    proc, path, root, ext, out = _data_command(case, tmp_path / "error", "error", tiny_model_dir)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     last = proc.stderr.splitlines()[-1]
     expected = _expected(case, case.line, path, root, ext)
@@ -277,7 +277,7 @@ def test_bad_data_ends_with_one_line_or_is_skipped_and_counted(tmp_path, case):
     assert os.listdir(out) == []  # nothing half-written
 
     (tmp_path / "skip").mkdir()
-    proc, path, root, ext, out = _data_command(case, tmp_path / "skip", "skip")
+    proc, path, root, ext, out = _data_command(case, tmp_path / "skip", "skip", tiny_model_dir)
     if isinstance(case.skip, str):  # nothing to leave out: the same kind of error
         assert proc.returncode == 1
         last = proc.stderr.splitlines()[-1]

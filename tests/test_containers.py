@@ -129,7 +129,8 @@ def test_dockerfile_installs_the_pinned_stack_and_the_package():
     assert '"/opt/cwdpo[deepspeed,slurm]"' in text
     assert "COPY pyproject.toml README.md /opt/cwdpo/" in text and "COPY cwdpo /opt/cwdpo/cwdpo" in text
     assert "RUN bash /opt/setup-pycocoevalcap.sh" in text
-    for env in ("TMPDIR=/tmp", "PYTHONNOUSERSITE=1", "DS_BUILD_OPS=0", "PATH=/opt/venv/bin:$PATH"):
+    for env in ("TMPDIR=/tmp", "PYTHONNOUSERSITE=1", "DS_BUILD_OPS=0", "PATH=/opt/venv/bin:$PATH",
+                "VLLM_USE_FLASHINFER_SAMPLER=0"):
         assert env in text, env
 
 
@@ -139,6 +140,8 @@ def test_spython_parses_the_definition_file():
     rec = _def_recipe()
     assert rec.fromHeader == BASE_IMAGE
     assert {"TMPDIR=/tmp", "PYTHONNOUSERSITE=1", "DS_BUILD_OPS=0", "PATH=/opt/venv/bin:$PATH"} <= set(rec.environ)
+    # the -runtime base has no nvcc: vLLM's FlashInfer sampler (JIT-compiled at engine start) stays off
+    assert "VLLM_USE_FLASHINFER_SAMPLER=0" in rec.environ
     assert any("org.opencontainers.image.version 0.1.0" == label for label in rec.labels)
     assert rec.cmd == 'exec cwdpo "$@"'          # %runscript
     assert rec.test                                # %test ran through the parser

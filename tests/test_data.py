@@ -36,7 +36,7 @@ def test_reads_hand_made_karpathy_file(tmp_path):
     recs = load_karpathy(path, root)
     assert [r.image_id for r in recs] == ["1000", "1001", "1002"]
     assert recs[0].path == os.path.join(root, "val2014", "COCO_val2014_000000000000.jpg")
-    assert recs[2].captions == ["A photo number 2.", "Something else."]
+    assert recs[2].captions == ["A photo number 2", "Something else"]  # trailing periods dropped
     assert [r.split for r in recs] == ["train", "restval", "test"]
     assert [r.image_id for r in load_karpathy(path, root, splits=["train", "restval"])] == ["1000", "1001"]
 
@@ -54,7 +54,7 @@ def test_caption_file_is_parsed_once_per_process_and_reread_when_it_changes(tmp_
     doc["images"][2]["sentences"][0]["raw"] = "A changed caption, longer than before."
     with open(path, "w") as f:
         json.dump(doc, f)
-    assert load_karpathy(path, root, splits="test")[0].captions[0] == "A changed caption, longer than before."
+    assert load_karpathy(path, root, splits="test")[0].captions[0] == "A changed caption, longer than before"
     assert parses == [path, path]
 
 
@@ -176,3 +176,22 @@ def test_empty_split_names_the_file_and_its_splits(tmp_path):
     with pytest.raises(DataError, match=r"no images in split\(s\) val, probe; the file's splits: restval \(1\), "
                                         r"test \(1\), train \(1\)"):
         load_records(specs.data(path, ["val", "probe"], image_root=root))
+
+
+def test_captions_are_normalised_like_the_references(tmp_path):
+    """COCO's raw captions end in '.', ' .' or '. ' and hold double spaces; as training targets a model would
+    learn to reproduce them. Every job sees one form: spaces collapsed, trailing periods dropped."""
+    from cwdpo.data import normalise_caption
+    path, root = _write_karpathy(tmp_path)
+    doc = json.loads(open(path).read())
+    doc["images"][0]["sentences"][0]["raw"] = "A  man riding   a horse .  "
+    doc["images"][0]["sentences"][1]["raw"] = "Mr. Smith's dog\n on a mat."
+    open(path, "w").write(json.dumps(doc))
+    recs = load_karpathy(path, root)
+    assert recs[0].captions == ["A man riding a horse", "Mr. Smith's dog on a mat"]
+    assert normalise_caption("two dogs") == "two dogs" and normalise_caption("a cat...") == "a cat"
+    # a caption that is only punctuation is empty: the loader names it
+    doc["images"][1]["sentences"][0]["raw"] = " . "
+    open(path, "w").write(json.dumps(doc))
+    with pytest.raises(DataError, match="empty or missing 'raw' caption"):
+        load_karpathy(path, root)

@@ -115,3 +115,46 @@ def test_configs_leave_the_tuned_values_to_the_trainer():
     z3 = json.load(open(os.path.join(DS_DIR, "zero3.json")))["zero_optimization"]
     assert z3["stage3_gather_16bit_weights_on_model_save"] is True
     assert z3["stage3_prefetch_bucket_size"] == z3["stage3_param_persistence_threshold"] == "auto"
+
+
+LOAD_CHILD = r"""
+import json, sys
+import deepspeed.comm.torch as dct
+dct.build_shm_op = lambda: None
+from cwdpo.specs import TrainSpec, from_json
+from cwdpo.train import load_for_training
+spec, out = from_json(TrainSpec, sys.argv[1]), sys.argv[2]
+args, model = load_for_training(spec, out)
+base = [(n, p) for n, p in model.named_parameters() if "lora_" not in n]
+print("LOADED", json.dumps({
+    "base": len(base),
+    "partitioned": sum(hasattr(p, "ds_id") and p.numel() == 0 for _, p in base),
+    "full_numel": sum(int(getattr(p, "ds_numel", 0) or p.numel()) for _, p in base),
+    "trainable": [n for n, p in model.named_parameters() if p.requires_grad]}))
+"""
+
+
+@pytest.mark.parametrize("lora", [None, {"r": 4, "target_modules": r".*language_model.*\.(q_proj|v_proj)"}],
+                         ids=["full", "lora"])
+def test_zero3_partitions_the_weights_while_loading(tmp_path, tiny_model_dir, shapes_dir, lora):
+    """run_training builds its TrainingArguments (with the ZeRO-3 config) before loading the model, so
+    transformers loads it inside deepspeed.zero.Init: every base weight is partitioned as it is read (an
+    empty local tensor, its full size in ds_numel) instead of being held whole by every rank."""
+    import dataclasses
+    from safetensors import safe_open
+    spec = dataclasses.replace(_spec(tiny_model_dir, shapes_dir, os.path.join(DS_DIR, "zero3.json")), lora=lora)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
+           "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
+           "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, "-c", LOAD_CHILD, to_json(spec), str(tmp_path)], env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-6000:]
+    info = json.loads(p.stdout.split("LOADED ", 1)[1].splitlines()[0])
+    assert info["base"] > 20 and info["partitioned"] == info["base"], info
+    with safe_open(os.path.join(tiny_model_dir, "model.safetensors"), "pt") as f:
+        stored = sum(f.get_tensor(k).numel() for k in f.keys())
+    assert info["full_numel"] == stored  # every weight of the file, partitioned (tied embeddings stored once)
+    if lora is None:
+        assert len(info["trainable"]) == info["base"]
+    else:  # the adapter's fresh weights are what trains
+        assert info["trainable"] and all("lora_" in n for n in info["trainable"])

@@ -82,10 +82,14 @@ def test_448px_batch_has_256_image_tokens():
     assert ((b["labels"] != -100).sum(dim=1) == 32).all()         # the text after the image
 
 
-@pytest.mark.parametrize("preset,low,high", [("1b", 1.5e9, 2.3e9), ("3b", 2.8e9, 3.5e9)])
-def test_gpu_presets_have_the_intended_size(preset, low, high):
-    """Built on the meta device (no memory): Qwen2.5-VL shapes, about 1.9B and 3.1B parameters."""
+@pytest.mark.parametrize("preset,low,high", [("0.5b", 0.7e9, 0.95e9), ("1b", 2.0e9, 2.4e9), ("3b", 3.6e9, 3.9e9),
+                                             ("7b", 8.0e9, 8.5e9)])
+def test_gpu_presets_are_the_published_configs(preset, low, high):
+    """Built on the meta device (no memory): the 3b and 7b presets are Qwen2.5-VL-3B/7B-Instruct as published
+    (cwdpo/estimate.py's KNOWN: 36 layers for the 3B, not 28), the smaller ones a published Qwen2.5 language
+    model behind Qwen2.5-VL's vision tower; the script counts what `cwdpo estimate` counts."""
     import torch
+    from cwdpo.estimate import KNOWN, QWEN_VISION, count_parameters
     g = _load()
     args = g.parse_args(["--preset", preset])
     with torch.device("meta"):
@@ -93,9 +97,36 @@ def test_gpu_presets_have_the_intended_size(preset, low, high):
     n, vis = g.count_params(model, "all"), g.count_params(model, "vision")
     assert low < n < high, n
     cfg = model.config
-    assert cfg.text_config.rope_parameters["mrope_section"] == [16, 24, 24]
     assert cfg.image_token_id == ids["image"] == 151655 and cfg.vision_config.hidden_size == 1280
-    if preset == "3b":
-        assert (args.hidden, args.layers, args.heads, args.kv_heads, args.intermediate) == (2048, 28, 16, 2, 11008)
+    if preset in ("3b", "7b"):
+        pub = KNOWN[f"Qwen/Qwen2.5-VL-{preset.upper()}-Instruct"]
+        assert (args.hidden, args.layers, args.heads, args.kv_heads, args.intermediate, args.vocab) == (
+            pub["hidden_size"], pub["num_hidden_layers"], pub["num_attention_heads"], pub["num_key_value_heads"],
+            pub["intermediate_size"], pub["vocab_size"])
+        assert bool(args.tie) == pub["tie_word_embeddings"]
         assert args.vision_depth == 32 and cfg.vision_config.fullatt_block_indexes == [7, 15, 23, 31]
-        assert 0.6e9 < vis < 0.7e9
+        expected = count_parameters({k: v for k, v in pub.items() if k != "out_hidden_size"}, QWEN_VISION)
+        assert (n, vis) == (expected["total"], expected["vision"])
+    if preset == "3b":
+        assert cfg.text_config.rope_parameters["mrope_section"] == [16, 24, 24] and args.layers == 36
+
+
+def test_cuda_device_gets_an_index_before_set_device(monkeypatch):
+    """The default device was `cuda` without an index, and `torch.cuda.set_device` refuses that ("Expected a
+    torch.device with a specified index"): the script crashed at start on every GPU. Faked CUDA here."""
+    import torch
+    g = _load()
+    seen = []
+
+    def set_device(device):
+        if isinstance(device, torch.device) and device.index is None:  # what torch does
+            raise ValueError("Expected a torch.device with a specified index or an integer, but got:cuda")
+        seen.append(device)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "set_device", set_device)
+    assert g.setup_device(None, torch) == torch.device("cuda", 0)
+    assert g.setup_device("cuda", torch) == torch.device("cuda", 0)
+    assert g.setup_device("cuda:1", torch) == torch.device("cuda", 1)
+    assert seen == [torch.device("cuda", 0), torch.device("cuda", 0), torch.device("cuda", 1)]
+    assert g.setup_device("cpu", torch) == torch.device("cpu")

@@ -21,8 +21,9 @@ def test_completion_mask_covers_exactly_the_caption_tokens(encoder, shapes_recor
     b = encoder.build([r.path for r in recs], rows)
     for r, (_, text) in enumerate(rows):
         ids = b.input_ids[r][b.completion_mask[r]].tolist()
-        assert ids == tok(text, add_special_tokens=False)["input_ids"] + [encoder.eos_id]
-        assert tok.decode(ids[:-1]) == text
+        # the assistant turn as the chat template renders it: the text, <|im_end|> and the newline
+        assert ids == tok(text, add_special_tokens=False)["input_ids"] + [encoder.eos_id] + tok("\n")["input_ids"]
+        assert tok.decode(ids[:-2]) == text and tok.decode(ids[-2:]) == "<|im_end|>\n"
         # nothing before the response (prompt, image tokens) and nothing after it (padding) is marked
         first = int(b.completion_mask[r].nonzero()[0])
         assert not b.completion_mask[r, :first].any()
@@ -52,9 +53,9 @@ def test_one_forward_equals_the_stock_hf_forward(encoder, model64, processor, sh
     b = encoder.build([r.path for r in recs], rows)
     out = completion_logps(model64, b, encoder.image_token_id)
     images = [Image.open(recs[i].path).convert("RGB") for i, _ in rows]
-    ref = hf_forward_logps(model64, processor, encoder.prompt_text, images, [t for _, t in rows])
+    ref = hf_forward_logps(model64, processor, encoder.prompt, images, [t for _, t in rows])
     torch.testing.assert_close(out.sums, ref, atol=1e-9, rtol=0)
-    counts = [len(encoder.tokenizer(t, add_special_tokens=False)["input_ids"]) + 1 for _, t in rows]
+    counts = [len(encoder.tokenizer(t, add_special_tokens=False)["input_ids"]) + 2 for _, t in rows]
     assert out.counts.tolist() == counts
     torch.testing.assert_close(out.means, out.sums / out.counts)
 

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from cwdpo.data import DataError
-from cwdpo.logprobs import Encoder, chat_prompt, completion_logps, hf_forward_logps
+from cwdpo.logprobs import Encoder, completion_logps, hf_forward_logps
 from cwdpo.mcq import (ANSWER_INSTRUCTION, MCQItem, compose_images, evaluate_mcq, item_image, load_mcq,
                        mcq_prompt, open_rgb, parse_letter, rotation_order, shapes_mcq)
 from cwdpo.models import load_model
@@ -164,11 +164,11 @@ def test_option_scores_equal_the_stock_hf_forward(model64, processor, shapes_rec
         assert len(rec["predictions"]) == len(it.options)
         for pred in (rec["predictions"][0], rec["predictions"][-1]):  # the source order and the last rotation
             order = pred["order"]
-            prompt = chat_prompt(processor, mcq_prompt(it, order))
+            prompt = mcq_prompt(it, order)
             responses = [f"{'ABCDEFGHI'[j]}. {it.options[s]}" for j, s in enumerate(order)]
             sums = hf_forward_logps(model64, processor, prompt, [image] * len(responses), responses)
-            counts = torch.tensor([len(tok(r, add_special_tokens=False)["input_ids"]) + 1 for r in responses],
-                                  dtype=sums.dtype)
+            counts = torch.tensor([len(tok(r + "<|im_end|>\n", add_special_tokens=False)["input_ids"])
+                                   for r in responses], dtype=sums.dtype)
             ref = (sums / counts).tolist()
             assert pred["scores"] == pytest.approx(ref, abs=1e-5)
             best = max(range(len(ref)), key=lambda j: ref[j])

@@ -148,9 +148,15 @@ def test_same_image_different_prompt_and_empty_rows(model64, encoder, shapes_rec
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_only_end_of_turn_completions(model64, encoder, shapes_records, exact64, method):
+def test_only_end_of_turn_completions(model64, encoder, processor, shapes_records, exact64, method):
+    from cwdpo.logprobs import Encoder
     recs = shapes_records[:2]
     b = encoder.build([r.path for r in recs], [(0, ""), (1, ""), (0, ""), (1, "")])
+    assert b.completion_mask.sum(1).tolist() == [2, 2, 2, 2]  # <|im_end|> and the newline
+    check(model64, b, encoder.image_token_id, method)
+    # one-token completions: the turn cut to its first token
+    one = Encoder(processor, encoder.prompt, max_response_tokens=1)
+    b = one.build([r.path for r in recs], [(0, ""), (1, "a red"), (0, ""), (1, "")])
     assert b.completion_mask.sum(1).tolist() == [1, 1, 1, 1]
     check(model64, b, encoder.image_token_id, method)
 

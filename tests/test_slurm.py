@@ -329,4 +329,4 @@ def test_profile_dry_run_applies_the_resources_and_ignores_unknown_rules(tmp_pat
         assert "gpu" not in res[rule] and res[rule]["tasks"] == "1" and int(res[rule]["cpus_per_task"]) >= 1
     assert res["score"]["mem_mb"] == "16000" and res["stage1"]["runtime"] == "1440"
     # multi-GPU training starts through torchrun with one process per GPU of the Slurm job
-    assert re.search(r"torchrun --standalone --nproc_per_node 2 -m cwdpo.cli train", out)
+    assert re.search(r"torchrun --standalone --nproc_per_node 2 --no-python cwdpo train", out)

@@ -77,7 +77,7 @@ def test_bad_config_fails_before_any_job_naming_the_key(tmp_path, workdir, overr
     assert "Job stats" not in text
 
 
-def test_torch_free_commands_do_not_import_torch(tmp_path, shapes_dir):
+def test_torch_free_commands_do_not_import_torch(tmp_path, shapes_dir, tiny_model_dir):
     """probe-set, make-pairs, trivial and score run in jobs of their own: without torch they start in a
     second instead of ~10 s (the probe set once imported the training callback and with it torch)."""
     import json
@@ -88,7 +88,8 @@ def test_torch_free_commands_do_not_import_torch(tmp_path, shapes_dir):
     probe_spec = ProbeSetSpec(probe_data=specs.data(data_json, ["test"]), probe_images=8,
                               negatives=specs.negatives(), seed=0)
     pairs_spec = PairsSpec(prompt=specs.PROMPT, data=specs.data(data_json, ["finetune"]),
-                           negatives=specs.negatives(pairs_per_image=2), rho=1.0, p_easy=None, seed=0)
+                           negatives=specs.negatives(pairs_per_image=2), rho=1.0, p_easy=None, seed=0,
+                           tokenizer=tiny_model_dir, max_response_tokens=8)
     trivial_spec = TrivialSpec(train=specs.data(data_json, ["train"]), test=specs.data(data_json, ["test"]),
                                objects=None)
     commands = [
@@ -105,6 +106,16 @@ def test_torch_free_commands_do_not_import_torch(tmp_path, shapes_dir):
         assert out.returncode == 0, f"{argv[0]}: {out.stderr[-2000:]}"
     assert len((tmp_path / "probe.jsonl").read_text().splitlines()) == 8
     assert (tmp_path / "pairs.jsonl").stat().st_size > 0
+    # the pairs summary counts the responses the length limit cuts (torch-free, as the Encoder would cut them)
+    from cwdpo.logprobs import Encoder
+    from cwdpo.models import load_processor
+    from cwdpo.negatives import read_pairs
+    summary = json.loads((tmp_path / "pairs_summary.json").read_text())["truncated"]
+    enc = Encoder(load_processor(tiny_model_dir), specs.PROMPT, max_response_tokens=8)
+    items = read_pairs(str(tmp_path / "pairs.jsonl"))
+    assert summary["max_response_tokens"] == 8
+    assert summary["chosen"] == sum(enc.truncated([p["chosen"] for p in items]))
+    assert summary["rejected"] == sum(enc.truncated([p["rejected"] for p in items])) > 0
     scores = json.loads((tmp_path / "scores.json").read_text())
     assert scores["corpus"]["CIDEr"] >= 0 and 0 <= scores["corpus"]["BLEU-4"] <= 1
 
@@ -152,3 +163,23 @@ def test_the_schema_names_what_the_code_defines():
     assert tuple(defs["stage2_recipe"]["properties"]["method"]["enum"]) == STAGE2_METHODS
     assert set(defs["table"]["properties"]["columns"]["items"]["enum"]) == set(COLUMNS) | set(SPECIAL)
     assert set(props["claims"]["properties"]["min_effect"]["default"]) == set(CLAIM_IDS)
+
+
+def test_multi_gpu_launcher_runs_the_installed_package_not_the_working_directory(tmp_path):
+    """torchrun / accelerate start the `cwdpo` console script (`--no-python`), like single-GPU jobs: a
+    `cwdpo/` folder in the working directory (a checkout of another version) is never what they import
+    (`python -m cwdpo.cli` would import it, since `-m` puts the working directory first on sys.path)."""
+    import shlex
+    from cwdpo.config import load_config
+    from cwdpo.plan import Plan
+    plan = Plan(load_config(specs.MICRO_CONFIG, overrides={"compute": {"gpus_per_train_job": 2}}, check_paths=False))
+    assert plan.launcher("train") == "torchrun --standalone --nproc_per_node 2 --no-python cwdpo"
+    acc = Plan({**plan.c, "compute": {**plan.c["compute"], "launcher": "accelerate"}})
+    assert acc.launcher("train") == "accelerate launch --num_processes 2 --no_python cwdpo"
+    shadow = tmp_path / "cwdpo"
+    shadow.mkdir()
+    (shadow / "__init__.py").write_text("")
+    (shadow / "cli.py").write_text("import sys\nprint('SHADOW PACKAGE')\nsys.exit(3)\n")
+    argv = shlex.split(plan.launcher("train")) + ["validate-config", "--configfile", specs.MICRO_CONFIG]
+    out = run(argv, cwd=str(tmp_path), env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert "SHADOW" not in out.stdout + out.stderr and out.stdout.count("valid (experiment micro)") == 2

@@ -2,7 +2,8 @@
 circular accuracy (MMBench's CircularEval: an item counts only when every rotation is answered correctly).
 
 - scoring="loglik": each option is scored by the model's mean token log-probability ℓ̄ of the response
-  "<letter>. <option text>" (+ the closing <|im_end|>, as everywhere in cwdpo) after the prompt; the
+  "<letter>. <option text>" (as the chat template closes the assistant turn, `<|im_end|>\n` for Qwen, as
+  everywhere in cwdpo) after the prompt; the
   prediction is the argmax (ties: the earliest letter).
 - scoring="generate": greedy decoding; `parse_letter` maps the output to a letter (unparseable = wrong).
 """
@@ -105,8 +106,7 @@ def loglik_scores(model, encoder_for, items: list, pres: list, batch_size: int =
                 encoded = (p.item_index, enc.encode_images([item_image(items[p.item_index])]))
             batches.append(enc.build_encoded(*encoded[1], [(0, r) for r in p.responses]))
             keys.append(p.item_index)
-            lengths = [len(x) for x in enc.tokenizer(p.responses, add_special_tokens=False)["input_ids"]]
-            truncated.append(sum(n > enc.max_response_tokens for n in lengths))
+            truncated.append(sum(enc.truncated(p.responses)))
         batch = concat_batches(batches, keys, enc.pad_id).to(model.device)
         with torch.no_grad():
             means = completion_logps(model, batch, enc.image_token_id).means.double().cpu().tolist()
@@ -121,9 +121,11 @@ def loglik_scores(model, encoder_for, items: list, pres: list, batch_size: int =
 def generate_answers(model, encoder_for, items: list, pres: list, batch_size: int = 16,
                      max_new_tokens: int = 16, progress: bool = False) -> list:
     """Greedy outputs (whitespace-normalised, special tokens dropped) of `batch_size` presentations per
-    `generate` call."""
+    `generate` call; explicit greedy decoding (`decoding_settings`), never the model's generation_config."""
+    from ..generation import decoding_settings, neutral_generation_config
     model.eval()
     out = []
+    settings = decoding_settings(num_beams=1, max_new_tokens=max_new_tokens)
     starts = range(0, len(pres), max(1, int(batch_size)))
     for s in tqdm(starts, desc="mcq generate", disable=not progress, mininterval=2.0):
         run = pres[s:s + max(1, int(batch_size))]
@@ -135,9 +137,8 @@ def generate_answers(model, encoder_for, items: list, pres: list, batch_size: in
                 cache[p.item_index] = item_image(items[p.item_index])
             images.append(cache[p.item_index])
         inputs = {k: v.to(model.device) for k, v in prompt_batch(encs, images).items()}
-        with torch.no_grad():
-            seqs = model.generate(**inputs, max_new_tokens=int(max_new_tokens), do_sample=False, num_beams=1,
-                                  eos_token_id=encs[0].eos_id, pad_token_id=encs[0].pad_id)
+        with torch.no_grad(), neutral_generation_config(model, encs[0]):
+            seqs = model.generate(**inputs, **settings, eos_token_id=encs[0].eos_id, pad_token_id=encs[0].pad_id)
         texts = encs[0].tokenizer.batch_decode(seqs[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
         out += [{"output": " ".join(t.split())} for t in texts]
     return out

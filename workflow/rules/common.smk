@@ -27,6 +27,9 @@ except ConfigError as e:
     raise WorkflowError(f"invalid config:\n  {e}") from None
 P = Plan(config)
 OUT = P.out
+if P.hub:
+    # every job of a hub-model config reads the workflow's Hugging Face cache, offline (fetch_model fills it)
+    shell.prefix(f"set -euo pipefail; {P.hf_env()}")
 
 
 def logged(command):

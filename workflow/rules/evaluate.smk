@@ -19,9 +19,10 @@ rule evaluate:
         gpu=P.gpus("infer"),
     params:
         spec=lambda wc: to_json(P.eval_spec(wc.key)),
+        gpus=P.gpu_prefix("infer"),
     shell:
         logged(
-            "cwdpo evaluate --spec {params.spec:q} --threads {threads} --captions {output.captions:q} "
+            "{params.gpus}cwdpo evaluate --spec {params.spec:q} --threads {threads} --captions {output.captions:q} "
             "--measures {output.measures:q}"
         )
 

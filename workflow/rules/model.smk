@@ -1,5 +1,23 @@
 # The base VLM. tiny: built offline with random weights, then pretrained on the `shapes` train split.
-# Hub ids / local folders (config model.source) are used as they are.
+# A hub id (config model.source) is fetched once into the workflow's own Hugging Face cache (model.cache,
+# default resources/huggingface) by a local job (compute nodes often have no internet); every other job
+# reads it offline (common.smk). A local folder is used as it is.
+if P.hub:
+
+    rule fetch_model:
+        output:
+            P.fetch_marker(),
+        log:
+            f"{OUT}/logs/fetch_model.log",
+        localrule: True
+        params:
+            model=config["model"]["source"],
+            cache=config["model"]["cache"],
+        shell:
+            logged(
+                "HF_HUB_OFFLINE=0 cwdpo fetch-model --model {params.model:q} --cache {params.cache:q} --out {output:q}"
+            )
+
 if P.tiny:
 
     rule build_model:
@@ -40,9 +58,10 @@ if P.tiny and config["pretrain"]["enabled"]:
             spec=to_json(P.pretrain_spec()),
             out=lambda wc, output: os.path.dirname(output.metrics),
             launch=P.launcher("train"),
+            gpus=P.gpu_prefix("train"),
         shell:
             logged(
-                "{params.launch} train --spec {params.spec:q} --out {params.out:q} --threads {threads}"
+                "{params.gpus}{params.launch} train --spec {params.spec:q} --out {params.out:q} --threads {threads}"
             )
 
     # the same pretraining from other seeds, measured only (T-regime: the testbed's stability)

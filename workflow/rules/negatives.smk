@@ -19,9 +19,10 @@ rule sample_onpolicy:
         gpu=P.gpus("infer"),
     params:
         spec=lambda wc: to_json(P.sample_spec(wc.stage1, wc.seed)),
+        gpus=P.gpu_prefix("infer"),
     shell:
         logged(
-            "cwdpo sample-onpolicy --spec {params.spec:q} --threads {threads} --out {output.samples:q} "
+            "{params.gpus}cwdpo sample-onpolicy --spec {params.spec:q} --threads {threads} --out {output.samples:q} "
             "--summary {output.summary:q}"
         )
 
@@ -59,9 +60,10 @@ rule ref_logps:
         gpu=P.gpus("infer"),
     params:
         spec=lambda wc: to_json(P.ref_spec(wc.stage1, wc.seed)),
+        gpus=P.gpu_prefix("infer"),
     shell:
         logged(
-            "cwdpo ref-logps --spec {params.spec:q} --threads {threads} --pairs {input.pairs:q} --out {output:q}"
+            "{params.gpus}cwdpo ref-logps --spec {params.spec:q} --threads {threads} --pairs {input.pairs:q} --out {output:q}"
         )
 
 
@@ -85,7 +87,8 @@ rule probe_set:
 # Held-out pairs of the test split (dataset negatives only, fixed seed): preference accuracy and w_c.
 rule heldout_pairs:
     input:
-        P.data_inputs(),
+        data=P.data_inputs(),
+        tokenizer=P.tokenizer_inputs(),
     output:
         pairs=P.pattern("heldout_pairs"),
         summary=P.pattern("heldout_summary"),

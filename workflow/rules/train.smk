@@ -20,9 +20,10 @@ rule stage1:
         out=lambda wc, output: os.path.dirname(output.metrics),
         launch=P.launcher("train"),
         evaluate=lambda wc: P.fused_eval_args(f"stage1/{wc.stage1}/s{wc.seed}"),
+        gpus=P.gpu_prefix("train"),
     shell:
         logged(
-            "{params.launch} train --spec {params.spec:q} --out {params.out:q} --threads {threads} "
+            "{params.gpus}{params.launch} train --spec {params.spec:q} --out {params.out:q} --threads {threads} "
             "{params.evaluate}"
         )
 
@@ -45,8 +46,9 @@ rule stage2:
         out=lambda wc, output: os.path.dirname(output.metrics),
         launch=P.launcher("train"),
         evaluate=lambda wc: P.fused_eval_args(f"stage2/{wc.stage1}/s{wc.seed}/{wc.stage2}"),
+        gpus=P.gpu_prefix("train"),
     shell:
         logged(
-            "{params.launch} train --spec {params.spec:q} --out {params.out:q} --threads {threads} "
+            "{params.gpus}{params.launch} train --spec {params.spec:q} --out {params.out:q} --threads {threads} "
             "{params.evaluate}"
         )
