@@ -209,13 +209,15 @@ def fig_calibrate(table_spec: dict, out_stem: str):
     from .report import calibration_choice, calibration_rows
     plt = _plt()
     rows = sorted(calibration_rows(table_spec), key=lambda r: r["lr"])
-    choice = calibration_choice(rows)
+    choice, how = calibration_choice(rows, table_spec["control_tv"])
     lrs = [r["lr"] for r in rows]
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
+    fig, axes = plt.subplots(1, 4, figsize=(15.5, 3.4))
     panels = [(axes[0], [r["gain"]["diff"] for r in rows], [(r["gain"]["lo"], r["gain"]["hi"]) for r in rows],
                f"top-1 mass − {table_spec['rows'][0]['name']}", table_spec["top1_gain"]),
               (axes[1], [r["dlogp"]["mean"] for r in rows], [(r["dlogp"]["lo"], r["dlogp"]["hi"]) for r in rows],
-               "Δlog p of the positives (last probe)", 0.0)]
+               "Δlog p of the positives (last probe)", 0.0),
+              (axes[2], [r["tv"]["mean"] for r in rows], [(r["tv"]["lo"], r["tv"]["hi"]) for r in rows],
+               "TV to the reference (fallback: nearest the line)", table_spec["control_tv"])]
     for ax, ys, cis, title, threshold in panels:
         ok = [i for i, y in enumerate(ys) if y is not None]
         lo = [ys[i] - (cis[i][0] if cis[i][0] is not None else ys[i]) for i in ok]
@@ -223,11 +225,11 @@ def fig_calibrate(table_spec: dict, out_stem: str):
         ax.errorbar([lrs[i] for i in ok], [ys[i] for i in ok], yerr=[lo, hi], marker="o", capsize=3, color=COLORS[0])
         ax.axhline(threshold, color="k", lw=0.8, ls="--")
         ax.set_title(title)
-    axes[2].plot(lrs, [r["cider"]["mean"] for r in rows], "o-", color=COLORS[1], label="CIDEr")
-    axes[2].set_title("the control's CIDEr and CHAIR_s")
-    twin = axes[2].twinx()
+    axes[3].plot(lrs, [r["cider"]["mean"] for r in rows], "o-", color=COLORS[1], label="CIDEr")
+    axes[3].set_title("the control's CIDEr and CHAIR_s")
+    twin = axes[3].twinx()
     twin.plot(lrs, [r["chair_s"]["mean"] for r in rows], "s--", color=COLORS[2], label="CHAIR_s (%)")
-    axes[2].legend(fontsize=7, loc="lower left")
+    axes[3].legend(fontsize=7, loc="lower left")
     twin.legend(fontsize=7, loc="lower right")
     for ax in axes:
         ax.set_xscale("log")
@@ -236,7 +238,8 @@ def fig_calibrate(table_spec: dict, out_stem: str):
         if choice:
             ax.axvline(choice["lr"], color="gray", lw=1.0, alpha=0.6)
     fig.suptitle("F-calibrate: the control arm's squeezing signature against the learning rate"
-                 + (f" (rule picks lr = {choice['lr']:g})" if choice else " (the signature shows at no swept lr)"),
+                 + (f" (lr = {choice['lr']:g}, by {'the fallback' if how.startswith('fallback') else how})"
+                    if choice else f" ({how})"),
                  fontsize=11)
     _save(fig, out_stem)
     plt.close(fig)

@@ -492,7 +492,8 @@ def _fmt_diff(d: dict, digits: int) -> str:
 def calibration_rows(spec: dict) -> list:
     """Per swept row of a `calibrate` table (after the SFT reference row): lr, the top-1 gain over SFT with its
     interval, the positives' Δlog p at the last probe (mean and t-interval over seeds), CIDEr, CHAIR_s, and
-    whether the squeezing signature shows (gain ≥ regime.top1_gain with its interval above 0, Δlog p < 0)."""
+    whether the squeezing signature shows (gain ≥ regime.top1_gain with its interval above 0, Δlog p < 0), and
+    the control's TV to its reference (the fallback's measure)."""
     data = RunData(spec)
     rows = spec["rows"]
     sft = rows[0]["keys"]
@@ -502,41 +503,51 @@ def calibration_rows(spec: dict) -> list:
         dl = cell_stats([x for x in (data.last_probe(k, "dlogp_positive") for k in row["keys"]) if x is not None], [])
         cider = cell_stats([data.value(k, "CIDEr")[0] for k in row["keys"]], [])
         chair = cell_stats([data.value(k, "CHAIR_s")[0] for k in row["keys"]], [])
+        tv = cell_stats([data.value(k, "TV")[0] for k in row["keys"]], [])
         shows = (d["diff"] is not None and d["lo"] is not None and d["diff"] >= spec["top1_gain"] and d["lo"] > 0
                  and dl["mean"] is not None and dl["mean"] < 0)
         out.append({"name": row["name"], "lr": row["lr"], "gain": d, "dlogp": dl, "cider": cider, "chair_s": chair,
-                    "signature": shows})
+                    "tv": tv, "signature": shows})
     return out
 
 
-def calibration_choice(rows: list):
-    """The rule: the smallest learning rate at which the squeezing signature shows (None: at none)."""
+def calibration_choice(rows: list, control_tv: float):
+    """(row, how) of the rule: the smallest learning rate at which the squeezing signature shows; when it shows
+    at none, the fallback written beside it — the lr whose control TV to its reference (mean over seeds) is
+    nearest `control_tv`, the paper's drift of vanilla DPO. (None, reason) when no row has a TV either."""
     hits = sorted((r for r in rows if r["signature"]), key=lambda r: r["lr"])
-    return hits[0] if hits else None
+    if hits:
+        return hits[0], "the squeezing signature"
+    measured = [r for r in rows if r["tv"]["mean"] is not None]
+    if not measured:
+        return None, "no swept lr shows the signature or has a TV"
+    return (min(measured, key=lambda r: (abs(r["tv"]["mean"] - control_tv), r["lr"])),
+            f"fallback (no swept lr shows the signature): the control's TV nearest {control_tv}")
 
 
 def calibrate_table(spec: dict) -> dict:
     from tabulate import tabulate
     rows = calibration_rows(spec)
-    choice = calibration_choice(rows)
-    body = [[r["name"], f"{r['lr']:g}", _fmt_diff(r["gain"], 3), fmt(r["dlogp"], 3), fmt(r["cider"], 1),
-             fmt(r["chair_s"], 1), "yes" if r["signature"] else "no"] for r in rows]
+    choice, how = calibration_choice(rows, spec["control_tv"])
+    body = [[r["name"], f"{r['lr']:g}", _fmt_diff(r["gain"], 3), fmt(r["dlogp"], 3), fmt(r["tv"], 3),
+             fmt(r["cider"], 1), fmt(r["chair_s"], 1), "yes" if r["signature"] else "no"] for r in rows]
     headers = ["control", "lr", f"top-1 − {spec['rows'][0]['name']} [95% CI]", "Δlog p positives (last probe)",
-               "CIDEr", "CHAIR_s", "squeezing signature"]
+               "TV to reference", "CIDEr", "CHAIR_s", "squeezing signature"]
     rule = (f"Rule (written before the sweep, applied to the control arm only): the smallest learning rate at "
             f"which the control's top-1 mass exceeds {spec['rows'][0]['name']}'s by ≥ {spec['top1_gain']} with the "
-            f"interval above 0 and the positives' Δlog p is below 0. Outcome: "
-            + (f"lr = {choice['lr']:g} ({choice['name']})." if choice else "the signature shows at no swept lr."))
+            f"interval above 0 and the positives' Δlog p is below 0; if it shows at none, the lr whose TV to the "
+            f"reference is nearest {spec['control_tv']} (the paper's vanilla DPO). Outcome: "
+            + (f"lr = {choice['lr']:g} ({choice['name']}), by {how}." if choice else how + "."))
     md = f"### {spec['title']}\n\n{rule}\n\n" + tabulate(body, headers=headers, tablefmt="github",
                                                            disable_numparse=True) + "\n"
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["control", "lr", "top1_gain", "top1_gain_lo", "top1_gain_hi", "dlogp_positive", "cider", "chair_s",
-                "signature", "chosen"])
+    w.writerow(["control", "lr", "top1_gain", "top1_gain_lo", "top1_gain_hi", "dlogp_positive", "tv", "cider",
+                "chair_s", "signature", "chosen", "chosen_by"])
     for r in rows:
         w.writerow([r["name"], repr(r["lr"]), _r(r["gain"]["diff"]), _r(r["gain"]["lo"]), _r(r["gain"]["hi"]),
-                    _r(r["dlogp"]["mean"]), _r(r["cider"]["mean"]), _r(r["chair_s"]["mean"]), r["signature"],
-                    choice is r])
+                    _r(r["dlogp"]["mean"]), _r(r["tv"]["mean"]), _r(r["cider"]["mean"]), _r(r["chair_s"]["mean"]),
+                    r["signature"], choice is r, how if choice is r else ""])
     tex = tabulate(body, headers=headers, tablefmt="latex_booktabs", disable_numparse=True) + "\n"
     return {"md": md, "csv": buf.getvalue(), "tex": tex}
 
@@ -633,6 +644,7 @@ def table_spec(plan, name: str) -> dict:
         for row, cfg_row in zip(spec["rows"][1:], t["rows"][1:]):
             row["lr"] = stage2_recipe(plan.c, cfg_row["stage2"])["lr"]
         spec["interval"], spec["top1_gain"] = plan.c["claims"]["interval"], plan.c["regime"]["top1_gain"]
+        spec["control_tv"] = plan.c["regime"]["control_tv"]
         keys = [k for r in spec["rows"] for k in r["keys"]]
     elif spec["kind"] == "paper":
         spec["rows_by_name"] = {n: {r["name"]: r["keys"] for r in table_rows(plan, plan.c["tables"][n])

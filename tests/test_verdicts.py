@@ -132,24 +132,43 @@ def test_t_paper_decides_claims_with_delta_and_t_regime_shows_the_preconditions(
     assert vision[0][6] == "fail" and vision[0][4] == "50.0%"
 
 
-def test_calibration_rule_picks_the_smallest_lr_with_the_signature(tmp_path):
-    root = str(tmp_path)
+def _calibration_spec(root, sweep):
+    """A calibrate-table spec over SFT and DPO at each (lr, top-1 gain, positives' Δlog p, TV) of `sweep`."""
     seeds = range(3)
     rows = [{"name": "SFT", "keys": [f"sft/{s}" for s in seeds]}]
     probes = {}
     for s in seeds:
         _write(root, f"sft/{s}", 250, 0.70, 0.05, 0.2)
-    for lr, gain, dlogp in ((1e-4, 0.0, 0.1), (5e-4, 0.05, 0.2), (1e-3, 0.05, -0.3), (2e-3, 0.1, -0.9)):
+    for lr, gain, dlogp, tv in sweep:
         keys = [f"dpo{lr}/{s}" for s in seeds]
         for k in keys:
-            _write(root, k, 240, 0.70 + gain, 0.2, 0.3, dlogp=dlogp)
+            _write(root, k, 240, 0.70 + gain, tv, 0.3, dlogp=dlogp)
             probes[k] = os.path.join(root, "runs", k, "probes.csv")
         rows.append({"name": f"DPO, lr {lr:g}", "keys": keys, "lr": lr})
-    spec = {"name": "calibrate", "kind": "calibrate", "title": "calibrate", "scale": 100, "extra_columns": {},
+    return {"name": "calibrate", "kind": "calibrate", "title": "calibrate", "scale": 100, "extra_columns": {},
             "files": {"scores": os.path.join(root, "eval", "{key}", "scores.json"),
                       "measures": os.path.join(root, "eval", "{key}", "measures.json")},
-            "rows": rows, "probes": probes, "interval": "hierarchical", "top1_gain": 0.03}
+            "rows": rows, "probes": probes, "interval": "hierarchical", "top1_gain": 0.03, "control_tv": 0.45}
+
+
+def _chosen(out):
+    return [(r["control"], r["chosen_by"].split(" ")[0]) for r in csv.DictReader(io.StringIO(out["csv"]))
+            if r["chosen"] == "True"]
+
+
+def test_calibration_rule_picks_the_smallest_lr_with_the_signature(tmp_path):
+    spec = _calibration_spec(str(tmp_path), [(1e-4, 0.0, 0.1, 0.2), (5e-4, 0.05, 0.2, 0.3), (1e-3, 0.05, -0.3, 0.4),
+                                             (2e-3, 0.1, -0.9, 0.45)])
     out = calibrate_table(spec)
     assert "Outcome: lr = 0.001" in out["md"]  # 5e-4 is peaked but its positives did not fall
-    chosen = [r for r in csv.DictReader(io.StringIO(out["csv"])) if r["chosen"] == "True"]
-    assert [r["control"] for r in chosen] == ["DPO, lr 0.001"]
+    assert _chosen(out) == [("DPO, lr 0.001", "the")]  # by the squeezing signature, not the TV fallback
+
+
+def test_calibration_falls_back_to_the_papers_drift_when_no_lr_shows_the_signature(tmp_path):
+    """No swept lr raises top-1 mass: the rule's fallback takes the lr whose control TV is nearest 0.45."""
+    spec = _calibration_spec(str(tmp_path), [(1e-4, -0.01, -0.5, 0.10), (1e-3, -0.08, -4.0, 0.42),
+                                             (2e-3, -0.01, -5.5, 0.49)])
+    out = calibrate_table(spec)
+    assert "Outcome: lr = 0.001" in out["md"] and "fallback" in out["md"]
+    assert _chosen(out) == [("DPO, lr 0.001", "fallback")]
+    assert all(r["signature"] == "False" for r in csv.DictReader(io.StringIO(out["csv"])))
