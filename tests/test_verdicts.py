@@ -153,3 +153,89 @@ def test_calibration_rule_picks_the_smallest_lr_with_the_signature(tmp_path):
     assert "Outcome: lr = 0.001" in out["md"]  # 5e-4 is peaked but its positives did not fall
     chosen = [r for r in csv.DictReader(io.StringIO(out["csv"])) if r["chosen"] == "True"]
     assert [r["control"] for r in chosen] == ["DPO, lr 0.001"]
+
+
+def test_calibration_outcome_falls_back_to_the_largest_lr_and_says_so(tmp_path):
+    """When the signature shows at no swept lr, the recipes with `lr: calibrated` take the largest swept lr
+    and the outcome says so (a finding, not hidden); otherwise they take the rule's choice."""
+    from cwdpo.report import write_calibration_choice
+    root = str(tmp_path)
+    seeds = range(3)
+    rows = [{"name": "SFT", "keys": [f"sft/{s}" for s in seeds]}]
+    for s in seeds:
+        _write(root, f"sft/{s}", 250, 0.70, 0.05, 0.2)
+    probes = {}
+    for lr in (1e-4, 1e-3):  # no top-1 gain at any lr: no signature
+        keys = [f"dpo{lr}/{s}" for s in seeds]
+        for k in keys:
+            _write(root, k, 240, 0.70, 0.2, 0.3, dlogp=-0.5)
+            probes[k] = os.path.join(root, "runs", k, "probes.csv")
+        rows.append({"name": f"DPO, lr {lr:g}", "keys": keys, "lr": lr})
+    spec = {"name": "calibrate", "kind": "calibrate", "title": "calibrate", "scale": 100, "extra_columns": {},
+            "files": {"scores": os.path.join(root, "eval", "{key}", "scores.json"),
+                      "measures": os.path.join(root, "eval", "{key}", "measures.json")},
+            "rows": rows, "probes": probes, "interval": "hierarchical", "top1_gain": 0.03}
+    doc = write_calibration_choice(spec, str(tmp_path / "choice.json"))
+    assert doc["lr"] == 1e-3 and doc["signature"] is False and "shows at no swept lr" in doc["outcome"]
+    assert json.load(open(tmp_path / "choice.json"))["row"] == "DPO, lr 0.001"
+    for k in rows[1]["keys"]:  # the smaller lr now squeezes: the rule picks it
+        _write(root, k, 240, 0.76, 0.2, 0.3, dlogp=-0.5)
+    doc = write_calibration_choice(spec, str(tmp_path / "choice.json"))
+    assert doc["lr"] == 1e-4 and doc["signature"] is True
+
+
+def _arms_spec(root, arms, claims, kind="scale"):
+    from cwdpo.config import load_claims
+    from cwdpo.report import QUANTITY_COLUMN, QUESTIONS
+    known = load_claims()
+    files = {"scores": os.path.join(root, "{arm}", "eval", "{key}", "scores.json"),
+             "measures": os.path.join(root, "{arm}", "eval", "{key}", "measures.json")}
+    shares = {"cider_cw_gt_dpo": 0.0137, "tv_cw_lt_dpo": 0.333, "top1_dpo_gt_sft": 0.05}
+    return {"name": kind, "kind": kind, "title": kind, "scale": 100, "experiment": "synthetic",
+            "extra_columns": {}, "interval": "hierarchical", "question": QUESTIONS[kind],
+            "claims": [{**known[c], "column": QUANTITY_COLUMN.get(known[c]["quantity"], known[c]["quantity"]),
+                        "share": shares[c]} for c in claims],
+            "arms": [{"name": name, "variant": name, "out": os.path.join(root, name),
+                      "runs": {run: [f"{run.lower()}/{s}" for s in range(3)] for run in ("SFT", "DPO", "CW-DPO")},
+                      "files": {k: v.replace("{arm}", name) for k, v in files.items()}, "probes": {}, "metrics": {},
+                      "build_info": os.path.join(root, name, "build_info.json"), "calibration": None,
+                      "negatives": {}} for name in arms]}
+
+
+def test_arms_table_decides_each_arm_and_derives_its_answer_from_the_verdicts(tmp_path):
+    """T-scale on synthetic runs whose answers are known: CW-DPO beats DPO clearly at one size and falls behind it
+    at the other; each verdict is the one `verdict` gives for the interval and δ the CSV prints, the question
+    stands above the table and the answer below it follows the verdicts."""
+    from cwdpo.report import arms_table, claim_pattern
+    root = str(tmp_path)
+    for arm, cw_cider, cw_tv in (("small", 260, 0.10), ("large", 220, 0.35)):
+        os.makedirs(os.path.join(root, arm), exist_ok=True)
+        json.dump({"parameters": 1000 if arm == "small" else 20000, "vision_parameters": 10},
+                  open(os.path.join(root, arm, "build_info.json"), "w"))
+        for s in range(3):
+            _write(os.path.join(root, arm), f"sft/{s}", 250, 0.70, 0.05, 0.2)
+            _write(os.path.join(root, arm), f"dpo/{s}", 230, 0.76, 0.30, 0.3)
+            _write(os.path.join(root, arm), f"cw-dpo/{s}", cw_cider, 0.76, cw_tv, 0.3)
+    spec = _arms_spec(root, ["small", "large"], ["cider_cw_gt_dpo", "tv_cw_lt_dpo", "top1_dpo_gt_sft"])
+    out = arms_table(spec)
+    rows = list(csv.DictReader(io.StringIO(out["csv"])))
+    claims = [r for r in rows if r["section"] == "claim"]
+    assert len(claims) == 6
+    for r in claims:  # the verdict word is the function of the printed interval and δ, never written by hand
+        direction = {"cider_cw_gt_dpo": ">", "tv_cw_lt_dpo": "<", "top1_dpo_gt_sft": ">"}[r["row"]]
+        assert r["verdict"] == stats.verdict(float(r["lo"]), float(r["hi"]), direction, float(r["delta"]))
+    v = {(r["row"], r["arm"]): r["verdict"] for r in claims}
+    assert v[("cider_cw_gt_dpo", "small")] == "holds" and v[("tv_cw_lt_dpo", "small")] == "holds"
+    assert v[("cider_cw_gt_dpo", "large")] == "does not hold"
+    assert v[("top1_dpo_gt_sft", "small")] == v[("top1_dpo_gt_sft", "large")] == "holds"
+    assert claim_pattern([v[("cider_cw_gt_dpo", a)] for a in ("small", "large")]) == "differs"
+    md = out["md"]
+    assert md.index("**Question.**") < md.index("| parameters") < md.index("**Answer.**")
+    answer = md.split("**Answer.** ", 1)[1].split("\n", 1)[0]
+    assert answer.startswith("Size dependence: the verdict changes with size for 2 of 3 claims")
+    assert "“CW-DPO > DPO on CIDEr” holds for small, does not hold for large" in answer
+    assert "“squeezing in the control: top-1 mass of DPO above SFT's” holds at every size" in answer
+    assert [r for r in rows if r["section"] == "answer"][0]["value"] == answer
+    params = [r for r in rows if r["section"] == "info" and r["row"].startswith("parameters")]
+    assert [p["value"] for p in params] == ["1,000 (10)", "20,000 (10)"]
+    assert out["tex"].startswith("% Question:") and "% Answer: " + answer in out["tex"]
