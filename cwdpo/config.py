@@ -255,6 +255,9 @@ def _check_calibrated(c: dict) -> None:
         raise ConfigError(f"tables.{name}.rows: a calibration sweep is the SFT reference row, then rows of the "
                           "control (each with a stage2 recipe) at the swept learning rates")
     for i, r in enumerate(rows[1:], 1):
+        if stage2_recipe(c, r["stage2"])["method"] != "dpo":
+            raise ConfigError(f"tables.{name}.rows[{i}].stage2: {r['stage2']!r} is not vanilla DPO; the calibration "
+                              "sweeps the control only (CW-DPO and Focal-DPO are never looked at to choose a setting)")
         if stage2_recipe(c, r["stage2"])["lr"] == CALIBRATED:
             raise ConfigError(f"tables.{name}.rows[{i}].stage2: {r['stage2']!r} takes its lr from this very sweep "
                               "(lr: calibrated); the sweep's rows need learning rates of their own")

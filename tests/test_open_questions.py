@@ -178,6 +178,9 @@ def test_a_calibrated_recipe_reads_the_rule_outcome_of_its_sweep():
     assert files and all(f.endswith(("measures.json", "probes.csv")) for f in files)
     with pytest.raises(ConfigError, match="needs stage2.calibration .'calibrate'. to name a table of kind calibrate"):
         overlay(overrides={"stage2": {"recipes": {"x": {"method": "dpo", "lr": "calibrated"}}}})
+    with pytest.raises(ConfigError, match="is not vanilla DPO; the calibration sweeps the control only"):
+        overlay("config/scale.yaml", overrides={"tables": {"calibrate": {"rows": [
+            {"name": "SFT", "stage1": "sft"}, {"name": "c", "stage1": "sft_c", "stage2": "cw_dpo"}]}}})
     with pytest.raises(ConfigError, match="takes its lr from this very sweep"):
         overlay("config/scale.yaml", overrides={"tables": {"calibrate": {"rows": [
             {"name": "SFT", "stage1": "sft"}, {"name": "c", "stage1": "sft_c", "stage2": "dpo_cal"}]}}})
