@@ -102,6 +102,19 @@ def cmd_sample_onpolicy(a):
     run(_spec("SampleSpec", a.spec), a.out, a.summary, threads=a.threads)
 
 
+def cmd_beam_negatives(a):
+    from .sampling import run_beams
+    _started()
+    run_beams(_spec("BeamSpec", a.spec), a.out, a.summary, threads=a.threads)
+
+
+def cmd_calibration_choice(a):
+    from .report import write_calibration_choice
+    _started()
+    doc = write_calibration_choice(json.loads(a.spec), a.out)
+    print(f"calibration {doc['table']}: {doc['outcome']} -> {a.out}")
+
+
 def cmd_probe_set(a):
     from .negatives import write_probe_set
     _started()
@@ -111,7 +124,7 @@ def cmd_probe_set(a):
 def cmd_make_pairs(a):
     from .negatives import make_pairs
     _started()
-    make_pairs(_spec("PairsSpec", a.spec), a.onpolicy, a.out, a.summary)
+    make_pairs(_spec("PairsSpec", a.spec), a.onpolicy, a.out, a.summary, beams=a.beams)
 
 
 def cmd_ref_logps(a):
@@ -234,10 +247,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("sample-onpolicy", cmd_sample_onpolicy, "K samples per Stage-2 image from a model (hf or vllm)",
              threads=True, hf=True)
     sp.add_argument("--summary", required=True)
+    sp = add("beam-negatives", cmd_beam_negatives, "the model's k beams per Stage-2 image, the wrong ones kept",
+             threads=True, hf=True)
+    sp.add_argument("--summary", required=True)
+    add("calibration-choice", cmd_calibration_choice, "the calibration rule's outcome of a sweep table (its lr)")
     sp = add("probe-set", cmd_probe_set, "the fixed probe set (positives + gentle/easy/on-policy negatives)")
     sp.add_argument("--onpolicy", default=None)
     sp = add("make-pairs", cmd_make_pairs, "preference pairs (TRL vision format) from dataset/on-policy negatives")
     sp.add_argument("--onpolicy", default=None)
+    sp.add_argument("--beams", default=None, help="the model's grounded beams (cwdpo beam-negatives)")
     sp.add_argument("--summary", required=True)
     sp = add("ref-logps", cmd_ref_logps, "cache the reference model's log-probs of a pairs file", threads=True,
              hf=True)

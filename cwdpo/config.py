@@ -23,8 +23,14 @@ STAGE1_METHODS = ("sft", "sft_c")
 STAGE2_METHODS = ("dpo", "focal_dpo", "cw_dpo")
 METHODS = STAGE1_METHODS + STAGE2_METHODS
 # the claims T-paper decides (cwdpo/resources/paper.json: the paper's, and ours)
-CLAIM_IDS = ("cider_cw_gt_dpo", "cider_cw_gt_sft", "tv_cw_lt_dpo", "js_cw_lt_dpo", "ece_cw_lt_dpo", "top1_cw_lt_dpo",
-             "chair_s_cw_lt_dpo")
+PAPER_CLAIM_IDS = ("cider_cw_gt_dpo", "cider_cw_gt_sft", "tv_cw_lt_dpo", "js_cw_lt_dpo", "ece_cw_lt_dpo",
+                   "top1_cw_lt_dpo", "chair_s_cw_lt_dpo")
+# claims only the open-question tables decide (paper.json "open_claims")
+CLAIM_IDS = PAPER_CLAIM_IDS + ("chair_s_cw_lt_sft", "top1_dpo_gt_sft")
+# tables that decide claims side by side in several arms (the open questions: config/scale.yaml, modality.yaml,
+# negsource.yaml); an arm may be a variant of the experiment (config `variants`)
+ARMS_KINDS = ("scale", "modality", "negsource")
+CALIBRATED = "calibrated"  # a Stage-2 `lr` taken from the calibration rule's outcome (stage2.calibration)
 
 
 class ConfigError(ValueError):
@@ -93,6 +99,27 @@ def schema_errors(config: dict, schema_file: str | None = None) -> list:
 def stage2_recipe(config: dict, name: str) -> dict:
     """A Stage-2 recipe merged over `stage2.defaults` (every hyperparameter set)."""
     return deep_merge(config["stage2"]["defaults"], config["stage2"]["recipes"][name])
+
+
+def onpolicy_share(negset: dict) -> float:
+    """The share of on-policy samples among a negatives set's pairs: what dataset negatives (`rho`) and the
+    model's wrong beams (`beams`) leave."""
+    return max(0.0, 1.0 - float(negset["rho"]) - float(negset.get("beams", 0.0)))
+
+
+def variant_config(config: dict, name: str) -> dict:
+    """The (unvalidated) config of variant `name`: the experiment's config with the variant's patch deep-merged
+    over it. It has no variants of its own, leaves out the tables that read variants (ARMS_KINDS) and the
+    figures drawn from them, and switches the experiment's other tables and figures off (a variant's runs are
+    read by the experiment's tables across variants; its patch may switch one on)."""
+    base = copy.deepcopy(config)
+    base["variants"] = {}
+    tables = base.get("tables") or {}
+    kept = {k: t for k, t in tables.items() if t.get("kind") not in ARMS_KINDS}
+    base["tables"] = {k: {**t, "enabled": False} for k, t in kept.items()}
+    base["figures"] = {k: {**f, "enabled": False} for k, f in (base.get("figures") or {}).items()
+                       if f.get("table") is None or f["table"] in kept}
+    return deep_merge(base, config["variants"][name])
 
 
 def stage1_recipe(config: dict, name: str) -> dict:
@@ -169,14 +196,24 @@ def check_config(config: dict, check_paths: bool = True) -> None:
     if floor and floor["enabled"] and floor["table"] not in c["tables"]:
         raise ConfigError(f"figures.floor.table: unknown table {floor['table']!r}; known: {', '.join(c['tables'])}")
     sets = c["negatives"]["sets"]
+    for name, ns in sets.items():
+        if ns["rho"] + ns["beams"] > 1 + 1e-9:
+            raise ConfigError(f"negatives.sets.{name}: rho {ns['rho']} + beams {ns['beams']} exceed 1 (they are "
+                              "shares of the pairs; the rest are on-policy samples)")
+        if ns["beams"] > 0 and c["data"]["source"] != "shapes":
+            raise ConfigError(f"negatives.sets.{name}.beams: beam negatives need the `shapes` data (a beam is wrong "
+                              "when the grammar parse against the image's attribute record finds a hallucinated or "
+                              "missing object); data.source is " + repr(c["data"]["source"]))
     for name in s2:
         negset = stage2_recipe(c, name)["negatives"]
         if negset not in sets:
             raise ConfigError(f"stage2.recipes.{name}.negatives: unknown negatives set {negset!r}; known: "
                               f"{', '.join(sets)}")
-        if sets[negset]["rho"] < 1 and not c["negatives"]["onpolicy"]["enabled"]:
+        if onpolicy_share(sets[negset]) > 0 and not c["negatives"]["onpolicy"]["enabled"]:
             raise ConfigError(f"negatives.sets.{negset}.rho: {sets[negset]['rho']} needs on-policy negatives "
                               "but negatives.onpolicy.enabled is false (use rho: 1)")
+    _check_calibrated(c)
+    _check_text_input(c)
     shapes = c["data"]["shapes"]
     for key, probs in [("object_counts", shapes["object_counts"])] + [
             (f"object_counts_by_split.{k}", v) for k, v in shapes["object_counts_by_split"].items()]:
@@ -199,6 +236,126 @@ def check_config(config: dict, check_paths: bool = True) -> None:
     if c["model"]["source"] != "tiny" and c["pretrain"]["enabled"]:
         raise ConfigError("pretrain.enabled: only the tiny model is pretrained by the pipeline; set it to "
                           "false for a hub or local model")
+    _check_variants(c, check_paths)
+    _check_arms(c)
+
+
+def _check_calibrated(c: dict) -> None:
+    """A recipe with `lr: calibrated` needs the calibration table (kind calibrate), whose sweep rows have lrs."""
+    calibrated = [n for n in c["stage2"]["recipes"] if stage2_recipe(c, n)["lr"] == CALIBRATED]
+    if not calibrated:
+        return
+    name = c["stage2"]["calibration"]
+    table = c["tables"].get(name)
+    if table is None or table["kind"] != "calibrate":
+        raise ConfigError(f"stage2.recipes.{calibrated[0]}.lr: 'calibrated' needs stage2.calibration ({name!r}) to "
+                          "name a table of kind calibrate (config/calibrate.yaml)")
+    rows = table.get("rows", [])
+    if len(rows) < 2 or any("stage2" not in r for r in rows[1:]):
+        raise ConfigError(f"tables.{name}.rows: a calibration sweep is the SFT reference row, then rows of the "
+                          "control (each with a stage2 recipe) at the swept learning rates")
+    for i, r in enumerate(rows[1:], 1):
+        if stage2_recipe(c, r["stage2"])["method"] != "dpo":
+            raise ConfigError(f"tables.{name}.rows[{i}].stage2: {r['stage2']!r} is not vanilla DPO; the calibration "
+                              "sweeps the control only (CW-DPO and Focal-DPO are never looked at to choose a setting)")
+        if stage2_recipe(c, r["stage2"])["lr"] == CALIBRATED:
+            raise ConfigError(f"tables.{name}.rows[{i}].stage2: {r['stage2']!r} takes its lr from this very sweep "
+                              "(lr: calibrated); the sweep's rows need learning rates of their own")
+
+
+def _check_text_input(c: dict) -> None:
+    """model.input: text writes the attribute record of a `shapes` image as text: other data has none, an MCQ
+    set asks about an image, and vLLM sampling takes images."""
+    if c["model"]["input"] != "text":
+        return
+    if c["data"]["source"] != "shapes":
+        raise ConfigError("model.input: 'text' writes each image's attribute record as text; only the `shapes` "
+                          f"data has one (data.source is {c['data']['source']!r})")
+    on = [m for m, x in c["mcq_sets"].items() if x["enabled"]]
+    if on:
+        raise ConfigError(f"mcq_sets.{on[0]}: multiple-choice sets ask about an image; switch them off "
+                          "(enabled: false) with model.input: text")
+    if c["negatives"]["onpolicy"]["backend"] == "vllm":
+        raise ConfigError("negatives.onpolicy.backend: vllm samples from images; use hf with model.input: text")
+
+
+def _check_variants(c: dict, check_paths: bool) -> None:
+    """Every variant is a valid config of its own (schema and these checks), named by its key."""
+    for name, patch in c["variants"].items():
+        if "variants" in patch:
+            raise ConfigError(f"variants.{name}.variants: a variant has no variants of its own")
+        if "experiment" in patch:
+            raise ConfigError(f"variants.{name}.experiment: a variant lives under results/<experiment>/variants/"
+                              f"{name}/; it has no experiment name of its own")
+        try:
+            validate_config(variant_config(c, name), check_paths=check_paths)
+        except ConfigError as e:
+            lines = [line.strip() for line in str(e).splitlines()[1:] if line.strip()] or [str(e)]
+            raise ConfigError(f"variants.{name}: " + "; ".join(lines)) from None
+
+
+def arm_config(c: dict, arm: dict) -> dict:
+    """The (validated) config an arm of a scale / modality / negsource table reads: the experiment's, or its
+    variant's."""
+    if not arm.get("variant"):
+        return c
+    return validate_config(variant_config(c, arm["variant"]), check_paths=False)
+
+
+def arm_runs(table: dict, arm: dict) -> dict:
+    """The runs (name -> selection) of one arm: its own `runs`, else the table's; the table's `seeds` apply to a
+    run without seeds of its own."""
+    runs = arm.get("runs") or table["runs"]
+    if table.get("seeds"):
+        return {name: {"seeds": table["seeds"], **sel} for name, sel in runs.items()}
+    return runs
+
+
+def load_claims() -> dict:
+    """{claim id: claim} of cwdpo/resources/paper.json: the paper's, ours and the open-question tables'."""
+    import json
+    with open(os.path.join(os.path.dirname(__file__), "resources", "paper.json"), encoding="utf-8") as f:
+        paper = json.load(f)
+    return {x["id"]: x for x in paper["claims"] + paper["our_claims"] + paper["open_claims"]}
+
+
+def _check_arms(c: dict) -> None:
+    """Tables across arms: known variants, runs naming recipes of the arm's config, claims naming runs."""
+    claims = load_claims()
+    for t, table in c["tables"].items():
+        if table["kind"] not in ARMS_KINDS:
+            continue
+        if not table.get("arms"):
+            raise ConfigError(f"tables.{t}.arms: a table of kind {table['kind']} needs its arms (the compared "
+                              "settings: a variant each, or the experiment itself)")
+        names = [a["name"] for a in table["arms"]]
+        if len(set(names)) < len(names):
+            raise ConfigError(f"tables.{t}.arms: two arms are named alike ({', '.join(names)})")
+        for i, arm in enumerate(table["arms"]):
+            where = f"tables.{t}.arms[{i}]"
+            if arm.get("variant") and arm["variant"] not in c["variants"]:
+                raise ConfigError(f"{where}.variant: unknown variant {arm['variant']!r}; known: "
+                                  f"{', '.join(c['variants']) or 'none (config variants)'}")
+            ac = arm_config(c, arm)
+            runs = arm_runs(table, arm)
+            s1, s2 = ac["stage1"]["recipes"], ac["stage2"]["recipes"]
+            for run, sel in runs.items():
+                st1, st2 = sel.get("stage1", "base"), sel.get("stage2")
+                if st1 != "base" and st1 not in s1:
+                    raise ConfigError(f"{where}: run {run!r}: unknown Stage-1 recipe {st1!r}; known: base, "
+                                      f"{', '.join(s1)}")
+                if st2 is not None and st2 not in s2:
+                    raise ConfigError(f"{where}: run {run!r}: unknown Stage-2 recipe {st2!r}; known: {', '.join(s2)}")
+            for cid in table["claims"]:
+                missing = [x for x in (claims[cid]["a"], claims[cid]["b"]) if x not in runs]
+                if missing:
+                    raise ConfigError(f"tables.{t}.claims: {cid} compares {claims[cid]['a']} with {claims[cid]['b']}, "
+                                      f"but arm {arm['name']!r} has no run named {missing[0]!r} (its runs: "
+                                      f"{', '.join(runs)})")
+    scale = c["figures"].get("scale")
+    if scale and scale["enabled"] and (scale["table"] not in c["tables"] or
+                                      c["tables"][scale["table"]]["kind"] != "scale"):
+        raise ConfigError(f"figures.scale.table: {scale['table']!r} is not a table of kind scale")
 
 
 def _check_paths(c: dict) -> None:

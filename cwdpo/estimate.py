@@ -141,11 +141,23 @@ def dataset_stats(config: dict, image_hw=None) -> dict:
 
 
 def estimate(config: dict, mfu: float = 0.40, peak_flops: float = H100_BF16_DENSE, image_hw=None) -> dict:
-    """Tokens, FLOPs and GPU-hours of every rule of the DAG of `config` (a validated config dict)."""
-    from .config import stage1_recipe, stage2_recipe
-    from .paths import ModelKey
+    """Tokens, FLOPs and GPU-hours of every rule of the DAG of `config` (a validated config dict), its variants'
+    (config `variants`) included: their rules are named "<rule> [<variant>]"."""
     from .plan import Plan
     plan = Plan(config)
+    est = _estimate_plan(plan, mfu, peak_flops, image_hw)
+    for name, variant in plan.variant_plans().items():
+        est["rules"] += [{**r, "rule": f"{r['rule']} [{name}]"}
+                         for r in _estimate_plan(variant, mfu, peak_flops, image_hw)["rules"]]
+    est["total"] = {k: sum(r[k] for r in est["rules"]) for k in ("jobs", "tokens", "flops", "gpu_hours")}
+    return est
+
+
+def _estimate_plan(plan, mfu: float, peak_flops: float, image_hw=None) -> dict:
+    """`estimate` of one experiment tree (the experiment, or one of its variants)."""
+    from .config import stage1_recipe, stage2_recipe
+    from .paths import ModelKey
+    config = plan.c
     params = model_sizes(config)
     n = params["total"]
     m = config["model"]
@@ -175,6 +187,10 @@ def estimate(config: dict, mfu: float = 0.40, peak_flops: float = H100_BF16_DENS
         return int(hp["steps"]) * int(hp["batch_size"]) * int(hp["grad_accum"]) * gpus
 
     keys = plan.eval_keys()
+    if any(ModelKey.parse(k).kind == "stage2" and plan.calibrated(ModelKey.parse(k).stage2) for k in keys):
+        # the calibration sweep those runs wait for (trained and evaluated, whether a table shows it or not)
+        for row in config["tables"][config["stage2"]["calibration"]]["rows"]:
+            keys += [k for k in plan.row_keys(row) if k not in keys]
     parsed = [ModelKey.parse(k) for k in keys]
     stage1_runs = sorted({(k.stage1, k.seed) for k in parsed if k.kind != "base" and k.stage1 != "base"})
     stage2_runs = sorted({(k.stage1, k.seed, k.stage2) for k in parsed if k.kind == "stage2"})
@@ -200,6 +216,11 @@ def estimate(config: dict, mfu: float = 0.40, peak_flops: float = H100_BF16_DENS
         per = (n_stage2_images + n_probe) * (prefix + o["k"] * cap_tokens)
         add("sample_onpolicy", len(sampled), per, 2 * n,
             f"prefill + {o['k']} samples of ~{cap_tokens:.0f} tokens, 2N/token")
+    beamed = [(s1, s) for s1, s in starts if any(plan.needs_beams(ns) for a, b, ns in negsets if (a, b) == (s1, s))]
+    if beamed:
+        k = config["negatives"]["beams"]["k"]
+        add("beam_negatives", len(beamed), n_stage2_images * (prefix + k * cap_tokens), 2 * n,
+            f"prefill + a size-{k} beam search of ~{cap_tokens:.0f} tokens, 2N/token")
     pairs = n_stage2_images * config["negatives"]["pairs_per_image"]
     add("ref_logps", len(negsets), pairs * 2 * (prefix + cap_tokens), 2 * n, "forward only, chosen + rejected rows")
     for s2 in sorted({s2 for _, _, s2 in stage2_runs}):

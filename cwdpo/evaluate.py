@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from .data import grounding_truth, load_records, read_json, write_json
 from .generation import decoding_settings, generate_captions
-from .logprobs import Collator, Encoder, SeqBatch, completion_logps
+from .logprobs import Collator, Encoder, SeqBatch, completion_logps, make_encoder
 
 
 @torch.no_grad()
@@ -122,8 +122,7 @@ def run(spec, captions_out: str, measures_out: str, threads: int = 0) -> None:
     set_threads(threads)
     records = load_records(spec.data)
     model, processor = load_for_inference(spec.model, spec.vlm)
-    encoder = Encoder(processor, spec.vlm.prompt, spec.vlm.max_response_tokens,
-                      pixel_cache_mb=spec.pixel_cache_mb)  # test images: 3 passes
+    encoder = make_encoder(processor, spec.vlm, pixel_cache_mb=spec.pixel_cache_mb)  # test images: 3 passes
     doc = caption_doc(model, encoder, records, spec, spec.objects)
     if spec.topk_beams > 1:  # the "top-5 beams" of Figure F-stage1: all k beams of a size-k search
         k = spec.topk_beams

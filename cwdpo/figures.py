@@ -6,6 +6,9 @@
                of the positives and of each negative kind (gentle, easy, on-policy).
 - floor:       the ℓ_floor sweep: final CIDEr-D and TV against ℓ_floor, and the training w_c over steps.
 - calibration: reliability diagrams (token level, equal-width bins) of the evaluated models.
+- calibrate:   the control arm's squeezing signature against the Stage-2 learning rate.
+- scale:       CW-DPO's gaps (A − B with their 95% intervals, coloured by verdict) against the parameter count
+               of each model size (the arms of table T-scale).
 Each curve is the mean over seeds with a ±1 std band when there are several seeds. No torch import.
 """
 from __future__ import annotations
@@ -78,9 +81,10 @@ def _curve_panel(ax, series: dict, column: str, title: str, ylabel: str):
     return drawn
 
 
-def _save(fig, out_stem: str):
+def _save(fig, out_stem: str, layout: bool = True):
     os.makedirs(os.path.dirname(os.path.abspath(out_stem)), exist_ok=True)
-    fig.tight_layout()
+    if layout:
+        fig.tight_layout()
     for ext, meta in (("png", {"Software": None}), ("pdf", {"CreationDate": None, "Producer": None})):
         tmp = f"{out_stem}.tmp.{ext}"
         fig.savefig(tmp, format=ext, metadata=meta, dpi=150)
@@ -245,6 +249,53 @@ def fig_calibrate(table_spec: dict, out_stem: str):
     plt.close(fig)
 
 
+VERDICT_COLORS = {"holds": "#2ca02c", "does not hold": "#d62728", "inconclusive": "#7f7f7f"}
+
+
+def fig_scale(table_spec: dict, out_stem: str):
+    """F-scale: one panel per claim of T-scale, its A − B and 95% interval at each size against the size's
+    parameter count (log axis), coloured by the verdict; a size whose parameter count is unknown is left out
+    and said in the panel."""
+    from .report import arms_results
+    plt = _plt()
+    results = arms_results(table_spec)
+    claims = table_spec["claims"]
+    cols = min(4, len(claims))
+    rows = math.ceil(len(claims) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.2 * rows), squeeze=False)
+    sized = [(r["info"]["parameters"], r) for r in results if "parameters" in r["info"]]
+    for ax, (i, c) in zip(axes.flat, enumerate(claims)):
+        pts = [(n, r["name"], r["claims"][i]) for n, r in sorted(sized, key=lambda x: x[0])
+               if r["claims"][i]["diff"] is not None]
+        for n, name, x in pts:
+            lo = x["diff"] - (x["lo"] if x["lo"] is not None else x["diff"])
+            hi = (x["hi"] if x["hi"] is not None else x["diff"]) - x["diff"]
+            ax.errorbar([n], [x["diff"]], yerr=[[lo], [hi]], marker="o", capsize=3, color=VERDICT_COLORS[x["verdict"]])
+            ax.annotate(name, (n, x["diff"]), fontsize=6, textcoords="offset points", xytext=(4, 4))
+        if len(pts) > 1:
+            ax.plot([p[0] for p in pts], [p[2]["diff"] for p in pts], color="k", lw=0.6, alpha=0.5)
+        if not pts:
+            ax.text(0.5, 0.5, "n/a: no size with this gap measured", ha="center", va="center", transform=ax.transAxes,
+                    fontsize=8, color="gray")
+        ax.axhline(0, color="k", lw=0.6)
+        ax.set_xscale("log")
+        from matplotlib.ticker import NullFormatter
+        ax.xaxis.set_minor_formatter(NullFormatter())  # (minor labels of a short log range overlap)
+        ax.set_title(_wrap(f"{c['claim']}", 38), fontsize=8)
+        ax.set_xlabel("parameters")
+        ax.set_ylabel(f"{c['column']}: {c['a']} − {c['b']}")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(claims):]:
+        ax.set_axis_off()
+    handles = [plt.Line2D([], [], marker="o", color=col, ls="", label=v) for v, col in VERDICT_COLORS.items()]
+    fig.suptitle("F-scale: CW-DPO's gaps against model size (mean over seeds, 95% interval; colour: verdict)",
+                 fontsize=11)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.legend(handles=handles, loc="lower center", ncol=3, fontsize=8, frameon=False)
+    _save(fig, out_stem, layout=False)
+    plt.close(fig)
+
+
 def _wrap(text: str, width: int = 40) -> str:
     import textwrap
     return "\n".join(textwrap.wrap(text, width))
@@ -268,6 +319,8 @@ def write_figure(spec: dict, out_stem: str):
         fig_calibration(spec["series"], out_stem)
     elif kind == "calibrate":
         fig_calibrate(spec["table"], out_stem)
+    elif kind == "scale":
+        fig_scale(spec["table"], out_stem)
     else:
         raise ValueError(f"unknown figure {kind!r}")
 
@@ -296,7 +349,7 @@ def figure_spec(plan, name: str) -> dict:
     elif name == "calibration":
         spec["series"] = [[label, [plan.path("measures", key=k) for k in keys]]
                           for label, keys in _series_keys(plan, f["series"])]
-    elif name == "calibrate":
+    elif name in ("calibrate", "scale"):
         from .report import table_spec
         spec["table"] = table_spec(plan, f["table"])
     elif name == "floor":
@@ -313,7 +366,7 @@ def figure_spec(plan, name: str) -> dict:
 
 def figure_inputs(plan, name: str) -> list:
     """Every file the figure reads (its rule's inputs)."""
-    if name == "calibrate":
+    if name in ("calibrate", "scale"):
         from .report import table_inputs
         return table_inputs(plan, plan.enabled_figures()[name]["table"])
     spec = figure_spec(plan, name)

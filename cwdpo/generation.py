@@ -19,11 +19,16 @@ from .logprobs import Encoder
 
 def prompt_batch(encoders, images: list) -> dict:
     """Left-padded generation inputs (input_ids, attention_mask, mm_token_type_ids, pixel_values, grid) of
-    one image per row; `encoders` is one Encoder for every row or a list with each row's own (its prompt)."""
+    one image per row; `encoders` is one Encoder for every row or a list with each row's own (its prompt).
+    Text input (the Encoder's `scenes`): input_ids and attention_mask only, each row's scene text in its
+    prompt."""
     rows = encoders if isinstance(encoders, list) else [encoders] * len(images)
     first = rows[0]
     pixel_values, grids = first.encode_images(images)
-    prompts = [enc.prompt_ids(g)[0] for enc, g in zip(rows, grids)]
+    if first.scenes is not None:  # text input: each row's scene text is in its prompt, no pixels
+        prompts = [enc.scene_prompt_ids(im)[0] for enc, im in zip(rows, images)]
+    else:
+        prompts = [enc.prompt_ids(g)[0] for enc, g in zip(rows, grids)]
     length = max(len(p) for p in prompts)
     n = len(prompts)
     input_ids = torch.full((n, length), first.pad_id, dtype=torch.long)
@@ -31,6 +36,8 @@ def prompt_batch(encoders, images: list) -> dict:
     for i, p in enumerate(prompts):
         input_ids[i, length - len(p):] = torch.tensor(p)
         attention_mask[i, length - len(p):] = 1
+    if first.scenes is not None:
+        return {"input_ids": input_ids, "attention_mask": attention_mask}
     mm = (input_ids == first.image_token_id).to(torch.int32)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "mm_token_type_ids": mm,
             "pixel_values": pixel_values, "image_grid_thw": grids}

@@ -118,6 +118,23 @@ def assistant_turn(processor, prompt: str) -> tuple[str, str]:
     return before, after
 
 
+def text_chat_prompt(processor, scene: str, prompt: str) -> str:
+    """The text-input prompt (model.input: text): the user turn holds the scene's attribute record as text
+    where the image would be, then `prompt`; no image placeholder."""
+    messages = [{"role": "user", "content": [{"type": "text", "text": f"{scene}\n{prompt}"}]}]
+    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def make_encoder(processor, vlm, pixel_cache_mb: float = 0) -> "Encoder":
+    """The `Encoder` of a job's `cwdpo.specs.Vlm`: the image in the user turn, or — `vlm.input` "text" — each
+    image's attribute record written as text (`cwdpo.shapes.scene_text`, from the caption file `vlm.scenes`)."""
+    scenes = None
+    if vlm.input == "text":
+        from .shapes import scene_texts
+        scenes = scene_texts(vlm.scenes)
+    return Encoder(processor, vlm.prompt, vlm.max_response_tokens, pixel_cache_mb=pixel_cache_mb, scenes=scenes)
+
+
 class Encoder:
     """Builds `SeqBatch`es for one processor and one prompt.
 
@@ -128,9 +145,15 @@ class Encoder:
     boundary, as TRL does) and cut to `max_response_tokens` tokens — the end-of-turn tokens count, as
     under TRL's `max_length` with `keep_start`: a cut response loses its end of turn (`truncated` tells
     which). `pixel_cache_mb` bounds an in-memory cache of processed images keyed by path.
+
+    Text input (`scenes`, {image path: the scene's attribute record as text}): an image is named by its path
+    only; its prompt holds its scene text instead of the image (`text_chat_prompt`), and a batch carries no
+    pixels, so the vision tower never runs (the rows keep their image index: rows of one image share a
+    prompt, as with images).
     """
 
-    def __init__(self, processor, prompt: str, max_response_tokens: int = 64, pixel_cache_mb: float = 0):
+    def __init__(self, processor, prompt: str, max_response_tokens: int = 64, pixel_cache_mb: float = 0,
+                 scenes: dict | None = None):
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.prompt = prompt
@@ -144,6 +167,8 @@ class Encoder:
         self._prompt_template = self.tokenizer(self.prompt_text, add_special_tokens=False)["input_ids"]
         if self._prompt_template.count(self.image_token_id) != 1:
             raise ValueError("the chat prompt must contain exactly one image placeholder")
+        self.scenes = scenes
+        self._scene_cache: dict = {}
         self.merge = int(getattr(processor.image_processor, "merge_size", 2))
         self._prompt_cache: dict = {}
         self._pixel_cache: dict = {}
@@ -157,7 +182,10 @@ class Encoder:
             return im.convert("RGB")
 
     def encode_images(self, images: list) -> tuple[torch.Tensor, torch.Tensor]:
-        """(pixel_values [P, D], image_grid_thw [M, 3]) for PIL images or paths (paths are cached)."""
+        """(pixel_values [P, D], image_grid_thw [M, 3]) for PIL images or paths (paths are cached); with text
+        input no pixels and no grids (the images' scene texts are in their prompts)."""
+        if self.scenes is not None:
+            return torch.zeros((0, 0)), torch.zeros((0, 3), dtype=torch.long)
         pv, grids = [], []
         todo = []
         for i, im in enumerate(images):
@@ -204,6 +232,24 @@ class Encoder:
         """Token ids of each response's whole rendered assistant turn (before any length limit)."""
         return self.tokenizer([self.completion_text(t) for t in texts], add_special_tokens=False)["input_ids"]
 
+    def scene_prompt_ids(self, image) -> tuple[list, torch.Tensor]:
+        """Text input: the prompt token ids of an image (its scene text, then the prompt) and their positions
+        (text positions: the three mRoPE axes advance together)."""
+        if image not in self._scene_cache:
+            if not isinstance(image, str) or image not in self.scenes:
+                raise ValueError(f"no attribute record for image {image!r}: the text input (model.input: text) "
+                                 "writes each image's attribute record in its place")
+            text = text_chat_prompt(self.processor, self.scenes[image], self.prompt)
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            self._scene_cache[image] = (ids, mrope_positions(ids, [], self.image_token_id, self.merge))
+        return self._scene_cache[image]
+
+    def prompts(self, images: list, grids) -> list:
+        """(prompt ids, positions) of each image: its placeholder expanded to its grid, or its scene text."""
+        if self.scenes is not None:
+            return [self.scene_prompt_ids(im) for im in images]
+        return [self.prompt_ids(g) for g in grids]
+
     def response_ids(self, texts: list) -> list:
         """Token ids of each response's assistant turn, cut to `max_response_tokens` tokens."""
         return [ids[: self.max_response_tokens] for ids in self.full_completion_ids(texts)]
@@ -213,15 +259,20 @@ class Encoder:
         return [len(ids) > self.max_response_tokens for ids in self.full_completion_ids(texts)]
 
     def build(self, images: list, rows: list) -> SeqBatch:
-        """A batch from unique `images` (PIL or paths) and `rows` = [(image_index, response_text)]."""
-        return self.build_encoded(*self.encode_images(images), rows)
+        """A batch from unique `images` (PIL or paths; paths with text input) and `rows` =
+        [(image_index, response_text)]."""
+        pixel_values, grids = self.encode_images(images)
+        return self.build_encoded(pixel_values, grids, rows, prompts=self.prompts(images, grids))
 
-    def build_encoded(self, pixel_values: torch.Tensor, grids: torch.Tensor, rows: list) -> SeqBatch:
-        """`build` from images already through `encode_images` (pixel_values [P, D], grids [M, 3])."""
+    def build_encoded(self, pixel_values: torch.Tensor, grids: torch.Tensor, rows: list,
+                      prompts: list | None = None) -> SeqBatch:
+        """`build` from images already through `encode_images` (pixel_values [P, D], grids [M, 3]); `prompts`:
+        each image's (prompt ids, positions) when not those of its grid (text input)."""
+        prompts = prompts if prompts is not None else [self.prompt_ids(g) for g in grids]
         responses = self.response_ids([text for _, text in rows])
         seqs, comp_starts, positions = [], [], []
         for (img_idx, _), resp in zip(rows, responses):
-            p_ids, p_pos = self.prompt_ids(grids[img_idx])
+            p_ids, p_pos = prompts[img_idx]
             seqs.append(p_ids + resp)
             comp_starts.append(len(p_ids))
             last = int(p_pos.max()) + 1 if p_pos.numel() else 0
@@ -289,9 +340,14 @@ def image_features(core, pixel_values: torch.Tensor, image_grid_thw: torch.Tenso
 
 
 def input_embeddings(core, batch: SeqBatch, image_token_id: int) -> torch.Tensor:
-    """Token embeddings with every row's image placeholders replaced by its image's features."""
+    """Token embeddings with every row's image placeholders replaced by its image's features (a batch without
+    images, the text input, is its token embeddings: the vision tower does not run)."""
     embed = core.get_input_embeddings()
     inputs_embeds = embed(batch.input_ids)
+    if batch.image_grid_thw.shape[0] == 0:
+        if bool((batch.input_ids == image_token_id).any()):
+            raise ValueError("image tokens in a batch without images")
+        return inputs_embeds
     feats = image_features(core, batch.pixel_values, batch.image_grid_thw)
     per_row = torch.cat([feats[i] for i in batch.row_image.tolist()]).to(inputs_embeds.dtype)
     mask = (batch.input_ids == image_token_id).unsqueeze(-1).expand_as(inputs_embeds)

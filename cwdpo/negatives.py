@@ -10,10 +10,13 @@
   used); see `read_external`.
 - on-policy: K samples per image from the Stage-1 model (`cwdpo.sampling`), kept when their CIDEr-D
   (document frequencies of the whole reference corpus) is below a threshold.
-- mixed: a fraction ρ of dataset negatives among on-policy ones (`build_pairs`).
+- beam: the Stage-1 model's own k beams per image (`cwdpo.sampling.run_beams`), kept when the grammar parse
+  against the image's attribute record finds a hallucinated or a missing object (`shapes` only).
+- mixed: a fraction ρ of dataset negatives and a fraction `beams` of wrong beams among on-policy ones
+  (`build_pairs`).
 
 Pairs are written in TRL's vision preference format (`images`, `prompt`, `chosen`, `rejected`,
-conversational) plus `image_id`, `source` (gentle|easy|external|onpolicy), `kind` and the negative's
+conversational) plus `image_id`, `source` (gentle|easy|external|onpolicy|beam), `kind` and the negative's
 `score` (its CIDEr-D against the image's references). No torch import.
 """
 from __future__ import annotations
@@ -28,7 +31,7 @@ import re
 from . import shapes as S
 from .data import DataError
 
-SOURCES = ("gentle", "easy", "external", "onpolicy")
+SOURCES = ("gentle", "easy", "external", "onpolicy", "beam")
 SHAPES_KINDS = ("colour", "shape", "size", "count", "relation")  # gentle changes of an attribute record
 LEXICON_KINDS = ("colour", "number", "preposition", "noun")  # gentle changes of a real caption
 _LEXICON = None
@@ -325,13 +328,15 @@ def dataset_negatives(rec, caption_index: int, rng: random.Random, cfg, others: 
 
 
 def build_pairs(records: list, cfg, rho: float, seed: int, onpolicy: dict | None = None,
-                external: dict | None = None, scorer=None, p_easy: float | None = None) -> tuple[list, dict]:
-    """Stage-2 preference pairs for `records` with a fraction `rho` of dataset negatives.
+                external: dict | None = None, scorer=None, p_easy: float | None = None, beams: dict | None = None,
+                beam_share: float = 0.0) -> tuple[list, dict]:
+    """Stage-2 preference pairs for `records` with a fraction `rho` of dataset negatives and a fraction
+    `beam_share` of the model's wrong beams; the rest on-policy.
 
-    Target size N = pairs_per_image × images. On-policy negatives come from `onpolicy`
-    ({image_id: [kept sample dicts]}); when fewer than (1−ρ)·N exist, N shrinks so that the dataset share
-    stays exactly round(ρ·N) (reported in the summary). Chosen = a reference caption of the image.
-    `scorer(text, refs)` gives each negative's score (CIDEr-D, corpus df). Returns (pairs, summary).
+    Target size N = pairs_per_image × images. On-policy negatives come from `onpolicy`, wrong beams from `beams`
+    ({image_id: [kept sample dicts]} each); when fewer than their share of N exist, N shrinks so that the
+    dataset share stays exactly round(ρ·N) (reported in the summary). Chosen = a reference caption of the
+    image. `scorer(text, refs)` gives each negative's score (CIDEr-D, corpus df). Returns (pairs, summary).
     """
     if p_easy is not None:
         cfg = dataclasses.replace(cfg, p_easy=p_easy)
@@ -343,24 +348,37 @@ def build_pairs(records: list, cfg, rho: float, seed: int, onpolicy: dict | None
             pool.append((rec, s))
     rng = random.Random(f"pairs:{seed}")
     rng.shuffle(pool)
-    if rho >= 1.0:
-        n_total = target
-    else:
-        n_total = min(target, int(len(pool) / (1.0 - rho)))
+    beam_pool = [(rec, s) for rec in records for s in (beams or {}).get(rec.image_id, [])]
+    beam_rng = random.Random(f"beams:{seed}")  # its own stream: a set without beams draws what it always drew
+    beam_rng.shuffle(beam_pool)
+    share_on = max(0.0, 1.0 - rho - beam_share)
+    limits = [target]
+    if share_on > 0:
+        limits.append(int(len(pool) / share_on))
+    if beam_share > 0:
+        limits.append(int(len(beam_pool) / beam_share))
+    n_total = min(limits)
     n_dataset = int(round(rho * n_total))
-    n_onpolicy = min(len(pool), n_total - n_dataset)
+    n_beams = min(len(beam_pool), int(round(beam_share * n_total)))
+    n_onpolicy = min(len(pool), n_total - n_dataset - n_beams)
     pairs = []
     # on-policy: the pool in shuffled order, chosen = a random reference
     for rec, s in pool[:n_onpolicy]:
         chosen = rng.choice(rec.captions)
         pairs.append(_pair(rec, chosen, {"text": s["text"], "source": "onpolicy", "kind": "sample",
                                          "score": s.get("score")}))
+    # wrong beams: their pool in shuffled order, chosen = a random reference
+    for rec, s in beam_pool[:n_beams]:
+        pairs.append(_pair(rec, beam_rng.choice(rec.captions), {"text": s["text"], "source": "beam",
+                                                                 "kind": s.get("kind", "beam"),
+                                                                 "score": s.get("score")}))
     # dataset: cycle over images and their captions deterministically
     slots = [(rec, i) for rec in records for i in range(len(rec.captions))]
     rng.shuffle(slots)
     j = 0
     attempts = 0
-    while sum(1 for p in pairs if p["source"] != "onpolicy") < n_dataset and attempts < 20 * max(1, n_dataset) + 100:
+    while sum(1 for p in pairs if p["source"] not in ("onpolicy", "beam")) < n_dataset and \
+            attempts < 20 * max(1, n_dataset) + 100:
         rec, i = slots[j % len(slots)]
         j += 1
         attempts += 1
@@ -385,6 +403,8 @@ def build_pairs(records: list, cfg, rho: float, seed: int, onpolicy: dict | None
     summary = {"rho": rho, "target_pairs": target, "pairs": len(pairs), "dataset": n_dataset, "onpolicy": n_onpolicy,
                "onpolicy_pool": len(pool), "by_source": counts, "by_kind": kinds, "images": len(records),
                "rho_effective": (n_dataset / len(pairs)) if pairs else None}
+    if beam_share > 0:  # (the summary of a set without beams keeps its keys)
+        summary.update({"beam_share": beam_share, "beams": n_beams, "beam_pool": len(beam_pool)})
     return pairs, summary
 
 
@@ -462,10 +482,11 @@ def read_samples(path: str) -> dict:
 # ---------------------------------------------------------------------------------------------------
 # the commands
 
-def make_pairs(spec, onpolicy: str | None, out: str, summary_out: str) -> dict:
+def make_pairs(spec, onpolicy: str | None, out: str, summary_out: str, beams: str | None = None) -> dict:
     """`cwdpo make-pairs` (a `PairsSpec`): Stage-2 (or held-out) preference pairs of the spec's images —
-    a share ρ of dataset negatives among the on-policy samples of `onpolicy` — in TRL's format, and their
-    summary. Negatives are scored by CIDEr-D with the document frequencies of all the split's images."""
+    a share ρ of dataset negatives and a share of the wrong beams of `beams` among the on-policy samples of
+    `onpolicy` — in TRL's format, and their summary. Negatives are scored by CIDEr-D with the document
+    frequencies of all the split's images."""
     from .data import BadInputLog, DataError, load_records, stage_records, write_json
     from .metrics import simple_tokenize
     from .metrics import corpus_scorer
@@ -480,12 +501,16 @@ def make_pairs(spec, onpolicy: str | None, out: str, summary_out: str) -> dict:
     scorer = corpus_scorer(corpus)
     pairs, summary = build_pairs(records, spec.negatives, spec.rho, spec.seed,
                                  onpolicy=read_samples(onpolicy) if onpolicy else None, external=external,
-                                 p_easy=spec.p_easy,
+                                 p_easy=spec.p_easy, beams=read_samples(beams) if beams else None,
+                                 beam_share=spec.beams,
                                  scorer=lambda text, refs: scorer.score_one(simple_tokenize(text),
                                                                             [simple_tokenize(r) for r in refs]))
+    if spec.beams > 0 and beams is None:
+        raise DataError(f"the negatives set mixes in wrong beams (beams {spec.beams}) but no --beams file was given")
     if not pairs:
-        raise DataError(f"no pairs (rho={spec.rho}, on-policy pool {summary['onpolicy_pool']}); lower "
-                        "negatives.onpolicy.threshold or raise rho")
+        raise DataError(f"no pairs (rho={spec.rho}, on-policy pool {summary['onpolicy_pool']}"
+                        + (f", wrong-beam pool {summary['beam_pool']}" if spec.beams > 0 else "")
+                        + "); lower negatives.onpolicy.threshold or raise rho")
     write_pairs(out, pairs, spec.prompt)
     summary["truncated"] = truncation_counts(pairs, spec)
     summary["bad_input"] = bad.summary()

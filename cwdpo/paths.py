@@ -31,6 +31,8 @@ TEMPLATES = {
     # Stage-2 inputs of the runs that start from one model (a Stage-1 run, or base) with one seed
     "onpolicy": NEGATIVES + "/onpolicy.jsonl",
     "onpolicy_summary": NEGATIVES + "/onpolicy_summary.json",
+    "beams": NEGATIVES + "/beams.jsonl",  # the model's own beams, grounded: the wrong ones are negatives
+    "beams_summary": NEGATIVES + "/beams_summary.json",
     "pairs": NEGATIVES + "/pairs_{negset}.jsonl",
     "pairs_summary": NEGATIVES + "/pairs_{negset}_summary.json",
     "ref_logps": NEGATIVES + "/ref_{negset}.json",
@@ -44,6 +46,8 @@ TEMPLATES = {
     "mcq": EVAL + "/mcq_{mcqset}.json",
     "heldout_pairs": "{out}/eval/heldout_pairs.jsonl",
     "heldout_summary": "{out}/eval/heldout_pairs_summary.json",
+    # the calibration rule's outcome of a sweep table (the lr of recipes with `lr: calibrated`)
+    "calibration_choice": "{out}/calibration/{table}.json",
     # tables and figures
     "table": "{out}/tables/{table}",
     "figure": "{out}/figures/{figure}",
@@ -54,7 +58,8 @@ TRIVIAL = "trivial"  # the eval key of the trivial baseline (most frequent capti
 
 
 class Layout:
-    """The artifact paths of one experiment (`out` = results/<experiment>)."""
+    """The artifact paths of one experiment (`out` = results/<experiment>, or results/<experiment>/variants/<name>
+    for a variant of it: config `variants`)."""
 
     def __init__(self, out: str):
         if "{" in out or "}" in out:

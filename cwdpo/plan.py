@@ -11,11 +11,12 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from .config import stage1_recipe, stage2_recipe
+from .config import (ARMS_KINDS, CALIBRATED, arm_runs, onpolicy_share, stage1_recipe, stage2_recipe, validate_config,
+                     variant_config)
 from .paths import TRIVIAL, Layout, ModelKey
-from .specs import (BuildModelSpec, CocoObjectsSpec, DataSpec, EvalSetSpec, EvalSpec, McqSpec, NegativesSpec,
-                    PairsSpec, ProbeSetSpec, ProbesSpec, RefSpec, SampleSpec, StabilitySpec, TrainSpec, TrivialSpec,
-                    ValidateSpec, Vlm)
+from .specs import (BeamSpec, BuildModelSpec, CocoObjectsSpec, DataSpec, EvalSetSpec, EvalSpec, McqSpec,
+                    NegativesSpec, PairsSpec, ProbeSetSpec, ProbesSpec, RefSpec, SampleSpec, StabilitySpec, TrainSpec,
+                    TrivialSpec, ValidateSpec, Vlm)
 
 # The held-out pairs' w_c column of a model that is not a Stage-2 run uses stage2.defaults.l_floor; when
 # that is "mean" (resolved per Stage-2 run from its reference pass) there is no single number, and the
@@ -24,10 +25,53 @@ MEAN_FLOOR_FALLBACK = -5.0
 
 
 class Plan:
-    def __init__(self, config: dict):
+    """The plan of one experiment tree: the experiment itself (`out` results/<experiment>), or one of its
+    variants (config `variants`: out results/<experiment>/variants/<name>, planned from the variant's config).
+    `arm_runs`: the run selections the experiment's tables across variants read from this tree (they are
+    evaluated and scored here even when no table of this tree shows them)."""
+
+    def __init__(self, config: dict, out: str | None = None, variant: str | None = None, arm_runs: list = ()):
         self.c = config
-        self.out = f"results/{config['experiment']}"
+        self.out = out or f"results/{config['experiment']}"
+        self.variant = variant
         self.layout = Layout(self.out)
+        self._arm_runs = list(arm_runs)
+        self._variants = None
+
+    # ---- variants (config `variants`) and the tables across them ----
+    def arms_tables(self) -> dict:
+        """The enabled tables that compare arms (kinds scale, modality, negsource)."""
+        return {k: t for k, t in self.enabled_tables().items() if t["kind"] in ARMS_KINDS}
+
+    def variant_plans(self) -> dict:
+        """{name: Plan} of the experiment's variants (none for a variant itself), built once."""
+        if self._variants is None:
+            wanted: dict = {}
+            for table in self.arms_tables().values():
+                for arm in table["arms"]:
+                    if arm.get("variant"):
+                        wanted.setdefault(arm["variant"], []).extend(arm_runs(table, arm).values())
+            self._variants = {
+                name: Plan(validate_config(variant_config(self.c, name), check_paths=False),
+                           out=f"{self.out}/variants/{name}", variant=name, arm_runs=wanted.get(name, []))
+                for name in self.c["variants"]}
+        return self._variants
+
+    def all_plans(self) -> list:
+        """(rule-name suffix, Plan) of this experiment ("") and of each variant ("__<name>"): the rules are
+        defined once per plan (workflow/rules/common.smk)."""
+        return [("", self)] + [(f"__{name}", plan) for name, plan in self.variant_plans().items()]
+
+    def arm_plan(self, arm: dict) -> "Plan":
+        """The plan whose runs an arm of a table across variants reads."""
+        return self.variant_plans()[arm["variant"]] if arm.get("variant") else self
+
+    def arm_selections(self) -> list:
+        """The run selections this tree's runs serve to tables across arms: its own arms tables' arms without a
+        variant, and what the experiment's tables read from it (for a variant)."""
+        own = [sel for table in self.arms_tables().values() for arm in table["arms"] if not arm.get("variant")
+               for sel in arm_runs(table, arm).values()]
+        return own + self._arm_runs
 
     def pattern(self, name: str, file: str | None = None) -> str:
         return self.layout.pattern(name, file)
@@ -158,9 +202,11 @@ class Plan:
 
     def vlm(self) -> Vlm:
         m = self.c["model"]
+        text = m["input"] == "text"
         return Vlm(base=None if self.tiny else m["source"], prompt=self.c["prompt"], min_pixels=m["min_pixels"],
                    max_pixels=m["max_pixels"], dtype=m["dtype"], max_response_tokens=m["max_response_tokens"],
-                   trust_remote_code=m["trust_remote_code"])
+                   trust_remote_code=m["trust_remote_code"], input=m["input"],
+                   scenes=self.data_json() if text else None)
 
     @property
     def evaluate_in_training_job(self) -> bool:
@@ -196,11 +242,11 @@ class Plan:
 
     def eval_keys(self) -> list:
         keys = []
-        for table in self.enabled_tables().values():
-            for row in table.get("rows", []):
-                for k in self.row_keys(row):
-                    if k not in keys:
-                        keys.append(k)
+        rows = [row for table in self.enabled_tables().values() for row in table.get("rows", [])]
+        for row in rows + [{"name": "", **sel} for sel in self.arm_selections()]:
+            for k in self.row_keys(row):
+                if k not in keys:
+                    keys.append(k)
         return keys
 
     def needs_topk_beams(self, key: str) -> bool:
@@ -263,7 +309,17 @@ class Plan:
         return stage2_recipe(self.c, stage2)["negatives"]
 
     def needs_onpolicy(self, negset: str) -> bool:
-        return self.c["negatives"]["sets"][negset]["rho"] < 1
+        return onpolicy_share(self.c["negatives"]["sets"][negset]) > 0
+
+    def needs_beams(self, negset: str) -> bool:
+        return self.c["negatives"]["sets"][negset]["beams"] > 0
+
+    def calibration_choice_file(self) -> str:
+        """The calibration rule's outcome that recipes with `lr: calibrated` read (stage2.calibration)."""
+        return self.path("calibration_choice", table=self.c["stage2"]["calibration"])
+
+    def calibrated(self, stage2: str) -> bool:
+        return stage2_recipe(self.c, stage2)["lr"] == CALIBRATED
 
     def probes_enabled(self) -> bool:
         return bool(self.c["probes"]["enabled"])
@@ -279,6 +335,8 @@ class Plan:
         inputs = {"data": self.data_inputs(), "tokenizer": self.tokenizer_inputs()}
         if self.needs_onpolicy(negset):
             inputs["onpolicy"] = self.path("onpolicy", stage1=stage1, seed=seed)
+        if self.needs_beams(negset):
+            inputs["beams"] = self.path("beams", stage1=stage1, seed=seed)
         if self.c["negatives"]["external"]:
             inputs["external"] = self.c["negatives"]["external"]
         return inputs
@@ -305,6 +363,8 @@ class Plan:
             inputs["model"] = self.stage_init(stage1, seed)
         if self.probes_enabled():
             inputs["probe"] = self.path("probe_set", stage1=stage1, seed=seed)
+        if self.calibrated(stage2):
+            inputs["lr_choice"] = self.calibration_choice_file()
         return {**inputs, **self._fused_eval_inputs(ModelKey(stage1, int(seed), stage2))}
 
     def _fused_eval_inputs(self, key: ModelKey) -> dict:
@@ -415,7 +475,8 @@ class Plan:
                          lora=self.c["model"]["lora"], probes=self.probes_spec(stage1, seed, stage=2),
                          negatives=None, data_seed=None,
                          pairs=self.path("pairs", stage1=stage1, seed=seed, negset=negset),
-                         ref_logps=self.path("ref_logps", stage1=stage1, seed=seed, negset=negset))
+                         ref_logps=self.path("ref_logps", stage1=stage1, seed=seed, negset=negset),
+                         lr_choice=self.calibration_choice_file() if hp["lr"] == CALIBRATED else None)
 
     def eval_spec(self, key: str) -> EvalSpec:
         k = ModelKey.parse(key)
@@ -451,7 +512,13 @@ class Plan:
         return PairsSpec(prompt=self.c["prompt"], data=self.data_spec("finetune", stage="stage2"),
                          negatives=self.negatives_spec(), rho=s["rho"], p_easy=s.get("p_easy"), seed=int(seed),
                          tokenizer=self.tokenizer_source(),
-                         max_response_tokens=self.c["model"]["max_response_tokens"])
+                         max_response_tokens=self.c["model"]["max_response_tokens"], beams=s["beams"])
+
+    def beam_spec(self, stage1: str, seed) -> BeamSpec:
+        b = self.c["negatives"]["beams"]
+        return BeamSpec(vlm=self.vlm(), model=self.stage_init(stage1, seed),
+                        data=self.data_spec("finetune", stage="stage2"), k=b["k"], max_new_tokens=b["max_new_tokens"],
+                        batch_size=b["batch_size"])
 
     def heldout_spec(self) -> PairsSpec:
         """Held-out pairs of the test split: dataset negatives only (no external file), a fixed seed."""

@@ -128,8 +128,13 @@ def _attention_mask(allowed: torch.Tensor, dtype, text_model) -> torch.Tensor:
 
 
 def _embed(core, ids: torch.Tensor, feats: list, images: list, image_token_id: int) -> torch.Tensor:
-    """Token embeddings of `ids` [B, S] with the image tokens of row b replaced by feats[images[b]]."""
+    """Token embeddings of `ids` [B, S] with the image tokens of row b replaced by feats[images[b]] (no
+    features: a batch without images, the text input)."""
     embeds = core.get_input_embeddings()(ids)
+    if not feats:
+        if bool((ids == image_token_id).any()):
+            raise ValueError("image tokens in a batch without images")
+        return embeds
     per_row = torch.cat([feats[i] for i in images]).to(embeds.dtype)
     mask = (ids == image_token_id).unsqueeze(-1).expand_as(embeds)
     if int(mask[..., 0].sum()) != per_row.shape[0]:
@@ -223,6 +228,6 @@ def completion_logps_shared_prefix(model, batch: SeqBatch, image_token_id: int, 
     targets = batch.input_ids[rows, cols + 1]
     if rows.numel() == 0:
         return completion_logps(model, batch, image_token_id, keep_logits)
-    feats = image_features(core, batch.pixel_values, batch.image_grid_thw)
+    feats = image_features(core, batch.pixel_values, batch.image_grid_thw) if batch.image_grid_thw.shape[0] else []
     h = hidden(core, text_model, batch, grp, feats, image_token_id, rows, cols)
     return logps_from_hidden(core, h, targets, rows, batch.n_rows, keep_logits)

@@ -6,7 +6,7 @@ import os
 import torch
 
 from .data import file_sha256, read_json, write_json
-from .logprobs import Collator, Encoder, SeqBatch, completion_logps
+from .logprobs import Collator, SeqBatch, completion_logps, make_encoder
 from .models import load_for_inference, model_fingerprint, set_threads
 
 
@@ -23,7 +23,7 @@ def reference_logps(model_dir: str, pairs_path: str, out_path: str, vlm, batch_s
     from .negatives import read_pairs
     pairs = read_pairs(pairs_path, vlm.prompt)
     model, processor = load_for_inference(model_dir, vlm)
-    encoder = Encoder(processor, vlm.prompt, vlm.max_response_tokens)
+    encoder = make_encoder(processor, vlm)
     result = {k: [] for k in ("ref_chosen_logps", "ref_rejected_logps", "ref_chosen_avg", "ref_rejected_avg")}
     collate = Collator(encoder, "pair")
     from tqdm import tqdm

@@ -31,10 +31,10 @@ class HFSampler:
     """transformers `generate` sampling (the CPU default)."""
 
     def __init__(self, model_dir: str, vlm, *, batch_size: int = 64):
-        from .logprobs import Encoder
+        from .logprobs import make_encoder
         from .models import load_for_inference
         self.model, self.processor = load_for_inference(model_dir, vlm)
-        self.encoder = Encoder(self.processor, vlm.prompt, vlm.max_response_tokens)
+        self.encoder = make_encoder(self.processor, vlm)
         self.batch_size = batch_size
         self.device = str(self.model.device)
 
@@ -214,4 +214,78 @@ def run(spec, out: str, summary_out: str, threads: int = 0) -> dict:
                                             max_new_tokens=int(o["max_new_tokens"])),
                "mean_score": sum(s["score"] for x in stage2_scored for s in x["samples"]) / max(1, n)}
     write_json(summary_out, summary)
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------------
+# the model's own wrong beams (negatives set `beams`)
+
+def beam_kind(grounded: dict) -> str | None:
+    """Why a beam is wrong, from its grounding counts (`cwdpo.grounding.ground`): it names an object the
+    image does not have ("hallucinated"), leaves one of the image's objects out ("missing"), or both; None
+    when it is right about which objects are there."""
+    hallucinated = grounded["hallucinated"] > 0
+    missing = grounded["recalled"] < grounded["objects"]
+    if hallucinated and missing:
+        return "hallucinated_missing"
+    return "hallucinated" if hallucinated else ("missing" if missing else None)
+
+
+def ground_beams(records: list, beams: list, scorer: CiderD) -> list:
+    """Per image: each beam (best first) with its grounding, CIDEr-D and whether it is kept as a negative (it
+    is wrong, not empty, not a reference and not a repeat of a higher beam) — the samples format of
+    `read_samples`."""
+    from .grounding import ground
+    out = []
+    for rec, texts in zip(records, beams):
+        refs = [simple_tokenize(c) for c in rec.captions]
+        ref_set = {" ".join(c.lower().split()) for c in rec.captions}
+        seen, entries = set(), []
+        for rank, t in enumerate(texts):
+            g = ground(t, rec.attributes)
+            norm = " ".join(t.lower().split())
+            kind = beam_kind(g)
+            entries.append({"text": t, "rank": rank, "score": float(scorer.score_one(simple_tokenize(t), refs)),
+                            "hallucinated": g["hallucinated"], "missing": g["objects"] - g["recalled"],
+                            "kind": kind, "is_reference": norm in ref_set,
+                            "kept": bool(t.strip()) and kind is not None and norm not in ref_set and norm not in seen})
+            seen.add(norm)
+        out.append({"image_id": rec.image_id, "samples": entries})
+    return out
+
+
+def run_beams(spec, out: str, summary_out: str, threads: int = 0) -> dict:
+    """`cwdpo beam-negatives` (a `BeamSpec`): the k beams of a size-k beam search of the spec's model on every
+    Stage-2 image, grounded in the image's attribute record; the wrong ones are the negatives. Writes the
+    beams JSONL and a summary of the counts (also printed to the job's log)."""
+    import sys
+    from .data import DataError, load_records, stage_records, write_json, write_text
+    from .generation import generate_captions
+    from .logprobs import make_encoder
+    from .models import load_for_inference, set_threads
+    set_threads(threads)
+    finetune = load_records(spec.data)
+    stage2 = stage_records(finetune, spec.data)
+    bare = [r.image_id for r in stage2 if r.attributes is None]
+    if bare:
+        raise DataError(f"{spec.data.json}: image {bare[0]} has no attribute record; beam negatives are grounded in "
+                        "the `shapes` attribute records")
+    model, processor = load_for_inference(spec.model, spec.vlm)
+    beams = generate_captions(model, make_encoder(processor, spec.vlm), [r.path for r in stage2], num_beams=spec.k,
+                              num_return=spec.k, max_new_tokens=spec.max_new_tokens, batch_size=spec.batch_size,
+                              desc="beams")
+    rows = ground_beams(stage2, beams, corpus_scorer(finetune))
+    write_text(out, "".join(json.dumps(x, sort_keys=True) + "\n" for x in rows))
+    entries = [e for x in rows for e in x["samples"]]
+    summary = {"images": len(rows), "k": spec.k, "beams": len(entries),
+               "wrong": sum(e["kind"] is not None for e in entries),
+               "hallucinated": sum(e["hallucinated"] > 0 for e in entries),
+               "missing": sum(e["missing"] > 0 for e in entries),
+               "kept": sum(e["kept"] for e in entries),
+               "equal_to_a_reference": sum(e["is_reference"] for e in entries),
+               "images_with_a_kept_beam": sum(any(e["kept"] for e in x["samples"]) for x in rows)}
+    write_json(summary_out, summary)
+    print(f"[cwdpo beam-negatives] {summary['beams']} beams of {summary['images']} images: {summary['wrong']} wrong "
+          f"({summary['hallucinated']} with a hallucinated object, {summary['missing']} missing one), "
+          f"{summary['kept']} kept as negatives", file=sys.stderr)
     return summary

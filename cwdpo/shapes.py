@@ -95,6 +95,22 @@ def render_caption(attributes: dict, template: int, slots: dict) -> str:
     return text.format(**fields)
 
 
+def scene_text(attributes: dict) -> str:
+    """The attribute record written as text, the input of `model.input: text`: every object as
+    "<size> <colour> <shape> in the <location>" in the record's (caption) order, joined by "; " — e.g.
+    "big red circle in the top left; small blue star in the middle". The same record always gives the same
+    text, and it states exactly what the image shows (its objects, their attributes and cells)."""
+    return "; ".join(f"{o['size']} {o['colour']} {o['shape']} in the {location_phrase(*o['cell'])}"
+                     for o in attributes["objects"])
+
+
+def scene_texts(json_path: str) -> dict:
+    """{image path: scene_text} of every image of a `shapes` caption file that has an attribute record (all
+    splits; the paths are those `cwdpo.data.load_records` gives)."""
+    return {r.path: scene_text(r.attributes) for r in load_karpathy(json_path, check_files=False)
+            if r.attributes is not None}
+
+
 @dataclass(frozen=True)
 class ShapesSpec:
     """Sizes of one `shapes` dataset (splits in generation order) and its seed.

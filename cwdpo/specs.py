@@ -4,6 +4,11 @@
 serialises each once (`to_json`); the command rebuilds it with `from_json`, which requires every field
 and refuses unknown ones. So no command re-applies a default: a key is either in the spec or the job
 stops. A spec's JSON is a `params` value of its rule, so Snakemake reruns a job when its spec changes.
+
+A field declared with `optional(value)` (a setting added after the spec's first release, e.g. the text
+input mode) is left out of the JSON while it holds `value`, and `from_json` takes `value` when the key is
+absent: the jobs of a config that does not use the setting keep their spec text, so adding the setting
+reruns nothing. The plan still sets every such field explicitly from the validated config.
 No torch import.
 """
 from __future__ import annotations
@@ -15,8 +20,31 @@ import typing
 from dataclasses import dataclass
 
 
+OMIT_DEFAULT = "omit_default"
+
+
+def optional(default):
+    """A spec field left out of the JSON while it holds `default` (immutable: None, a number, a string)."""
+    return dataclasses.field(default=default, metadata={OMIT_DEFAULT: True})
+
+
+def _omit_defaults(spec, d: dict) -> dict:
+    """`d` (asdict of `spec`) without the `optional` fields that hold their default, recursively."""
+    for f in dataclasses.fields(spec):
+        value = getattr(spec, f.name)
+        if f.metadata.get(OMIT_DEFAULT) and value == f.default:
+            d.pop(f.name, None)
+        elif dataclasses.is_dataclass(value):
+            _omit_defaults(value, d[f.name])
+        elif isinstance(value, (list, tuple)):
+            for item, sub in zip(value, d[f.name]):
+                if dataclasses.is_dataclass(item):
+                    _omit_defaults(item, sub)
+    return d
+
+
 def to_dict(spec) -> dict:
-    return dataclasses.asdict(spec)
+    return _omit_defaults(spec, dataclasses.asdict(spec))
 
 
 def to_json(spec) -> str:
@@ -77,7 +105,9 @@ def from_json(cls, text: str):
 @dataclass(frozen=True)
 class Vlm:
     """How every job loads and prompts the VLM: `base` is the hub id / folder that adapter folders sit on
-    (None for the self-contained tiny folders); images are resized into [min_pixels, max_pixels]."""
+    (None for the self-contained tiny folders); images are resized into [min_pixels, max_pixels].
+    `input` "text" (config model.input): the user turn holds the image's attribute record written as text
+    (`cwdpo.shapes.scene_text`, read from the caption file `scenes`) instead of the image."""
     base: str | None
     prompt: str
     min_pixels: int
@@ -85,6 +115,8 @@ class Vlm:
     dtype: str
     max_response_tokens: int
     trust_remote_code: bool
+    input: str = optional("image")
+    scenes: str | None = optional(None)
 
 
 @dataclass(frozen=True)
@@ -153,7 +185,8 @@ class BuildModelSpec:
 class TrainSpec:
     """One training run: `hparams` is the recipe merged over its stage's defaults (every key set);
     `train` the config's `train` settings. Stage 2 reads `pairs` and their cached `ref_logps`; SFT-C
-    builds its gentle negatives from `negatives` with `data_seed`."""
+    builds its gentle negatives from `negatives` with `data_seed`. `lr_choice`: the calibration-choice file
+    a recipe with `lr: calibrated` takes its learning rate from (`cwdpo.report.write_calibration_choice`)."""
     method: str
     init: str
     seed: int
@@ -167,6 +200,7 @@ class TrainSpec:
     data_seed: int | None
     pairs: str | None
     ref_logps: str | None
+    lr_choice: str | None = optional(None)
 
 
 @dataclass(frozen=True)
@@ -251,9 +285,9 @@ class SampleSpec:
 @dataclass(frozen=True)
 class PairsSpec:
     """Preference pairs: a share `rho` of dataset negatives (easy with probability `p_easy`, or the
-    negatives' own share when None) among on-policy ones. The summary counts the responses whose assistant
-    turn is longer than `max_response_tokens` under the tokenizer and chat template of `tokenizer` (a model
-    folder or hub id): those are cut when scored."""
+    negatives' own share when None) and a share `beams` of the model's own wrong beams among on-policy ones.
+    The summary counts the responses whose assistant turn is longer than `max_response_tokens` under the
+    tokenizer and chat template of `tokenizer` (a model folder or hub id): those are cut when scored."""
     prompt: str
     data: DataSpec
     negatives: NegativesSpec
@@ -262,6 +296,19 @@ class PairsSpec:
     seed: int
     tokenizer: str
     max_response_tokens: int
+    beams: float = optional(0.0)
+
+
+@dataclass(frozen=True)
+class BeamSpec:
+    """Beam negatives: the `k` beams of a size-`k` beam search of `model` on the Stage-2 images, each grounded
+    in the image's attribute record; a beam naming an object not in the image, or leaving one out, is kept."""
+    vlm: Vlm
+    model: str
+    data: DataSpec
+    k: int
+    max_new_tokens: int
+    batch_size: int
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ def run(spec, out_dir: str, threads: int = 0) -> dict:
     model is not kept."""
     from .generation import generate_captions
     from .grounding import grounding_scores
-    from .logprobs import Encoder
+    from .logprobs import make_encoder
     from .models import build_base_init, load_for_inference
     from .train import run_training
     init = os.path.join(out_dir, "init")
@@ -24,7 +24,7 @@ def run(spec, out_dir: str, threads: int = 0) -> dict:
     metrics = run_training(dataclasses.replace(spec.train, init=init), out_dir, threads=threads)
     records = load_records(spec.test)
     model, processor = load_for_inference(os.path.join(out_dir, "model"), spec.train.vlm)
-    encoder = Encoder(processor, spec.train.vlm.prompt, spec.train.vlm.max_response_tokens)
+    encoder = make_encoder(processor, spec.train.vlm)
     caps = generate_captions(model, encoder, [r.path for r in records], num_beams=spec.num_beams,
                              max_new_tokens=spec.max_new_tokens, batch_size=spec.batch_size, desc="stability")
     truth = grounding_truth(records)["attributes"]

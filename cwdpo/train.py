@@ -8,6 +8,7 @@ by `reference_logps` — never recomputed per step (TRL recomputes them per step
 from __future__ import annotations
 
 import csv
+import dataclasses
 import glob
 import json
 import os
@@ -20,9 +21,9 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from . import losses as L
-from .config import METHODS, STAGE2_METHODS
+from .config import CALIBRATED, METHODS, STAGE2_METHODS
 from .data import file_sha256, load_records, read_json, stage_records, write_json, write_rows_csv, write_text
-from .logprobs import Collator, Encoder, SeqBatch, completion_logps
+from .logprobs import Collator, Encoder, SeqBatch, completion_logps, make_encoder
 from .models import load_model, load_processor, set_threads, unwrap
 from .specs import to_dict
 
@@ -255,7 +256,7 @@ def spec_fingerprint(spec) -> str:
                          if k not in ("progress", "save_steps", "save_total_limit", "logging_steps",
                                       "pixel_cache_mb", "inject_nan_step")}
     # the content of the files it reads: a retrained init model or new pairs invalidate old checkpoints
-    relevant["inputs"] = {key: _stat_fingerprint(d[key]) for key in ("init", "pairs", "ref_logps")
+    relevant["inputs"] = {key: _stat_fingerprint(d[key]) for key in ("init", "pairs", "ref_logps", "lr_choice")
                           if isinstance(d.get(key), str) and os.path.exists(d[key])}
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
 
@@ -313,7 +314,6 @@ def training_arguments(spec, out_dir: str) -> TrainingArguments:
         bf16=bool(tr["bf16"]),
     )
     if tr["gradient_checkpointing"]:  # renamed activation_checkpointing in transformers 5.2x
-        import dataclasses
         names = {f.name for f in dataclasses.fields(TrainingArguments)}
         kwargs["activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"] = True
     if kwargs["lr_scheduler_type"] == "cosine_with_min_lr":
@@ -412,16 +412,19 @@ def run_training(spec, out_dir: str, threads: int = 0) -> dict:
     random.seed(int(spec.seed))
     torch.manual_seed(int(spec.seed))
     hp = dict(spec.hparams)
+    calibration = None
     if spec.method in STAGE2_METHODS:
         hp["l_floor"] = resolve_l_floor(hp["l_floor"], spec.ref_logps)
+        if hp["lr"] == CALIBRATED:  # the calibration rule's outcome (config stage2.calibration)
+            calibration = read_json(spec.lr_choice)
+            hp["lr"] = float(calibration["lr"])
     vlm = spec.vlm
     processor = load_processor(spec.init, vlm.min_pixels, vlm.max_pixels, vlm.trust_remote_code)
-    encoder = Encoder(processor, vlm.prompt, vlm.max_response_tokens,
-                      pixel_cache_mb=float(spec.train["pixel_cache_mb"]))
+    encoder = make_encoder(processor, vlm, pixel_cache_mb=float(spec.train["pixel_cache_mb"]))
     items, kind, summary = build_dataset(spec)
     check_enough_data(spec, len(items), "pairs" if kind == "pair" else "examples",
                       int(os.environ.get("WORLD_SIZE", "1")))
-    args, model = load_for_training(spec, out_dir)
+    args, model = load_for_training(dataclasses.replace(spec, hparams=hp), out_dir)
     callbacks = []
     if spec.train["inject_nan_step"]:
         callbacks.append(InjectNan(spec.train["inject_nan_step"]))
@@ -457,6 +460,8 @@ def run_training(spec, out_dir: str, threads: int = 0) -> dict:
                "parameters": sum(getattr(p, "ds_numel", 0) or p.numel() for p in model.parameters()),
                "trainable_parameters": sum(getattr(p, "ds_numel", 0) or p.numel() for p in model.parameters()
                                            if p.requires_grad)}
+    if calibration is not None:  # (only then: the metrics of a run with a set lr keep their keys)
+        metrics["lr_calibrated"] = {k: calibration[k] for k in ("lr", "row", "signature", "outcome", "table")}
     if not trainer.is_world_process_zero():  # torchrun: one writer of the run's files
         return metrics
     processor.save_pretrained(model_dir)

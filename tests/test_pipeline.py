@@ -288,8 +288,9 @@ def test_calibration_overlay_sweeps_the_control_and_writes_f_calibrate(micro_run
     shutil.copy(os.path.join(os.path.dirname(__file__), "..", "config", "calibrate.yaml"),
                 os.path.join(micro_run, "calibrate.yaml"))
     res = os.path.join(micro_run, "results", "micro")
-    run([sys.executable, "-m", "snakemake", "results/micro/figures/calibrate.png", "--cores", "2", "--configfile",
-         "micro.yaml", "calibrate.yaml"], cwd=micro_run)
+    # (the figure reads the sweep's evaluations, not the table: both are targets)
+    run([sys.executable, "-m", "snakemake", "results/micro/figures/calibrate.png", "results/micro/tables/calibrate.md",
+         "--cores", "2", "--configfile", "micro.yaml", "calibrate.yaml"], cwd=micro_run)
     rows = list(csv.DictReader(open(os.path.join(res, "tables", "calibrate.csv"))))
     assert [float(r["lr"]) for r in rows] == [5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3]
     assert sum(r["chosen"] == "True" for r in rows) <= 1
@@ -297,3 +298,147 @@ def test_calibration_overlay_sweeps_the_control_and_writes_f_calibrate(micro_run
         assert math.isfinite(float(r["top1_gain"])) and math.isfinite(float(r["dlogp_positive"]))
     assert "Outcome:" in open(os.path.join(res, "tables", "calibrate.md")).read()
     assert os.path.getsize(os.path.join(res, "figures", "calibrate.png")) > 10000
+
+
+# ---------------------------------------------------------------------------------------------------
+# the open questions (config/negsource.yaml, modality.yaml, scale.yaml), each in its micro version
+# (tests/configs/micro_<name>.yaml: two seeds for the table's runs, the micro run's steps and splits), over
+# the micro run above (its seed-0 runs are reused)
+
+def _overlay(micro_run, name, *targets):
+    """Run the micro version of config/<name>.yaml to `targets`; (the table's CSV rows, its Markdown)."""
+    import shutil
+    import sys
+    here = os.path.dirname(__file__)
+    shutil.copy(os.path.join(here, "..", "config", f"{name}.yaml"), os.path.join(micro_run, f"{name}.yaml"))
+    shutil.copy(os.path.join(here, "configs", f"micro_{name}.yaml"), os.path.join(micro_run, f"micro_{name}.yaml"))
+    run([sys.executable, "-m", "snakemake", *targets, "--cores", "2", "--configfile", "micro.yaml", f"{name}.yaml",
+         f"micro_{name}.yaml"], cwd=micro_run)
+    stem = os.path.join(micro_run, "results", "micro", "tables", name)
+    for ext in ("md", "csv", "tex"):
+        assert os.path.getsize(f"{stem}.{ext}") > 0
+    return list(csv.DictReader(open(f"{stem}.csv"))), open(f"{stem}.md").read()
+
+
+def _check_claims(rows, arms, claim_ids):
+    """Every claim is decided in every arm, and its verdict is `verdict` of the interval and δ the table prints
+    (no verdict word is written by hand); returns {(claim id, arm): verdict}."""
+    from cwdpo.config import load_claims
+    from cwdpo.stats import verdict
+    claims = [r for r in rows if r["section"] == "claim"]
+    assert [(r["row"], r["arm"]) for r in claims] == [(c, a) for c in claim_ids for a in arms]
+    known = load_claims()
+    for r in claims:
+        assert r["verdict"] in ("holds", "does not hold", "inconclusive") and r["method"], r
+        lo, hi = (float(r["lo"]), float(r["hi"])) if r["lo"] else (None, None)
+        assert r["verdict"] == verdict(lo, hi, known[r["row"]]["direction"], float(r["delta"]) if r["delta"] else None)
+        if lo is not None:
+            assert lo - 1e-9 <= float(r["value"]) <= hi + 1e-9
+    return {(r["row"], r["arm"]): r["verdict"] for r in claims}
+
+
+def _question_and_answer(md, rows):
+    assert md.index("**Question.**") < md.index("| ") < md.index("**Answer.**")
+    answer = md.split("**Answer.** ", 1)[1].split("\n", 1)[0]
+    assert [r["value"] for r in rows if r["section"] == "answer"] == [answer]
+    return answer
+
+
+@pytest.mark.slow
+def test_negsource_overlay_decides_dpo_vs_cw_dpo_under_each_source_of_negatives(micro_run):
+    import json
+    import yaml
+    rows, md = _overlay(micro_run, "negsource", "results/micro/tables/negsource.md")
+    table = yaml.safe_load(open(os.path.join(micro_run, "negsource.yaml")))["tables"]["negsource"]
+    arms = [a["name"] for a in table["arms"]]
+    verdicts = _check_claims(rows, arms, table["claims"])
+    info = {(r["row"], r["arm"]): r["value"] for r in rows if r["section"] == "info"}
+    sources = {arm: info[("pairs per seed by source (CW-DPO)", arm)] for arm in arms}
+    # (a) rule-based only, (b) wrong beams only, (c) on-policy only, (d) all three
+    assert "beam" not in sources[arms[0]] and "onpolicy" not in sources[arms[0]] and "gentle" in sources[arms[0]]
+    assert sources[arms[1]].startswith("beam ") and "·" not in sources[arms[1]]
+    assert sources[arms[2]].startswith("onpolicy ") and "·" not in sources[arms[2]]
+    assert all(s in sources[arms[3]] for s in ("beam", "onpolicy")) and ("gentle" in sources[arms[3]]
+                                                                        or "easy" in sources[arms[3]])
+    # the mean cooling weight per source, at the start (reference model) and during training
+    for arm in arms:
+        start = info[("mean w_c at the start, by source (CW-DPO, reference model)", arm)]
+        assert all(0.0 < float(x.split()[-1]) < 1.0 for x in start.split(" · ")), start
+        assert 0.0 < float(info[("mean w_c during training (CW-DPO)", arm)].split()[0]) <= 1.0
+    # the beams job logged its counts; a kept beam is a wrong one
+    for seed in (0, 1):
+        s = json.load(open(os.path.join(micro_run, "results", "micro", "negatives", "sft_c", f"s{seed}",
+                                        "beams_summary.json")))
+        assert s["beams"] == s["images"] * 2 and s["kept"] <= s["wrong"] <= s["beams"] and s["kept"] > 0
+    log = open(os.path.join(micro_run, "results", "micro", "logs", "negatives", "sft_c_s0_beams.log")).read()
+    assert "[cwdpo beam-negatives]" in log and "kept as negatives" in log
+    # the answer: the cooling weight is effective / not effective / undecided per source, from the verdicts
+    answer = _question_and_answer(md, rows)
+    for arm in arms:
+        vs = [verdicts[(c, arm)] for c in table["claims"]]
+        word = ("effective" if "holds" in vs and "does not hold" not in vs else
+                "not effective" if "does not hold" in vs and "holds" not in vs else "undecided")
+        group = answer.split(" — ")[0].split(arm)[0].rsplit(";", 1)[-1]  # the lead's group naming this arm
+        said = "not effective" if "not effective" in group else "effective" if "effective" in group else "undecided"
+        assert said == word, (arm, word, answer)
+
+
+@pytest.mark.slow
+def test_modality_overlay_decides_the_claims_for_image_and_text_input_side_by_side(micro_run):
+    import yaml
+    rows, md = _overlay(micro_run, "modality", "results/micro/tables/modality.md")
+    table = yaml.safe_load(open(os.path.join(micro_run, "modality.yaml")))["tables"]["modality"]
+    arms = [a["name"] for a in table["arms"]]
+    verdicts = _check_claims(rows, arms, table["claims"])
+    text = os.path.join(micro_run, "results", "micro", "variants", "text")
+    # the text variant: its own tree, pretrained in that input mode, the same recipes
+    assert os.path.isfile(os.path.join(text, "base", "pretrain", "model", "model.safetensors"))
+    for run_dir in ("stage1/sft/s1", "stage2/sft_c/s0/dpo", "stage2/sft_c/s1/cw_dpo"):
+        assert os.path.isfile(os.path.join(text, run_dir, "metrics.json")), run_dir
+    from cwdpo.config import deep_merge, load_config, read_config_file, validate_config
+    from cwdpo.plan import Plan
+    cfg = load_config(os.path.join(micro_run, "micro.yaml"), check_paths=False)
+    for name in ("modality.yaml", "micro_modality.yaml"):
+        cfg = deep_merge(cfg, read_config_file(os.path.join(micro_run, name)))
+    assert Plan(validate_config(cfg, check_paths=False)).variant_plans()["text"].vlm().input == "text"
+    answer = _question_and_answer(md, rows)
+    image, txt = verdicts[("top1_dpo_gt_sft", arms[0])], verdicts[("top1_dpo_gt_sft", arms[1])]
+    lead = ("is not a prerequisite" if txt == "holds" else
+            "cannot say whether" if image == "does not hold" else
+            "is a prerequisite for it" if image == "holds" and txt == "does not hold" else "stays undecided")
+    assert lead in answer.split(";")[0], (image, txt, answer)
+    same = sum(verdicts[(c, arms[0])] == verdicts[(c, arms[1])] for c in table["claims"])
+    assert f"{same} of {len(table['claims'])} claims get the same verdict for every input" in answer
+
+
+@pytest.mark.slow
+def test_scale_overlay_calibrates_each_size_and_writes_t_scale_and_f_scale(micro_run):
+    import json
+    import yaml
+    from PIL import Image
+    rows, md = _overlay(micro_run, "scale", "results/micro/tables/scale.md", "results/micro/figures/scale.png")
+    table = yaml.safe_load(open(os.path.join(micro_run, "scale.yaml")))["tables"]["scale"]
+    arms = [a["name"] for a in table["arms"]]
+    verdicts = _check_claims(rows, arms, table["claims"])
+    info = {(r["row"], r["arm"]): r["value"] for r in rows if r["section"] == "info"}
+    params = [int(info[("parameters (vision tower)", a)].split()[0].replace(",", "")) for a in arms]
+    assert params == sorted(params) and params[-1] >= 10 * params[0], params
+    res = os.path.join(micro_run, "results", "micro")
+    for arm in table["arms"]:
+        root = os.path.join(res, "variants", arm["variant"]) if arm.get("variant") else res
+        choice = json.load(open(os.path.join(root, "calibration", "calibrate.json")))
+        lr = info[("control lr (calibration rule)", arm["name"])]
+        assert lr.split()[0] == f"{choice['lr']:g}" and ("no signature" in lr) == (not choice["signature"])
+        for seed in (0, 1):  # DPO and CW-DPO trained at the rule's lr of their own size
+            for recipe in ("dpo_cal", "cw_dpo_cal"):
+                m = json.load(open(os.path.join(root, "stage2", "sft_c", f"s{seed}", recipe, "metrics.json")))
+                assert m["lr_calibrated"]["lr"] == choice["lr"]
+    answer = _question_and_answer(md, rows)
+    assert answer.startswith("Size dependence: ")
+    differ = [c for c in table["claims"] if {"holds", "does not hold"} <= {verdicts[(c, a)] for a in arms}]
+    assert (f"changes with size for {len(differ)} of" in answer) if differ else \
+        answer.startswith("Size dependence: no claim holds at one size and fails at another")
+    with Image.open(os.path.join(res, "figures", "scale.png")) as im:
+        im.load()
+        assert im.format == "PNG" and im.width >= 1200 and len(im.convert("RGB").getcolors(1 << 24)) > 50
+    assert os.path.getsize(os.path.join(res, "figures", "scale.pdf")) > 1000

@@ -172,3 +172,74 @@ def test_calibration_falls_back_to_the_papers_drift_when_no_lr_shows_the_signatu
     assert "Outcome: lr = 0.001" in out["md"] and "fallback" in out["md"]
     assert _chosen(out) == [("DPO, lr 0.001", "fallback")]
     assert all(r["signature"] == "False" for r in csv.DictReader(io.StringIO(out["csv"])))
+
+
+def test_calibration_outcome_feeds_calibrated_recipes_the_rule_or_its_fallback(tmp_path):
+    """What recipes with `lr: calibrated` train at (`calibration/<table>.json`): the rule's lr when the signature
+    shows, else the fallback's (TV nearest regime.control_tv), said in the outcome (a finding, not hidden)."""
+    from cwdpo.report import write_calibration_choice
+    spec = _calibration_spec(str(tmp_path), [(1e-4, 0.0, -0.5, 0.15), (1e-3, 0.0, -0.5, 0.40)])
+    doc = write_calibration_choice(spec, str(tmp_path / "choice.json"))
+    assert doc["lr"] == 1e-3 and doc["signature"] is False and "fallback" in doc["outcome"]
+    assert json.load(open(tmp_path / "choice.json"))["row"] == "DPO, lr 0.001"
+    for k in spec["rows"][1]["keys"]:  # the smaller lr now squeezes: the rule itself picks it
+        _write(str(tmp_path), k, 240, 0.76, 0.15, 0.3, dlogp=-0.5)
+    doc = write_calibration_choice(spec, str(tmp_path / "choice.json"))
+    assert doc["lr"] == 1e-4 and doc["signature"] is True and "squeezing signature" in doc["outcome"]
+
+
+def _arms_spec(root, arms, claims, kind="scale"):
+    from cwdpo.config import load_claims
+    from cwdpo.report import QUANTITY_COLUMN, QUESTIONS
+    known = load_claims()
+    files = {"scores": os.path.join(root, "{arm}", "eval", "{key}", "scores.json"),
+             "measures": os.path.join(root, "{arm}", "eval", "{key}", "measures.json")}
+    shares = {"cider_cw_gt_dpo": 0.0137, "tv_cw_lt_dpo": 0.333, "top1_dpo_gt_sft": 0.05}
+    return {"name": kind, "kind": kind, "title": kind, "scale": 100, "experiment": "synthetic",
+            "extra_columns": {}, "interval": "hierarchical", "question": QUESTIONS[kind],
+            "claims": [{**known[c], "column": QUANTITY_COLUMN.get(known[c]["quantity"], known[c]["quantity"]),
+                        "share": shares[c]} for c in claims],
+            "arms": [{"name": name, "variant": name, "out": os.path.join(root, name),
+                      "runs": {run: [f"{run.lower()}/{s}" for s in range(3)] for run in ("SFT", "DPO", "CW-DPO")},
+                      "files": {k: v.replace("{arm}", name) for k, v in files.items()}, "probes": {}, "metrics": {},
+                      "build_info": os.path.join(root, name, "build_info.json"), "calibration": None,
+                      "negatives": {}} for name in arms]}
+
+
+def test_arms_table_decides_each_arm_and_derives_its_answer_from_the_verdicts(tmp_path):
+    """T-scale on synthetic runs whose answers are known: CW-DPO beats DPO clearly at one size and falls behind it
+    at the other; each verdict is the one `verdict` gives for the interval and δ the CSV prints, the question
+    stands above the table and the answer below it follows the verdicts."""
+    from cwdpo.report import arms_table, claim_pattern
+    root = str(tmp_path)
+    for arm, cw_cider, cw_tv in (("small", 260, 0.10), ("large", 220, 0.35)):
+        os.makedirs(os.path.join(root, arm), exist_ok=True)
+        json.dump({"parameters": 1000 if arm == "small" else 20000, "vision_parameters": 10},
+                  open(os.path.join(root, arm, "build_info.json"), "w"))
+        for s in range(3):
+            _write(os.path.join(root, arm), f"sft/{s}", 250, 0.70, 0.05, 0.2)
+            _write(os.path.join(root, arm), f"dpo/{s}", 230, 0.76, 0.30, 0.3)
+            _write(os.path.join(root, arm), f"cw-dpo/{s}", cw_cider, 0.76, cw_tv, 0.3)
+    spec = _arms_spec(root, ["small", "large"], ["cider_cw_gt_dpo", "tv_cw_lt_dpo", "top1_dpo_gt_sft"])
+    out = arms_table(spec)
+    rows = list(csv.DictReader(io.StringIO(out["csv"])))
+    claims = [r for r in rows if r["section"] == "claim"]
+    assert len(claims) == 6
+    for r in claims:  # the verdict word is the function of the printed interval and δ, never written by hand
+        direction = {"cider_cw_gt_dpo": ">", "tv_cw_lt_dpo": "<", "top1_dpo_gt_sft": ">"}[r["row"]]
+        assert r["verdict"] == stats.verdict(float(r["lo"]), float(r["hi"]), direction, float(r["delta"]))
+    v = {(r["row"], r["arm"]): r["verdict"] for r in claims}
+    assert v[("cider_cw_gt_dpo", "small")] == "holds" and v[("tv_cw_lt_dpo", "small")] == "holds"
+    assert v[("cider_cw_gt_dpo", "large")] == "does not hold"
+    assert v[("top1_dpo_gt_sft", "small")] == v[("top1_dpo_gt_sft", "large")] == "holds"
+    assert claim_pattern([v[("cider_cw_gt_dpo", a)] for a in ("small", "large")]) == "differs"
+    md = out["md"]
+    assert md.index("**Question.**") < md.index("| parameters") < md.index("**Answer.**")
+    answer = md.split("**Answer.** ", 1)[1].split("\n", 1)[0]
+    assert answer.startswith("Size dependence: the verdict changes with size for 2 of 3 claims")
+    assert "“CW-DPO > DPO on CIDEr” holds for small, does not hold for large" in answer
+    assert "“squeezing in the control: top-1 mass of DPO above SFT's” holds at every size" in answer
+    assert [r for r in rows if r["section"] == "answer"][0]["value"] == answer
+    params = [r for r in rows if r["section"] == "info" and r["row"].startswith("parameters")]
+    assert [p["value"] for p in params] == ["1,000 (10)", "20,000 (10)"]
+    assert out["tex"].startswith("% Question:") and "% Answer: " + answer in out["tex"]

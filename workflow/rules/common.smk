@@ -10,7 +10,7 @@ from cwdpo.config import ConfigError, NAME_PATTERN, check_config, schema_errors
 from cwdpo.figures import figure_inputs, figure_spec
 from cwdpo.paths import TRIVIAL, ModelKey
 from cwdpo.plan import Plan
-from cwdpo.report import table_inputs, table_spec
+from cwdpo.report import calibration_inputs, table_inputs, table_spec
 from cwdpo.specs import to_json
 
 try:
@@ -30,6 +30,14 @@ OUT = P.out
 if P.hub:
     # every job of a hub-model config reads the workflow's Hugging Face cache, offline (fetch_model fills it)
     shell.prefix(f"set -euo pipefail; {P.hf_env()}")
+# The experiment's plan and one per variant (config `variants`): every rule below is defined once per plan,
+# named <rule> for the experiment (its DAG, rule names and paths are those of a config without variants) and
+# <rule>__<variant> for a variant, whose tree lives under results/<experiment>/variants/<variant>/. Input
+# functions bind their plan as a default argument (`Q=Q`), so each keeps its own.
+try:
+    PLANS = P.all_plans()
+except ConfigError as e:
+    raise WorkflowError(f"invalid config:\n  {e}") from None
 
 
 def logged(command):
@@ -42,10 +50,10 @@ def logged(command):
     )
 
 
-def optional_flag(name):
-    """`--<name> <path>` when the input function gave that input, else nothing."""
-    return lambda wc, input: (
-        f"--{name} {shlex_quote(input[name])}" if name in input.keys() else ""
+def optional_flag(*names):
+    """`--<name> <path>` for each of `names` the input function gave as an input, else nothing."""
+    return lambda wc, input: " ".join(
+        f"--{name} {shlex_quote(input[name])}" for name in names if name in input.keys()
     )
 
 

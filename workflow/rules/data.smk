@@ -1,32 +1,37 @@
 # The embedded `shapes` dataset, in the Karpathy format (COCO/Flickr30k configs point at their own file),
 # then one check of every image and caption before any training job.
-if P.is_shapes:
+for SFX, Q in PLANS:
 
-    rule prepare_data:
+    if Q.is_shapes:
+
+        rule:
+            name:
+                f"prepare_data{SFX}"
+            output:
+                json=Q.pattern("shapes_json"),
+                summary=Q.pattern("data_summary"),
+            log:
+                f"{Q.out}/logs/prepare_data.log",
+            params:
+                spec=to_json(Q.shapes_spec()),
+                out=lambda wc, output: os.path.dirname(output.json),
+            shell:
+                logged(
+                    "cwdpo prepare-data --spec {params.spec:q} --out {params.out:q}"
+                )
+
+    rule:
+        name:
+            f"validate_data{SFX}"
+        input:
+            Q.data_json(),
         output:
-            json=P.pattern("shapes_json"),
-            summary=P.pattern("data_summary"),
+            Q.pattern("validated"),
         log:
-            f"{OUT}/logs/prepare_data.log",
+            f"{Q.out}/logs/validate_data.log",
         params:
-            spec=to_json(P.shapes_spec()),
-            out=lambda wc, output: os.path.dirname(output.json),
+            spec=to_json(Q.validate_spec()),
         shell:
             logged(
-                "cwdpo prepare-data --spec {params.spec:q} --out {params.out:q}"
+                "cwdpo validate-data --spec {params.spec:q} --out {output:q}"
             )
-
-
-rule validate_data:
-    input:
-        P.data_json(),
-    output:
-        P.pattern("validated"),
-    log:
-        f"{OUT}/logs/validate_data.log",
-    params:
-        spec=to_json(P.validate_spec()),
-    shell:
-        logged(
-            "cwdpo validate-data --spec {params.spec:q} --out {output:q}"
-        )

@@ -1,7 +1,8 @@
 # The base VLM. tiny: built offline with random weights, then pretrained on the `shapes` train split.
 # A hub id (config model.source) is fetched once into the workflow's own Hugging Face cache (model.cache,
 # default resources/huggingface) by a local job (compute nodes often have no internet); every other job
-# reads it offline (common.smk). A local folder is used as it is.
+# reads it offline (common.smk). A local folder is used as it is. (Variants share the experiment's model
+# source and cache: one fetch serves them all.)
 if P.hub:
 
     rule fetch_model:
@@ -18,67 +19,74 @@ if P.hub:
                 "HF_HUB_OFFLINE=0 cwdpo fetch-model --model {params.model:q} --cache {params.cache:q} --out {output:q}"
             )
 
-if P.tiny:
+for SFX, Q in PLANS:
 
-    rule build_model:
-        input:
-            P.data_inputs(),
-        output:
-            directory(P.pattern("base_init")),
-        log:
-            f"{OUT}/logs/build_model.log",
-        benchmark:
-            f"{OUT}/benchmarks/build_model.tsv"
-        params:
-            spec=to_json(P.build_model_spec()),
-        shell:
-            logged(
-                "cwdpo build-model --spec {params.spec:q} --out {output:q}"
-            )
+    if Q.tiny:
 
+        rule:
+            name:
+                f"build_model{SFX}"
+            input:
+                Q.data_inputs(),
+            output:
+                directory(Q.pattern("base_init")),
+            log:
+                f"{Q.out}/logs/build_model.log",
+            benchmark:
+                f"{Q.out}/benchmarks/build_model.tsv"
+            params:
+                spec=to_json(Q.build_model_spec()),
+            shell:
+                logged(
+                    "cwdpo build-model --spec {params.spec:q} --out {output:q}"
+                )
 
-if P.tiny and config["pretrain"]["enabled"]:
+    if Q.tiny and Q.c["pretrain"]["enabled"]:
 
-    rule pretrain:
-        input:
-            model=P.pattern("base_init"),
-            data=P.data_inputs(),
-        output:
-            model=directory(P.pattern("pretrain_dir", "model")),
-            metrics=P.pattern("pretrain_dir", "metrics"),
-            train_log=P.pattern("pretrain_dir", "train_log"),
-        log:
-            f"{OUT}/logs/pretrain.log",
-        benchmark:
-            f"{OUT}/benchmarks/pretrain.tsv"
-        threads: lambda wildcards: workflow.cores  # a callable: `snakemake --unlock` (no --cores) must parse
-        resources:
-            gpu=P.gpus("train"),
-        params:
-            spec=to_json(P.pretrain_spec()),
-            out=lambda wc, output: os.path.dirname(output.metrics),
-            launch=P.launcher("train"),
-            gpus=P.gpu_prefix("train"),
-        shell:
-            logged(
-                "{params.gpus}{params.launch} train --spec {params.spec:q} --out {params.out:q} --threads {threads}"
-            )
+        rule:
+            name:
+                f"pretrain{SFX}"
+            input:
+                model=Q.pattern("base_init"),
+                data=Q.data_inputs(),
+            output:
+                model=directory(Q.pattern("pretrain_dir", "model")),
+                metrics=Q.pattern("pretrain_dir", "metrics"),
+                train_log=Q.pattern("pretrain_dir", "train_log"),
+            log:
+                f"{Q.out}/logs/pretrain.log",
+            benchmark:
+                f"{Q.out}/benchmarks/pretrain.tsv"
+            threads: lambda wildcards: workflow.cores  # a callable: `snakemake --unlock` (no --cores) must parse
+            resources:
+                gpu=Q.gpus("train"),
+            params:
+                spec=to_json(Q.pretrain_spec()),
+                out=lambda wc, output: os.path.dirname(output.metrics),
+                launch=Q.launcher("train"),
+                gpus=Q.gpu_prefix("train"),
+            shell:
+                logged(
+                    "{params.gpus}{params.launch} train --spec {params.spec:q} --out {params.out:q} --threads {threads}"
+                )
 
-    # the same pretraining from other seeds, measured only (T-regime: the testbed's stability)
-    rule stability:
-        input:
-            P.data_inputs(),
-        output:
-            P.pattern("stability"),
-        log:
-            f"{OUT}/logs/stability_s{{seed}}.log",
-        benchmark:
-            f"{OUT}/benchmarks/stability_s{{seed}}.tsv"
-        threads: 1
-        params:
-            spec=lambda wc: to_json(P.stability_spec(wc.seed)),
-            out=lambda wc, output: os.path.dirname(output[0]),
-        shell:
-            logged(
-                "cwdpo stability --spec {params.spec:q} --out {params.out:q} --threads {threads}"
-            )
+        # the same pretraining from other seeds, measured only (T-regime: the testbed's stability)
+        rule:
+            name:
+                f"stability{SFX}"
+            input:
+                Q.data_inputs(),
+            output:
+                Q.pattern("stability"),
+            log:
+                f"{Q.out}/logs/stability_s{{seed}}.log",
+            benchmark:
+                f"{Q.out}/benchmarks/stability_s{{seed}}.tsv"
+            threads: 1
+            params:
+                spec=lambda wc, Q=Q: to_json(Q.stability_spec(wc.seed)),
+                out=lambda wc, output: os.path.dirname(output[0]),
+            shell:
+                logged(
+                    "cwdpo stability --spec {params.spec:q} --out {params.out:q} --threads {threads}"
+                )

@@ -1,102 +1,135 @@
-# Negatives and preference pairs of Stage 2: on-policy samples of the Stage-1 model (hf or vllm backend),
-# mixed with dataset negatives (gentle / easy / external) at a ratio rho, then the reference log-probs
-# of every pair under the frozen Stage-1 model, computed once and cached.
+# Negatives and preference pairs of Stage 2: on-policy samples of the Stage-1 model (hf or vllm backend) and
+# its own wrong beams, mixed with dataset negatives (gentle / easy / external) at the set's shares, then the
+# reference log-probs of every pair under the frozen Stage-1 model, computed once and cached.
+for SFX, Q in PLANS:
 
+    rule:
+        name:
+            f"sample_onpolicy{SFX}"
+        input:
+            model=lambda wc, Q=Q: Q.init_inputs(wc.stage1, wc.seed),
+            data=Q.data_inputs(),
+        output:
+            samples=Q.pattern("onpolicy"),
+            summary=Q.pattern("onpolicy_summary"),
+        log:
+            f"{Q.out}/logs/negatives/{{stage1}}_s{{seed}}_onpolicy.log",
+        benchmark:
+            f"{Q.out}/benchmarks/negatives/{{stage1}}_s{{seed}}_onpolicy.tsv"
+        threads: 1
+        resources:
+            gpu=Q.gpus("infer"),
+        params:
+            spec=lambda wc, Q=Q: to_json(Q.sample_spec(wc.stage1, wc.seed)),
+            gpus=Q.gpu_prefix("infer"),
+        shell:
+            logged(
+                "{params.gpus}cwdpo sample-onpolicy --spec {params.spec:q} --threads {threads} --out {output.samples:q} "
+                "--summary {output.summary:q}"
+            )
 
-rule sample_onpolicy:
-    input:
-        model=lambda wc: P.init_inputs(wc.stage1, wc.seed),
-        data=P.data_inputs(),
-    output:
-        samples=P.pattern("onpolicy"),
-        summary=P.pattern("onpolicy_summary"),
-    log:
-        f"{OUT}/logs/negatives/{{stage1}}_s{{seed}}_onpolicy.log",
-    benchmark:
-        f"{OUT}/benchmarks/negatives/{{stage1}}_s{{seed}}_onpolicy.tsv"
-    threads: 1
-    resources:
-        gpu=P.gpus("infer"),
-    params:
-        spec=lambda wc: to_json(P.sample_spec(wc.stage1, wc.seed)),
-        gpus=P.gpu_prefix("infer"),
-    shell:
-        logged(
-            "{params.gpus}cwdpo sample-onpolicy --spec {params.spec:q} --threads {threads} --out {output.samples:q} "
-            "--summary {output.summary:q}"
-        )
+    # the model's own beams of every Stage-2 image, grounded in its attribute record (negatives set `beams`)
+    rule:
+        name:
+            f"beam_negatives{SFX}"
+        input:
+            model=lambda wc, Q=Q: Q.init_inputs(wc.stage1, wc.seed),
+            data=Q.data_inputs(),
+        output:
+            beams=Q.pattern("beams"),
+            summary=Q.pattern("beams_summary"),
+        log:
+            f"{Q.out}/logs/negatives/{{stage1}}_s{{seed}}_beams.log",
+        benchmark:
+            f"{Q.out}/benchmarks/negatives/{{stage1}}_s{{seed}}_beams.tsv"
+        threads: 1
+        resources:
+            gpu=Q.gpus("infer"),
+        params:
+            spec=lambda wc, Q=Q: to_json(Q.beam_spec(wc.stage1, wc.seed)),
+            gpus=Q.gpu_prefix("infer"),
+        shell:
+            logged(
+                "{params.gpus}cwdpo beam-negatives --spec {params.spec:q} --threads {threads} --out {output.beams:q} "
+                "--summary {output.summary:q}"
+            )
 
+    rule:
+        name:
+            f"make_pairs{SFX}"
+        input:
+            unpack(lambda wc, Q=Q: Q.pairs_inputs(wc.stage1, wc.seed, wc.negset)),
+        output:
+            pairs=Q.pattern("pairs"),
+            summary=Q.pattern("pairs_summary"),
+        log:
+            f"{Q.out}/logs/negatives/{{stage1}}_s{{seed}}_pairs_{{negset}}.log",
+        params:
+            spec=lambda wc, Q=Q: to_json(Q.pairs_spec(wc.stage1, wc.seed, wc.negset)),
+            onpolicy=optional_flag("onpolicy", "beams"),  # the samples files the set mixes in
+        shell:
+            logged(
+                "cwdpo make-pairs --spec {params.spec:q} {params.onpolicy} --out {output.pairs:q} "
+                "--summary {output.summary:q}"
+            )
 
-rule make_pairs:
-    input:
-        unpack(lambda wc: P.pairs_inputs(wc.stage1, wc.seed, wc.negset)),
-    output:
-        pairs=P.pattern("pairs"),
-        summary=P.pattern("pairs_summary"),
-    log:
-        f"{OUT}/logs/negatives/{{stage1}}_s{{seed}}_pairs_{{negset}}.log",
-    params:
-        spec=lambda wc: to_json(P.pairs_spec(wc.stage1, wc.seed, wc.negset)),
-        onpolicy=optional_flag("onpolicy"),
-    shell:
-        logged(
-            "cwdpo make-pairs --spec {params.spec:q} {params.onpolicy} --out {output.pairs:q} "
-            "--summary {output.summary:q}"
-        )
+    rule:
+        name:
+            f"ref_logps{SFX}"
+        input:
+            model=lambda wc, Q=Q: Q.init_inputs(wc.stage1, wc.seed),
+            pairs=Q.pattern("pairs"),
+        output:
+            Q.pattern("ref_logps"),
+        log:
+            f"{Q.out}/logs/negatives/{{stage1}}_s{{seed}}_ref_{{negset}}.log",
+        benchmark:
+            f"{Q.out}/benchmarks/negatives/{{stage1}}_s{{seed}}_ref_{{negset}}.tsv"
+        threads: 1
+        resources:
+            gpu=Q.gpus("infer"),
+        params:
+            spec=lambda wc, Q=Q: to_json(Q.ref_spec(wc.stage1, wc.seed)),
+            gpus=Q.gpu_prefix("infer"),
+        shell:
+            logged(
+                "{params.gpus}cwdpo ref-logps --spec {params.spec:q} --threads {threads} --pairs {input.pairs:q} "
+                "--out {output:q}"
+            )
 
+    # The fixed probe set of every run that starts from this model (learning-dynamics probes during training).
+    rule:
+        name:
+            f"probe_set{SFX}"
+        input:
+            unpack(lambda wc, Q=Q: Q.probe_set_inputs(wc.stage1, wc.seed)),
+        output:
+            Q.pattern("probe_set"),
+        log:
+            f"{Q.out}/logs/negatives/{{stage1}}_s{{seed}}_probe.log",
+        params:
+            spec=lambda wc, Q=Q: to_json(Q.probe_set_spec(wc.stage1, wc.seed)),
+            onpolicy=optional_flag("onpolicy"),
+        shell:
+            logged(
+                "cwdpo probe-set --spec {params.spec:q} {params.onpolicy} --out {output:q}"
+            )
 
-rule ref_logps:
-    input:
-        model=lambda wc: P.init_inputs(wc.stage1, wc.seed),
-        pairs=P.pattern("pairs"),
-    output:
-        P.pattern("ref_logps"),
-    log:
-        f"{OUT}/logs/negatives/{{stage1}}_s{{seed}}_ref_{{negset}}.log",
-    benchmark:
-        f"{OUT}/benchmarks/negatives/{{stage1}}_s{{seed}}_ref_{{negset}}.tsv"
-    threads: 1
-    resources:
-        gpu=P.gpus("infer"),
-    params:
-        spec=lambda wc: to_json(P.ref_spec(wc.stage1, wc.seed)),
-        gpus=P.gpu_prefix("infer"),
-    shell:
-        logged(
-            "{params.gpus}cwdpo ref-logps --spec {params.spec:q} --threads {threads} --pairs {input.pairs:q} --out {output:q}"
-        )
-
-
-# The fixed probe set of every run that starts from this model (learning-dynamics probes during training).
-rule probe_set:
-    input:
-        unpack(lambda wc: P.probe_set_inputs(wc.stage1, wc.seed)),
-    output:
-        P.pattern("probe_set"),
-    log:
-        f"{OUT}/logs/negatives/{{stage1}}_s{{seed}}_probe.log",
-    params:
-        spec=lambda wc: to_json(P.probe_set_spec(wc.stage1, wc.seed)),
-        onpolicy=optional_flag("onpolicy"),
-    shell:
-        logged(
-            "cwdpo probe-set --spec {params.spec:q} {params.onpolicy} --out {output:q}"
-        )
-
-
-# Held-out pairs of the test split (dataset negatives only, fixed seed): preference accuracy and w_c.
-rule heldout_pairs:
-    input:
-        data=P.data_inputs(),
-        tokenizer=P.tokenizer_inputs(),
-    output:
-        pairs=P.pattern("heldout_pairs"),
-        summary=P.pattern("heldout_summary"),
-    log:
-        f"{OUT}/logs/eval/heldout_pairs.log",
-    params:
-        spec=to_json(P.heldout_spec()),
-    shell:
-        logged(
-            "cwdpo make-pairs --spec {params.spec:q} --out {output.pairs:q} --summary {output.summary:q}"
-        )
+    # Held-out pairs of the test split (dataset negatives only, fixed seed): preference accuracy and w_c.
+    rule:
+        name:
+            f"heldout_pairs{SFX}"
+        input:
+            data=Q.data_inputs(),
+            tokenizer=Q.tokenizer_inputs(),
+        output:
+            pairs=Q.pattern("heldout_pairs"),
+            summary=Q.pattern("heldout_summary"),
+        log:
+            f"{Q.out}/logs/eval/heldout_pairs.log",
+        params:
+            spec=to_json(Q.heldout_spec()),
+        shell:
+            logged(
+                "cwdpo make-pairs --spec {params.spec:q} --out {output.pairs:q} --summary {output.summary:q}"
+            )

@@ -1,47 +1,69 @@
 # Comparison tables (Markdown, CSV, LaTeX) and figures (PNG, PDF) under results/<experiment>/;
 # `snakemake --report report.html` bundles them with the captions of workflow/report/.
+for SFX, Q in PLANS:
 
+    rule:
+        name:
+            f"table{SFX}"
+        input:
+            lambda wc, Q=Q: table_inputs(Q, wc.table),
+        output:
+            md=report(
+                Q.pattern("table") + ".md",
+                caption="../report/table.rst",
+                category="Tables",
+                labels={"table": "{table}"},
+            ),
+            csv=Q.pattern("table") + ".csv",
+            tex=Q.pattern("table") + ".tex",
+        log:
+            f"{Q.out}/logs/tables/{{table}}.log",
+        params:
+            spec=lambda wc, Q=Q: to_json(table_spec(Q, wc.table)),
+            stem=lambda wc, output: output.md[: -len(".md")],
+        shell:
+            logged(
+                "cwdpo table --spec {params.spec:q} --out {params.stem:q}"
+            )
 
-rule table:
-    input:
-        lambda wc: table_inputs(P, wc.table),
-    output:
-        md=report(
-            P.pattern("table") + ".md",
-            caption="../report/table.rst",
-            category="Tables",
-            labels={"table": "{table}"},
-        ),
-        csv=P.pattern("table") + ".csv",
-        tex=P.pattern("table") + ".tex",
-    log:
-        f"{OUT}/logs/tables/{{table}}.log",
-    params:
-        spec=lambda wc: to_json(table_spec(P, wc.table)),
-        stem=lambda wc, output: output.md[: -len(".md")],
-    shell:
-        logged(
-            "cwdpo table --spec {params.spec:q} --out {params.stem:q}"
-        )
+    rule:
+        name:
+            f"figure{SFX}"
+        input:
+            lambda wc, Q=Q: figure_inputs(Q, wc.figure),
+        output:
+            png=report(
+                Q.pattern("figure") + ".png",
+                caption="../report/figure.rst",
+                category="Figures",
+                labels={"figure": "{figure}"},
+            ),
+            pdf=Q.pattern("figure") + ".pdf",
+        log:
+            f"{Q.out}/logs/figures/{{figure}}.log",
+        params:
+            spec=lambda wc, Q=Q: to_json(figure_spec(Q, wc.figure)),
+            stem=lambda wc, output: output.png[: -len(".png")],
+        shell:
+            logged(
+                "cwdpo figure --spec {params.spec:q} --out {params.stem:q}"
+            )
 
-
-rule figure:
-    input:
-        lambda wc: figure_inputs(P, wc.figure),
-    output:
-        png=report(
-            P.pattern("figure") + ".png",
-            caption="../report/figure.rst",
-            category="Figures",
-            labels={"figure": "{figure}"},
-        ),
-        pdf=P.pattern("figure") + ".pdf",
-    log:
-        f"{OUT}/logs/figures/{{figure}}.log",
-    params:
-        spec=lambda wc: to_json(figure_spec(P, wc.figure)),
-        stem=lambda wc, output: output.png[: -len(".png")],
-    shell:
-        logged(
-            "cwdpo figure --spec {params.spec:q} --out {params.stem:q}"
-        )
+    # The calibration rule's outcome of a sweep table (kind calibrate): the learning rate of every recipe
+    # with `lr: calibrated`. It reads only what the rule reads (the measures and probes of the sweep), so
+    # the Stage-2 runs that wait for it do not wait for the scoring job.
+    rule:
+        name:
+            f"calibration_choice{SFX}"
+        input:
+            lambda wc, Q=Q: calibration_inputs(Q, wc.table),
+        output:
+            Q.pattern("calibration_choice"),
+        log:
+            f"{Q.out}/logs/calibration_{{table}}.log",
+        params:
+            spec=lambda wc, Q=Q: to_json(table_spec(Q, wc.table)),
+        shell:
+            logged(
+                "cwdpo calibration-choice --spec {params.spec:q} --out {output:q}"
+            )
