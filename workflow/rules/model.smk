@@ -58,6 +58,8 @@ for SFX, Q in PLANS:
             benchmark:
                 f"{Q.out}/benchmarks/pretrain.tsv"
             threads: lambda wildcards: workflow.cores  # a callable: `snakemake --unlock` (no --cores) must parse
+            # first among ready jobs: every later job waits for the base model (the stability seeds can wait)
+            priority: 10
             resources:
                 gpu=Q.gpus("train"),
             params:
