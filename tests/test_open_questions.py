@@ -312,3 +312,18 @@ def test_readme_and_config_readme_point_at_the_overlays_and_their_keys():
                 "`stage2.calibration`", "`arms`", "`runs`", "`claims`", "chair_s_cw_lt_sft", "top1_dpo_gt_sft",
                 "`scale` (F-scale)"):
         assert key in doc, key
+
+
+def test_negsource_info_rows_give_pairs_per_seed_to_one_decimal():
+    from cwdpo.report import _info_rows
+    stats = {"mean": 0.5, "std": 0.1, "lo": 0.3, "hi": 0.7}
+    spec = {"kind": "negsource", "arms": [{"name": "beams", "calibration": None,
+                                           "runs": {"DPO": {}, "CW-DPO": {}},
+                                           "negatives": {"DPO": {"method": "dpo"}, "CW-DPO": {"method": "cw_dpo"}}}]}
+    info = {"values": {col: {"DPO": 1.0, "CW-DPO": 2.0} for col in ("CIDEr", "CHAIR_s", "top-1")},
+            "negatives": {"CW-DPO": {"pairs_by_source": {"beam": 1262 / 3, "onpolicy": 206 / 3, "easy": 492.0},
+                                     "w_c_start_by_source": {"beam": 0.99123}, "train_w_c": stats}}}
+    rows = {r[0]: r[1:] for r in _info_rows(spec, [{"name": "beams", "info": info}])}
+    assert rows["pairs per seed by source (CW-DPO)"] == ["beam 420.7 · onpolicy 68.7 · easy 492"]
+    assert rows["mean w_c at the start, by source (CW-DPO, reference model)"] == ["beam 0.991"]
+    assert rows["mean w_c during training (CW-DPO)"] == ["0.500 ± 0.100 [0.300, 0.700]"]
