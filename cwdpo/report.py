@@ -818,8 +818,8 @@ def _info_rows(spec: dict, results: list) -> list:
         cw = [run for run, n in spec["arms"][0]["negatives"].items() if n["method"] == "cw_dpo"]
         for run in cw:
             rows.append([f"pairs per seed by source ({run})"] + [
-                " · ".join(f"{k} {round(v, 1):g}" for k, v in r["info"]["negatives"][run]["pairs_by_source"].items()) or "n/a"
-                for r in results])
+                " · ".join(f"{k} {round(v, 1):g}" for k, v in r["info"]["negatives"][run]["pairs_by_source"].items())
+                or "n/a" for r in results])
             rows.append([f"mean w_c at the start, by source ({run}, reference model)"] + [
                 " · ".join(f"{k} {v:.3f}" for k, v in r["info"]["negatives"][run]["w_c_start_by_source"].items())
                 or "n/a" for r in results])

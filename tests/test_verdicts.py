@@ -4,6 +4,7 @@ import csv
 import io
 import json
 import os
+import zlib
 
 import numpy as np
 import pytest
@@ -46,7 +47,7 @@ def test_hierarchical_interval_carries_the_seed_variance():
 
 def _write(root, key, cider, top1, tv, chair_s, ece_conf=0.8, dlogp=None, shape_acc=0.95, colour_acc=0.99):
     """Evaluation files of one model key: per-image CIDEr/top-1/TV/CHAIR_s centred on the given values."""
-    rng = np.random.default_rng(abs(hash(key)) % 2 ** 32)
+    rng = np.random.default_rng(zlib.crc32(key.encode()))  # the same draws in every process
     ids = [str(i) for i in range(N_IMAGES)]
     per_cider = cider / 100 + rng.normal(0, 0.01, N_IMAGES)
     per_chair = (rng.random(N_IMAGES) < chair_s).astype(float)
@@ -106,8 +107,9 @@ def test_t_paper_decides_claims_with_delta_and_t_regime_shows_the_preconditions(
         # DPO: peaked (top-1 + 0.05 over SFT), far from its reference, positives pushed down
         _write(root, f"dpo/{s}", 230, 0.75, 0.30, 0.30, dlogp=-0.4)
         probes[f"dpo/{s}"] = os.path.join(root, "runs", f"dpo/{s}", "probes.csv")
-        # CW-DPO: CIDEr clearly above DPO and SFT; TV far lower; top-1 equal to DPO's within noise; CHAIR_s equal
-        _write(root, f"cw/{s}", 260, 0.75, 0.10, 0.30)
+        # CW-DPO: CIDEr clearly above DPO and SFT; TV far lower; top-1 a hair above DPO's (+0.005: not lower
+        # whatever the noise draws, and far inside δ); CHAIR_s equal
+        _write(root, f"cw/{s}", 260, 0.755, 0.10, 0.30)
     stability = []
     for seed, acc in ((1, 0.94), (2, 0.96)):
         p = tmp_path / f"stab{seed}.json"
@@ -117,7 +119,7 @@ def test_t_paper_decides_claims_with_delta_and_t_regime_shows_the_preconditions(
     v = _claims(out["md"])
     assert v["CW-DPO > DPO on CIDEr"] == "holds" and v["CW-DPO > SFT on CIDEr"] == "holds"
     assert v["TV(π, π_ref) lower for CW-DPO than DPO"] == "holds"
-    # equal top-1 mass: the interval lies inside ±δ, so the paper's effect is absent ("does not hold")
+    # top-1 mass not lower: the interval lies below δ, so the paper's effect is absent ("does not hold")
     assert v["top-1 mass lower for CW-DPO than DPO"] == "does not hold"
     assert v["CW-DPO hallucinates less than DPO (CHAIR_s)"] in ("does not hold", "inconclusive")
     assert "ours (not the paper's)" in out["md"]
