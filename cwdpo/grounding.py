@@ -9,7 +9,8 @@ caption is parsed with the shapes grammar (`cwdpo.shapes`) and compared with the
   the image has that shape with the stated colour and size (words not stated are not checked);
 - **CHAIR_i** = hallucinated mentions / all mentions; **CHAIR_s** = share of captions with at least one
   hallucinated mention (Rohrbach et al. 2018, CHAIR, read on the attribute record instead of COCO labels);
-- **recall** = share of the image's objects named by a mention that matches it (one mention per object);
+- **recall** = share of the image's objects named by a mention that matches it (one mention per object),
+  pooled over images (its per-image terms, for the bootstrap, are the pooled ratio's linearisation);
 - **per-attribute accuracy**: the caption's mentions are aligned one-to-one with the image's objects (the
   alignment that agrees on the most attributes); colour / shape / size accuracy = share of aligned pairs
   whose stated word is right (size: only where a size word is stated); **count** = the caption names as
@@ -204,10 +205,22 @@ def grounding_scores(captions: dict, attributes: dict) -> dict:
         "1-obj shape acc.": ratio(sum(_one_right(per[i], "shape") for i in one), len(one)),
     }
     per_image = {"CHAIR_s": {str(i): float(per[i]["hallucinated"] > 0) for i in ids},
-                 "recall": {str(i): per[i]["recalled"] / per[i]["objects"] for i in ids},
+                 "recall": _ratio_terms({str(i): (per[i]["recalled"], per[i]["objects"]) for i in ids}),
                  "count acc.": {str(i): float(per[i]["count_right"]) for i in ids}}
     counts = {"images": len(ids), "one_object_images": len(one), "mentions": sum(r["mentions"] for r in per.values())}
     return {"corpus": corpus, "per_image": per_image, "counts": counts}
+
+
+def _ratio_terms(parts: dict) -> dict:
+    """Per-image terms of a pooled ratio R = Σ num / Σ den whose mean is R, for a bootstrap over images:
+    z_i = R + (num_i − R·den_i) / mean(den), the ratio's linearisation (delta method). (The per-image ratios
+    num_i / den_i average to another quantity when images hold different numbers of objects, and their
+    bootstrap interval need not contain R.)"""
+    den_mean = sum(d for _, d in parts.values()) / len(parts) if parts else 0
+    if not den_mean:
+        return {}
+    r = sum(n for n, _ in parts.values()) / (den_mean * len(parts))
+    return {i: r + (n - r * d) / den_mean for i, (n, d) in parts.items()}
 
 
 def _one_right(row: dict, attr: str) -> bool:

@@ -134,3 +134,21 @@ def test_coco_instances_are_read_into_categories_per_image(tmp_path):
     path = tmp_path / "instances_val2014.json"
     path.write_text(json.dumps(inst))
     assert G.load_coco_instances([str(path)], ["7", "9"]) == {"7": ["dog", "person"], "9": []}
+
+
+def test_per_image_recall_terms_average_to_the_pooled_recall_and_their_interval_holds_it():
+    """Images with 1 and 2 objects: the mean of per-image ratios (0.75 here) is not the pooled recall (2/3);
+    the per-image terms the tables bootstrap average to the pooled value, so its interval contains it."""
+    from cwdpo.stats import paired_bootstrap_ci
+    caps, attrs = {}, {}
+    for i in range(40):  # one-object images, all right
+        caps[f"one{i}"], attrs[f"one{i}"] = "a big red circle", ONE
+    for i in range(40):  # two-object images, half the objects named
+        caps[f"two{i}"], attrs[f"two{i}"] = "a small blue star", PAIR_H
+    out = G.grounding_scores(caps, attrs)
+    pooled = out["corpus"]["recall"]
+    assert pooled == pytest.approx((40 + 40) / (40 + 80))
+    terms = list(out["per_image"]["recall"].values())
+    assert sum(terms) / len(terms) == pytest.approx(pooled)
+    _, lo, hi = paired_bootstrap_ci(terms, [0.0] * len(terms))
+    assert lo < pooled < hi and hi - lo < 0.2
