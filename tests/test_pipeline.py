@@ -302,13 +302,16 @@ def test_calibration_overlay_sweeps_the_control_and_writes_f_calibrate(micro_run
 
 # ---------------------------------------------------------------------------------------------------
 # the open questions (config/negsource.yaml, modality.yaml, scale.yaml), each in its micro version
-# (tests/configs/micro_<name>.yaml: two seeds for the table's runs, the micro run's steps and splits), over
+# (tests/configs/micro_<name>.yaml: one seed for the table's runs, the micro run's steps and splits), over
 # the micro run above (its seed-0 runs are reused)
 
 def _overlay(micro_run, name, *targets):
-    """Run the micro version of config/<name>.yaml to `targets`; (the table's CSV rows, its Markdown)."""
+    """Run the micro version of config/<name>.yaml to `targets` and read its table (every claim checked by
+    `_check_claims`): (the table's config, its arm names, {(claim, arm): verdict}, {(info row, arm): value},
+    the answer below it)."""
     import shutil
     import sys
+    import yaml
     here = os.path.dirname(__file__)
     shutil.copy(os.path.join(here, "..", "config", f"{name}.yaml"), os.path.join(micro_run, f"{name}.yaml"))
     shutil.copy(os.path.join(here, "configs", f"micro_{name}.yaml"), os.path.join(micro_run, f"micro_{name}.yaml"))
@@ -317,7 +320,12 @@ def _overlay(micro_run, name, *targets):
     stem = os.path.join(micro_run, "results", "micro", "tables", name)
     for ext in ("md", "csv", "tex"):
         assert os.path.getsize(f"{stem}.{ext}") > 0
-    return list(csv.DictReader(open(f"{stem}.csv"))), open(f"{stem}.md").read()
+    rows, md = list(csv.DictReader(open(f"{stem}.csv"))), open(f"{stem}.md").read()
+    table = yaml.safe_load(open(os.path.join(micro_run, f"{name}.yaml")))["tables"][name]
+    arms = [a["name"] for a in table["arms"]]
+    verdicts = _check_claims(rows, arms, table["claims"])
+    info = {(r["row"], r["arm"]): r["value"] for r in rows if r["section"] == "info"}
+    return table, arms, verdicts, info, _question_and_answer(md, rows)
 
 
 def _check_claims(rows, arms, claim_ids):
@@ -347,12 +355,7 @@ def _question_and_answer(md, rows):
 @pytest.mark.slow
 def test_negsource_overlay_decides_dpo_vs_cw_dpo_under_each_source_of_negatives(micro_run):
     import json
-    import yaml
-    rows, md = _overlay(micro_run, "negsource", "results/micro/tables/negsource.md")
-    table = yaml.safe_load(open(os.path.join(micro_run, "negsource.yaml")))["tables"]["negsource"]
-    arms = [a["name"] for a in table["arms"]]
-    verdicts = _check_claims(rows, arms, table["claims"])
-    info = {(r["row"], r["arm"]): r["value"] for r in rows if r["section"] == "info"}
+    table, arms, verdicts, info, answer = _overlay(micro_run, "negsource", "results/micro/tables/negsource.md")
     sources = {arm: info[("pairs per seed by source (CW-DPO)", arm)] for arm in arms}
     # (a) rule-based only, (b) wrong beams only, (c) on-policy only, (d) all three
     assert "beam" not in sources[arms[0]] and "onpolicy" not in sources[arms[0]] and "gentle" in sources[arms[0]]
@@ -373,7 +376,6 @@ def test_negsource_overlay_decides_dpo_vs_cw_dpo_under_each_source_of_negatives(
     log = open(os.path.join(micro_run, "results", "micro", "logs", "negatives", "sft_c_s0_beams.log")).read()
     assert "[cwdpo beam-negatives]" in log and "kept as negatives" in log
     # the answer: the cooling weight is effective / not effective / undecided per source, from the verdicts
-    answer = _question_and_answer(md, rows)
     for arm in arms:
         vs = [verdicts[(c, arm)] for c in table["claims"]]
         word = ("effective" if "holds" in vs and "does not hold" not in vs else
@@ -385,11 +387,7 @@ def test_negsource_overlay_decides_dpo_vs_cw_dpo_under_each_source_of_negatives(
 
 @pytest.mark.slow
 def test_modality_overlay_decides_the_claims_for_image_and_text_input_side_by_side(micro_run):
-    import yaml
-    rows, md = _overlay(micro_run, "modality", "results/micro/tables/modality.md")
-    table = yaml.safe_load(open(os.path.join(micro_run, "modality.yaml")))["tables"]["modality"]
-    arms = [a["name"] for a in table["arms"]]
-    verdicts = _check_claims(rows, arms, table["claims"])
+    table, arms, verdicts, info, answer = _overlay(micro_run, "modality", "results/micro/tables/modality.md")
     text = os.path.join(micro_run, "results", "micro", "variants", "text")
     # the text variant: its own tree, pretrained in that input mode, the same recipes
     assert os.path.isfile(os.path.join(text, "base", "pretrain", "model", "model.safetensors"))
@@ -401,7 +399,6 @@ def test_modality_overlay_decides_the_claims_for_image_and_text_input_side_by_si
     for name in ("modality.yaml", "micro_modality.yaml"):
         cfg = deep_merge(cfg, read_config_file(os.path.join(micro_run, name)))
     assert Plan(validate_config(cfg, check_paths=False)).variant_plans()["text"].vlm().input == "text"
-    answer = _question_and_answer(md, rows)
     image, txt = verdicts[("top1_dpo_gt_sft", arms[0])], verdicts[("top1_dpo_gt_sft", arms[1])]
     lead = ("is not a prerequisite" if txt == "holds" else
             "cannot say whether" if image == "does not hold" else
@@ -414,13 +411,9 @@ def test_modality_overlay_decides_the_claims_for_image_and_text_input_side_by_si
 @pytest.mark.slow
 def test_scale_overlay_calibrates_each_size_and_writes_t_scale_and_f_scale(micro_run):
     import json
-    import yaml
     from PIL import Image
-    rows, md = _overlay(micro_run, "scale", "results/micro/tables/scale.md", "results/micro/figures/scale.png")
-    table = yaml.safe_load(open(os.path.join(micro_run, "scale.yaml")))["tables"]["scale"]
-    arms = [a["name"] for a in table["arms"]]
-    verdicts = _check_claims(rows, arms, table["claims"])
-    info = {(r["row"], r["arm"]): r["value"] for r in rows if r["section"] == "info"}
+    table, arms, verdicts, info, answer = _overlay(micro_run, "scale", "results/micro/tables/scale.md",
+                                                   "results/micro/figures/scale.png")
     params = [int(info[("parameters (vision tower)", a)].split()[0].replace(",", "")) for a in arms]
     assert params == sorted(params) and params[-1] >= 10 * params[0], params
     res = os.path.join(micro_run, "results", "micro")
@@ -433,7 +426,6 @@ def test_scale_overlay_calibrates_each_size_and_writes_t_scale_and_f_scale(micro
             for recipe in ("dpo_cal", "cw_dpo_cal"):
                 m = json.load(open(os.path.join(root, "stage2", "sft_c", f"s{seed}", recipe, "metrics.json")))
                 assert m["lr_calibrated"]["lr"] == choice["lr"]
-    answer = _question_and_answer(md, rows)
     assert answer.startswith("Size dependence: ")
     differ = [c for c in table["claims"] if {"holds", "does not hold"} <= {verdicts[(c, a)] for a in arms}]
     assert (f"changes with size for {len(differ)} of" in answer) if differ else \
