@@ -10,6 +10,7 @@ import torch
 from .data import grounding_truth, load_records, read_json, write_json
 from .generation import decoding_settings, generate_captions
 from .logprobs import Collator, Encoder, SeqBatch, completion_logps, make_encoder
+from .losses import cooling_weight
 
 
 @torch.no_grad()
@@ -36,7 +37,7 @@ def pair_measures(model, encoder: Encoder, pairs: list, *, l_floor: float, tau: 
         sources += [p.get("source") or "unknown" for p in chunk]
     sc, sr = torch.tensor(sums_c, dtype=torch.float64), torch.tensor(sums_r, dtype=torch.float64)
     mc, mr = torch.tensor(means_c, dtype=torch.float64), torch.tensor(means_r, dtype=torch.float64)
-    wc = torch.sigmoid((mr - float(l_floor)) / float(tau))
+    wc = cooling_weight(mr, l_floor=l_floor, tau=tau)
     acc = (sc > sr).double()
     result = {"pairs": len(pairs), "pref_acc": float(acc.mean()), "w_c": float(wc.mean()),
               "avg_logp_chosen": float(mc.mean()), "avg_logp_rejected": float(mr.mean()),

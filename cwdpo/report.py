@@ -652,7 +652,8 @@ def arms_inputs(plan, name: str) -> list:
 
 def _mean_w_c_by_source(neg: dict) -> dict:
     """{source: mean w_c at the start of Stage 2} of a run's pairs: σ((ℓ̄_ref(y_l) − ℓ_floor)/τ) under the
-    reference model, the cooling weight CW-DPO gives each negative at its first step (the mean over seeds)."""
+    reference model, the cooling weight CW-DPO gives each negative at its first step (the mean over seeds).
+    (`losses.cooling_weight` in numpy: table jobs do not import torch.)"""
     from .data import read_jsonl
     per_seed = []
     for f in neg["files"]:
