@@ -490,6 +490,8 @@ def make_pairs(spec, onpolicy: str | None, out: str, summary_out: str, beams: st
     from .data import BadInputLog, DataError, load_records, stage_records, write_json
     from .metrics import simple_tokenize
     from .metrics import corpus_scorer
+    if spec.beams > 0 and beams is None:
+        raise DataError(f"the negatives set mixes in wrong beams (beams {spec.beams}) but no --beams file was given")
     bad = BadInputLog()
     corpus = load_records(spec.data, bad_log=bad)
     records = stage_records(corpus, spec.data)
@@ -505,8 +507,6 @@ def make_pairs(spec, onpolicy: str | None, out: str, summary_out: str, beams: st
                                  beam_share=spec.beams,
                                  scorer=lambda text, refs: scorer.score_one(simple_tokenize(text),
                                                                             [simple_tokenize(r) for r in refs]))
-    if spec.beams > 0 and beams is None:
-        raise DataError(f"the negatives set mixes in wrong beams (beams {spec.beams}) but no --beams file was given")
     if not pairs:
         raise DataError(f"no pairs (rho={spec.rho}, on-policy pool {summary['onpolicy_pool']}"
                         + (f", wrong-beam pool {summary['beam_pool']}" if spec.beams > 0 else "")

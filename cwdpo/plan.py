@@ -476,7 +476,7 @@ class Plan:
                          negatives=None, data_seed=None,
                          pairs=self.path("pairs", stage1=stage1, seed=seed, negset=negset),
                          ref_logps=self.path("ref_logps", stage1=stage1, seed=seed, negset=negset),
-                         lr_choice=self.calibration_choice_file() if hp["lr"] == CALIBRATED else None)
+                         lr_choice=self.calibration_choice_file() if self.calibrated(stage2) else None)
 
     def eval_spec(self, key: str) -> EvalSpec:
         k = ModelKey.parse(key)

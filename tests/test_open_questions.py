@@ -164,6 +164,18 @@ def test_beam_negatives_need_shapes_data_and_fit_in_the_set():
                            "negatives": {"sets": {"b": {"rho": 0.0, "beams": 1.0}}}})
 
 
+
+def test_pairs_of_a_set_with_beams_need_the_beams_file_before_any_work(tmp_path):
+    from cwdpo.data import DataError
+    from cwdpo.specs import PairsSpec
+    missing = str(tmp_path / "absent.json")  # not read: the check comes first
+    spec = PairsSpec(prompt=specs.PROMPT, data=specs.data(missing, ["finetune"]), negatives=specs.negatives(),
+                     rho=0.5, p_easy=None, seed=0, tokenizer=str(tmp_path), max_response_tokens=8, beams=0.5)
+    with pytest.raises(DataError, match=r"mixes in wrong beams \(beams 0.5\) but no --beams file was given"):
+        N.make_pairs(spec, None, str(tmp_path / "pairs.jsonl"), str(tmp_path / "summary.json"))
+    assert not os.listdir(tmp_path)
+
+
 # ---------------------------------------------------------------------------------------------------
 # the calibrated learning rate
 
