@@ -135,6 +135,19 @@ def _job_counts(workdir, *configs):
     return {line.split()[0]: int(line.split()[1]) for line in table.splitlines()[3:] if line.strip()}
 
 
+def test_stability_pretraining_waits_for_the_base_model(workdir):
+    """The base model's pretraining takes every core: the one-core stability pretrainings (T-regime) depend on
+    it in the DAG, so neither of them can start first and keep it (and every later job) waiting."""
+    import re
+    dot = run([sys.executable, "-m", "snakemake", "--dag"], cwd=workdir).stdout
+    labels = dict(re.findall(r'^\s*(\d+)\[label = "([a-z_0-9]+)', dot, flags=re.M))
+    edges = set(re.findall(r"^\s*(\d+) -> (\d+)", dot, flags=re.M))
+    pretrain = [n for n, rule in labels.items() if rule == "pretrain"]
+    stability = [n for n, rule in labels.items() if rule == "stability"]
+    assert len(pretrain) == 1 and len(stability) == 2, labels
+    assert all((pretrain[0], n) in edges for n in stability), (pretrain, stability)
+
+
 def test_training_jobs_evaluate_their_own_models_at_the_tiny_scale_only(workdir, tmp_path):
     """Fewer, fuller processes at the tiny scale: a Stage-1/Stage-2 job evaluates the model it trained, so the
     `evaluate` rule runs for the base model alone; set apart (the GPU scales) every model has its own job."""

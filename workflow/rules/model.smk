@@ -72,12 +72,14 @@ for SFX, Q in PLANS:
                     "{params.gpus}{params.launch} train --spec {params.spec:q} --out {params.out:q} --threads {threads}"
                 )
 
-        # the same pretraining from other seeds, measured only (T-regime: the testbed's stability)
+        # the same pretraining from other seeds, measured only (T-regime: the testbed's stability); after the
+        # base model, which takes every core: started first, these one-core jobs kept it waiting
         rule:
             name:
                 f"stability{SFX}"
             input:
-                Q.data_inputs(),
+                data=Q.data_inputs(),
+                after=Q.pattern("pretrain_dir", "metrics"),
             output:
                 Q.pattern("stability"),
             log:
