@@ -230,7 +230,7 @@ def test_training_takes_the_calibrated_lr_and_records_it(tmp_path, tiny_model_di
 def test_a_variant_is_the_experiment_patched_with_its_own_tree_and_rules():
     cfg = overlay("config/scale.yaml")
     plan = Plan(cfg)
-    assert [s for s, _ in plan.all_plans()] == ["", "__h32", "__h128"]
+    assert [s for s, _ in plan.all_plans()] == ["", "__h32", "__h64"]
     h32 = plan.variant_plans()["h32"]
     assert h32.out == "results/tiny/variants/h32" and h32.c["model"]["tiny"]["hidden_size"] == 32
     assert h32.c["stage2"]["recipes"]["cw_dpo_cal"]["lr"] == "calibrated"  # the experiment's recipes
@@ -281,7 +281,7 @@ def test_config_scale_sizes_span_ten_times_the_parameters(shapes_records, tmp_pa
 
 
 @pytest.mark.parametrize("name,rules", [
-    ("scale", ["stage2__h32", "pretrain__h128", "calibration_choice", "calibration_choice__h32", "figure"]),
+    ("scale", ["stage2__h32", "pretrain__h64", "calibration_choice", "calibration_choice__h32", "figure"]),
     ("modality", ["pretrain__text", "stage2__text", "score__text"]),
     ("negsource", ["beam_negatives"]),
 ])
