@@ -311,7 +311,6 @@ def _overlay(micro_run, name, *targets):
     the answer below it)."""
     import shutil
     import sys
-    import yaml
     here = os.path.dirname(__file__)
     shutil.copy(os.path.join(here, "..", "config", f"{name}.yaml"), os.path.join(micro_run, f"{name}.yaml"))
     shutil.copy(os.path.join(here, "configs", f"micro_{name}.yaml"), os.path.join(micro_run, f"micro_{name}.yaml"))
@@ -321,7 +320,10 @@ def _overlay(micro_run, name, *targets):
     for ext in ("md", "csv", "tex"):
         assert os.path.getsize(f"{stem}.{ext}") > 0
     rows, md = list(csv.DictReader(open(f"{stem}.csv"))), open(f"{stem}.md").read()
-    table = yaml.safe_load(open(os.path.join(micro_run, f"{name}.yaml")))["tables"][name]
+    from cwdpo.config import deep_merge, read_config_file
+    overlay = deep_merge(*(read_config_file(os.path.join(micro_run, f))
+                           for f in (f"{name}.yaml", f"micro_{name}.yaml")))
+    table = overlay["tables"][name]  # the micro version may change the arms
     arms = [a["name"] for a in table["arms"]]
     verdicts = _check_claims(rows, arms, table["claims"])
     info = {(r["row"], r["arm"]): r["value"] for r in rows if r["section"] == "info"}
