@@ -164,7 +164,6 @@ def test_beam_negatives_need_shapes_data_and_fit_in_the_set():
                            "negatives": {"sets": {"b": {"rho": 0.0, "beams": 1.0}}}})
 
 
-
 def test_pairs_of_a_set_with_beams_need_the_beams_file_before_any_work(tmp_path):
     from cwdpo.data import DataError
     from cwdpo.specs import PairsSpec
