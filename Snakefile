@@ -34,3 +34,5 @@ rule all:
     default_target: True
     input:
         P.final_outputs(),
+        # the runs whose job failed or was killed: rerun, not left out ("Nothing to be done")
+        [f for _, Q in PLANS for f in Q.unfinished_runs()],

@@ -47,10 +47,35 @@ def _report_times(command: str):
     print(f"[cwdpo] {command}: start-up {work - start:.2f} s, work {time.time() - work:.2f} s", file=sys.stderr)
 
 
+class SpecError(ValueError):
+    """A --spec value that is not the JSON of its spec (said in one line, without a traceback)."""
+
+
+def _spec_json(text: str):
+    """The parsed JSON of a --spec value (`@path`: of that file)."""
+    where = "--spec"
+    try:
+        if text.startswith("@"):
+            where = text[1:]
+            with open(text[1:], encoding="utf-8") as f:
+                text = f.read()
+        return json.loads(text)
+    except OSError as e:
+        raise SpecError(f"--spec {where}: cannot read it ({e.strerror or e})") from None
+    except UnicodeDecodeError:
+        raise SpecError(f"--spec {where}: not UTF-8 text") from None
+    except json.JSONDecodeError as e:
+        raise SpecError(f"{where}: not valid JSON (line {e.lineno} column {e.colno}: {e.msg})") from None
+
+
 def _spec(name: str, text: str):
     """The `cwdpo.specs` dataclass `name` from a --spec value."""
     from . import specs
-    return specs.from_json(getattr(specs, name), text)
+    doc = _spec_json(text)
+    try:
+        return specs.from_dict(getattr(specs, name), doc)
+    except (ValueError, TypeError) as e:
+        raise SpecError(f"--spec: {e}") from None
 
 
 # ---- commands ----
@@ -78,7 +103,8 @@ def cmd_build_model(a):
 def cmd_train(a):
     from .train import run_training
     _started()
-    print(json.dumps(run_training(_spec("TrainSpec", a.spec), a.out, threads=a.threads), sort_keys=True))
+    print(json.dumps(run_training(_spec("TrainSpec", a.spec), a.out, threads=a.threads, workers=a.dataloader_workers),
+                     sort_keys=True))
     if a.evaluate:  # the tiny scale: the trained model is evaluated in the same job (saved, then reloaded)
         from .evaluate import run
         run(_spec("EvalSpec", a.evaluate), a.captions, a.measures, threads=a.threads)
@@ -111,7 +137,7 @@ def cmd_beam_negatives(a):
 def cmd_calibration_choice(a):
     from .report import write_calibration_choice
     _started()
-    doc = write_calibration_choice(json.loads(a.spec), a.out)
+    doc = write_calibration_choice(_spec_json(a.spec), a.out)
     print(f"calibration {doc['table']}: {doc['outcome']} -> {a.out}")
 
 
@@ -143,7 +169,10 @@ def cmd_fetch_model(a):
 
 
 def cmd_gpus(a):
+    from .config import ConfigError
     from .gpus import run
+    if a.n < 0:
+        raise ConfigError(f"--n {a.n}: the number of GPUs is 0 or more (config compute.gpus_per_*_job)")
     run(a.n, a.command[1:] if a.command[:1] == ["--"] else a.command)
 
 
@@ -168,13 +197,13 @@ def cmd_score(a):
 def cmd_table(a):
     from .report import write_table
     _started()
-    write_table(json.loads(a.spec), a.out)
+    write_table(_spec_json(a.spec), a.out)
 
 
 def cmd_figure(a):
     from .figures import write_figure
     _started()
-    write_figure(json.loads(a.spec), a.out)
+    write_figure(_spec_json(a.spec), a.out)
 
 
 def cmd_convert_nocaps(a):
@@ -222,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
         """`job`: a command the rules run (its errors also print the traceback, kept in the job's log);
         the commands people type (validate-config, estimate, ...) say one line only."""
         sp = sub.add_parser(name, help=help_)
-        sp.set_defaults(fn=fn, hf=hf, job=job)
+        sp.set_defaults(fn=fn, hf=hf, job=job, name=name)  # (`gpus` has a positional `command`)
         if spec:
             sp.add_argument("--spec", required=True, help="the job's JSON spec (or @file)")
         if out:
@@ -235,6 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("validate-data", cmd_validate_data, "check every image and caption once (missing, corrupt, empty)")
     add("build-model", cmd_build_model, "build the tiny random-init Qwen2.5-VL + tokenizer + processor", hf=True)
     sp = add("train", cmd_train, "train one model (pretrain/SFT/SFT-C/DPO/Focal-DPO/CW-DPO)", threads=True, hf=True)
+    sp.add_argument("--dataloader-workers", type=int, default=0,
+                    help="data-loader worker processes per training process (rules: compute.dataloader_workers)")
     sp.add_argument("--evaluate", default=None, help="an evaluation spec: evaluate the trained model in this job")
     sp.add_argument("--captions", default=None, help="with --evaluate: the captions file")
     sp.add_argument("--measures", default=None, help="with --evaluate: the measures file")
@@ -265,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--model", required=True, help="hub id, e.g. Qwen/Qwen2.5-VL-3B-Instruct")
     sp.add_argument("--cache", required=True, help="HF_HOME of the workflow (config model.cache)")
     sp = add("gpus", cmd_gpus, "run a command on GPUs of its own (CUDA_VISIBLE_DEVICES from free GPU slots)",
-             spec=False, out=False)
+             spec=False, out=False, job=False)
     sp.add_argument("--n", type=int, required=True, help="GPUs the command needs (0: run it as it is)")
     sp.add_argument("command", nargs=argparse.REMAINDER, help="-- the command and its arguments")
     add("trivial", cmd_trivial, "the trivial baseline: the most frequent training caption for every image")
@@ -320,7 +351,7 @@ def _expected_errors() -> tuple:
     from .config import ConfigError
     from .data import DataError
     train = sys.modules.get("cwdpo.train")  # imported by the training commands only (it pulls in torch)
-    return (ConfigError, DataError) + ((train.TrainingError,) if train is not None else ())
+    return (ConfigError, DataError, SpecError) + ((train.TrainingError,) if train is not None else ())
 
 
 def main(argv=None):
@@ -330,6 +361,11 @@ def main(argv=None):
     failure summary shows it)."""
     _CLOCK["main"] = time.time()
     args = build_parser().parse_args(argv)
+    from .stamp import mismatch
+    problem = mismatch()  # the workflow planned this job with another cwdpo (an image not rebuilt)
+    if problem:
+        print(f"cwdpo {args.command}: {problem}", file=sys.stderr, flush=True)
+        sys.exit(1)
     if args.hf:
         _quiet_hf()
         _CLOCK["hf"] = True
@@ -339,12 +375,12 @@ def main(argv=None):
         if not isinstance(e, _expected_errors()):
             raise
         sys.stdout.flush()
-        if args.job:
+        if args.job and not isinstance(e, SpecError):  # a malformed --spec: nothing to debug in a traceback
             import traceback
             traceback.print_exc(file=sys.stderr)
-        print(f"cwdpo {args.command}: {one_line(str(e))}", file=sys.stderr, flush=True)
+        print(f"cwdpo {args.name}: {one_line(str(e))}", file=sys.stderr, flush=True)
         sys.exit(1)
-    _report_times(args.command)
+    _report_times(args.name)
 
 
 if __name__ == "__main__":

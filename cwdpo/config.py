@@ -236,8 +236,114 @@ def check_config(config: dict, check_paths: bool = True) -> None:
     if c["model"]["source"] != "tiny" and c["pretrain"]["enabled"]:
         raise ConfigError("pretrain.enabled: only the tiny model is pretrained by the pipeline; set it to "
                           "false for a hub or local model")
+    _check_seeds(c)
+    _check_passthrough(c)
+    _check_shell_strings(c)
+    _check_markdown_names(c)
     _check_variants(c, check_paths)
     _check_arms(c)
+
+
+# A seed reaches `random.seed`, numpy (below 2**32), `torch.manual_seed` and sums of seeds (an on-policy
+# seed plus a run seed): an integer in [0, MAX_SEED] keeps every one of them in range.
+MAX_SEED = 2 ** 31 - 1
+
+
+def seed_keys(node, path: str = "") -> list:
+    """(key path, value) of every seed in a config: keys named `seed`, `*_seed`, `seeds` or `*_seeds`
+    anywhere (lists item by item)."""
+    out = []
+    if isinstance(node, dict):
+        for key, v in node.items():
+            where = f"{path}.{key}" if path else str(key)
+            if isinstance(key, str) and (key == "seed" or key.endswith("_seed")):
+                out.append((where, v))
+            elif isinstance(key, str) and (key == "seeds" or key.endswith("_seeds")) and isinstance(v, list):
+                out += [(f"{where}[{i}]", x) for i, x in enumerate(v)]
+            else:
+                out += seed_keys(v, where)
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            out += seed_keys(v, f"{path}[{i}]")
+    return out
+
+
+def _check_seeds(c: dict) -> None:
+    """Seeds are integers (1.0 is not: it would name a run `s1.0`) in [0, MAX_SEED]."""
+    for where, v in seed_keys(c):
+        if v is None and not where.startswith(("seeds", "pretrain_seed")):
+            continue  # an optional seed left unset (a table row without seeds of its own)
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ConfigError(f"{where}: {v!r} is not an integer (a seed is a whole number in 0..{MAX_SEED})")
+        if not 0 <= v <= MAX_SEED:
+            raise ConfigError(f"{where}: {v} is outside 0..{MAX_SEED} (a seed must fit random, numpy and torch)")
+
+
+def passthrough_keys() -> dict:
+    """cwdpo/resources/passthrough_keys.json: {config key: {package, version, keys, ...}} — the keys that
+    peft's LoraConfig (model.lora) and vLLM's engine (negatives.onpolicy.vllm) accept in the versions the GPU
+    image pins, written down so that the host and the image give the same verdict."""
+    import json
+    with open(os.path.join(os.path.dirname(__file__), "resources", "passthrough_keys.json"), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _check_passthrough(c: dict) -> None:
+    """The dictionaries handed on as keyword arguments (model.lora, negatives.onpolicy.vllm) hold only keys
+    their receiver accepts: a typo is refused now, not when the first LoRA or sampling job starts."""
+    import difflib
+    values = {"model.lora": c["model"]["lora"], "negatives.onpolicy.vllm": c["negatives"]["onpolicy"]["vllm"]}
+    for key, known in passthrough_keys().items():
+        given = values.get(key)  # (the file's "_about" note has no value)
+        if not isinstance(given, dict):
+            continue
+        allowed = set(known["keys"])
+        for name in given:
+            if name in known.get("set_by_cwdpo", []):
+                raise ConfigError(f"{key}.{name}: set by cwdpo itself ({known['set_by_cwdpo_note']})")
+            if name not in allowed:
+                near = difflib.get_close_matches(str(name), sorted(allowed), n=1)
+                hint = f"did you mean {near[0]!r}? " if near else ""
+                listed = ", ".join(sorted(allowed)) if len(allowed) <= 50 else \
+                    f"the {len(allowed)} keys listed in cwdpo/resources/passthrough_keys.json"
+                raise ConfigError(f"{key}: unknown key {name!r} — {hint}{known['accepts']} of {known['package']} "
+                                  f"{known['version']} accepts: {listed}")
+
+
+# config strings that reach a command line outside the rules' quoting: `container` is the image path of
+# Snakemake's `apptainer exec` (written into its shell command as it is)
+SAFE_SHELL_WORD = r"[A-Za-z0-9_./:@+=,%-]+"
+
+
+def _check_shell_strings(c: dict) -> None:
+    if not re.fullmatch(SAFE_SHELL_WORD, c["container"]):
+        raise ConfigError(f"container: {c['container']!r} holds characters a shell would interpret (Snakemake "
+                          "puts it into the apptainer command line as it is); allowed: letters, digits and "
+                          "_ . / : @ + = , % -")
+
+
+def markdown_names(c: dict) -> list:
+    """(key, text) of every config string printed into a table's Markdown: table titles, row names, arm and
+    run names."""
+    out = []
+    for t, table in c["tables"].items():
+        if table.get("title") is not None:
+            out.append((f"tables.{t}.title", table["title"]))
+        out += [(f"tables.{t}.rows[{i}].name", row.get("name")) for i, row in enumerate(table.get("rows", []))]
+        out += [(f"tables.{t}.arms[{i}].name", arm.get("name")) for i, arm in enumerate(table.get("arms") or [])]
+        out += [(f"tables.{t}.runs", run) for run in (table.get("runs") or {})]
+        for i, arm in enumerate(table.get("arms") or []):
+            out += [(f"tables.{t}.arms[{i}].runs", run) for run in (arm.get("runs") or {})]
+    return out
+
+
+def _check_markdown_names(c: dict) -> None:
+    """A name printed into a Markdown table is one line: a line break or other control character would cut
+    the table (a `|` is escaped when written: cwdpo.report.md_cell)."""
+    for key, text in markdown_names(c):
+        if isinstance(text, str) and re.search(r"[\x00-\x1f\x7f]", text):
+            raise ConfigError(f"{key}: {text!r} holds a line break or another control character (it is printed "
+                              "into a Markdown table row); write it on one line")
 
 
 def _check_calibrated(c: dict) -> None:
@@ -382,6 +488,11 @@ def _check_paths(c: dict) -> None:
     src = c["model"]["source"]
     if src != "tiny" and (src.startswith(("/", "./", "../", "~")) or os.path.isdir(src)):
         paths.append(("model.source", os.path.expanduser(src)))
+    elif src != "tiny":
+        from .hub import is_hub_id
+        if not is_hub_id(src):
+            raise ConfigError(f"model.source: {src!r} is neither tiny, a hub id (org/name) nor an existing model "
+                              "folder")
     for key, path in paths:
         if path and not os.path.exists(path):
             raise ConfigError(f"{key}: {path!r} does not exist")
@@ -410,7 +521,7 @@ def read_config_file(path: str) -> dict:
     file whose top level is not a mapping (an empty file too) each raise one `ConfigError` line."""
     try:
         with open(path, encoding="utf-8") as f:
-            doc = yaml.safe_load(f)
+            doc = _load_yaml(path, f)
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
     except IsADirectoryError:
@@ -426,6 +537,81 @@ def read_config_file(path: str) -> dict:
         what = "the file is empty" if doc is None else f"its top level is a {type(doc).__name__}"
         raise ConfigError(f"{path}: a config must be a YAML mapping with keys at top level ({what})")
     return doc
+
+
+# YAML anchors and aliases may reuse a value, but the aliases of a config may add at most this many nodes to
+# what is written out (a 400-byte "billion laughs" file of nested aliases stands for 10^9 values, and every
+# walk over the config — validation, merging, Snakemake's — would take them one by one)
+MAX_ALIAS_NODES = 10_000
+
+
+def _load_yaml(path: str, stream):
+    """The document of a YAML stream (safe loading only), refused before it is built when a mapping holds a
+    key twice (YAML would keep the last one silently) or its aliases expand beyond MAX_ALIAS_NODES."""
+    loader = yaml.SafeLoader(stream)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_yaml_node(path, node)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _check_yaml_node(path: str, root) -> None:
+    from yaml.nodes import MappingNode, ScalarNode, SequenceNode
+    seen, stack = set(), [root]
+    while stack:  # every key of every mapping once (a node an alias repeats is the same object)
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, MappingNode):
+            first: dict = {}
+            for key, value in node.value:
+                if isinstance(key, ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
+                    if key.value in first:
+                        raise ConfigError(f"{path}:{key.start_mark.line + 1}: duplicate key {key.value!r} (first at "
+                                          f"line {first[key.value]}); a mapping holds each key once")
+                    first[key.value] = key.start_mark.line + 1
+                stack += [key, value]
+        elif isinstance(node, SequenceNode):
+            stack += node.value
+    sizes: dict = {}
+
+    def expanded(node, active=()) -> int:
+        """The nodes of `node` with every alias written out (memoised per node; a cycle is refused)."""
+        if id(node) in sizes:
+            return sizes[id(node)]
+        if id(node) in active:
+            raise ConfigError(f"{path}:{node.start_mark.line + 1}: a YAML alias refers to the value it is part of "
+                              "(a recursive structure); write the values out")
+        children = [x for kv in node.value for x in kv] if isinstance(node, MappingNode) else \
+            node.value if isinstance(node, SequenceNode) else []
+        sizes[id(node)] = 1 + sum(expanded(c, active + (id(node),)) for c in children)
+        return sizes[id(node)]
+
+    extra = expanded(root) - len(seen)
+    if extra > MAX_ALIAS_NODES:
+        where = root.start_mark.line + 1
+        if isinstance(root, MappingNode):  # name the top-level key whose value expands the most
+            key, _ = max(root.value, key=lambda kv: sizes[id(kv[1])])
+            where = f"{key.start_mark.line + 1}: key {key.value!r}"
+        raise ConfigError(f"{path}:{where}: YAML aliases expand the file by {extra} values, over the limit of "
+                          f"{MAX_ALIAS_NODES} (an alias bomb?); write the values out instead")
+
+
+def check_config_files(paths) -> None:
+    """The checks `read_config_file` makes while reading (duplicate keys, alias expansion), of config files
+    another reader has loaded already: the Snakefile re-reads the files Snakemake merged before it walks
+    the config. A file that cannot be read is left to Snakemake's own verdict."""
+    for path in paths:
+        try:
+            with open(path, encoding="utf-8") as f:
+                _load_yaml(path, f)
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            continue
 
 
 def load_config(path: str, overrides: dict | None = None, check_paths: bool = True) -> dict:

@@ -36,36 +36,83 @@ class BadInputLog:
 
     skipped: list = field(default_factory=list)
 
-    def add(self, where: str, reason: str, image_id=None):
-        self.skipped.append({"where": where, "reason": reason, "image_id": image_id})
+    def add(self, where: str, reason: str, image_id=None, kind: str | None = None):
+        """`kind`: the reason without the item's own details (counted in `by_reason`); by default
+        `reason_kind(reason)`."""
+        self.skipped.append({"where": where, "reason": reason, "image_id": image_id,
+                             "kind": kind or reason_kind(reason)})
 
     def summary(self) -> dict:
         counts: dict = {}
         for item in self.skipped:
-            counts[item["reason"]] = counts.get(item["reason"], 0) + 1
+            counts[item["kind"]] = counts.get(item["kind"], 0) + 1
         return {"skipped": len(self.skipped), "by_reason": counts, "items": self.skipped}
 
 
-def _fail_or_skip(on_bad_input: str, log: BadInputLog | None, where: str, reason: str, image_id=None):
+def reason_kind(reason: str) -> str:
+    """A reason without what is particular to one item: the text before its first ': ' or ' (', numbers as N
+    ('image file not found: x.png' → 'image file not found')."""
+    return re.sub(r"(?<![\w-])\d+(?!\w)", "N", re.split(r": | \(", reason, maxsplit=1)[0]).strip()
+
+
+def _fail_or_skip(on_bad_input: str, log: BadInputLog | None, where: str, reason: str, image_id=None,
+                  kind: str | None = None):
     if on_bad_input == "skip":
         if log is not None:
-            log.add(where, reason, image_id)
+            log.add(where, reason, image_id, kind)
         return
     raise DataError(f"{where}: {reason}")
 
 
-def verify_image(path: str) -> str | None:
-    """None when `path` decodes as an image, else the reason (missing, unreadable or corrupt)."""
+# What every image job can take: Qwen2.5-VL's processor refuses an aspect ratio of 200 or more (`smart_resize`),
+# PIL refuses to decode more than twice MAX_IMAGE_PIXELS (a decompression bomb), and an image of 16- or 32-bit
+# samples (PIL modes I, I;16*, F) is clipped to white by the RGB conversion every job makes.
+MAX_ASPECT_RATIO = 200
+MAX_IMAGE_PIXELS = 89_478_485  # PIL's Image.MAX_IMAGE_PIXELS (its warning threshold)
+EIGHT_BIT_MODES = ("1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV")
+
+
+def image_size_problem(width: int, height: int) -> tuple | None:
+    """(kind, message) of why an image (or a composition of images) of `width` × `height` cannot be used,
+    or None."""
+    if width < 1 or height < 1:
+        return "empty image", f"image of {width}×{height} pixels is empty"
+    if width * height > MAX_IMAGE_PIXELS:
+        return "image too large", f"image of {width}×{height} pixels is over the limit of {MAX_IMAGE_PIXELS} pixels"
+    ratio = max(width, height) / min(width, height)
+    if ratio >= MAX_ASPECT_RATIO:
+        return "aspect ratio out of range", (f"image of {width}×{height} pixels has an aspect ratio of {ratio:.0f} "
+                                             f"(the VLM's processor takes below {MAX_ASPECT_RATIO})")
+    return None
+
+
+def image_problem(im) -> tuple | None:
+    """(kind, message) of why an opened PIL image cannot be used (size, aspect ratio, bit depth), or None."""
+    problem = image_size_problem(*im.size)
+    if problem:
+        return problem
+    if im.mode not in EIGHT_BIT_MODES:
+        return "not 8-bit", (f"image of mode {im.mode} (16- or 32-bit samples) would turn white when converted to "
+                             "RGB; convert it to 8-bit")
+    return None
+
+
+def verify_image(path: str) -> tuple | None:
+    """None when `path` decodes as a usable image, else (kind, reason): missing, unreadable, corrupt, or its
+    size, aspect ratio or bit depth out of range (`image_problem`)."""
     from PIL import Image
     if not os.path.isfile(path):
-        return f"image file not found: {path}"
+        return "image file not found", f"image file not found: {path}"
     try:
         with Image.open(path) as im:
+            problem = image_problem(im)  # from the header, before anything is decoded
+            if problem:
+                return problem[0], f"{problem[1]}: {path}"
             im.verify()  # checks the file's structure (PNG CRCs, JPEG markers) without a full decode
         with Image.open(path) as im:
             im.load()  # and that it decodes
     except Exception as e:  # PIL raises many types for corrupt files
-        return f"corrupt or unreadable image {path}: {type(e).__name__}: {e}"
+        return "corrupt or unreadable image", f"corrupt or unreadable image {path}: {type(e).__name__}: {e}"
     return None
 
 
@@ -189,12 +236,14 @@ def load_karpathy(json_path: str, image_root: str | None = None, splits=None, on
             continue
         path = os.path.join(image_root, img.get("filepath", ""), img["filename"])
         if not inside(path, image_root):
-            problem = f"image path {path} is outside the image root {os.path.abspath(image_root)}"
+            problem = ("image path outside the image root",
+                       f"image path {path} is outside the image root {os.path.abspath(image_root)}")
         else:
             problem = verify_image(path) if verify_images else (
-                f"image file not found: {path}" if check_files and not os.path.isfile(path) else None)
+                ("image file not found", f"image file not found: {path}")
+                if check_files and not os.path.isfile(path) else None)
         if problem:
-            _fail_or_skip(on_bad_input, bad_log, where, problem, str(ident))
+            _fail_or_skip(on_bad_input, bad_log, where, problem[1], str(ident), kind=problem[0])
             continue
         extra = {k: v for k, v in img.items() if k not in
                  ("filename", "filepath", "split", "sentences", "attributes", "domain", "sentids")}
@@ -382,23 +431,42 @@ def file_sha256(path: str, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def write_json(path: str, obj, indent: int | None = 1):
-    """Write JSON atomically (temp file + rename) with sorted keys, so reruns give identical bytes."""
+def write_atomically(path: str, write) -> None:
+    """`write(tmp)` to a temporary file beside `path` (named with the process id, so two processes never share
+    one), then rename it onto `path`: a reader sees the old file or the whole new one. On any failure (a full
+    disk, a kill signal turned exception, a failed dump) the temporary file is removed and `path` untouched."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=indent, sort_keys=True, allow_nan=True)
-        f.write("\n")
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        _remove_quietly(tmp)
+        raise
+
+
+def write_json(path: str, obj, indent: int | None = 1):
+    """Write JSON atomically (`write_atomically`) with sorted keys, so reruns give identical bytes."""
+    def dump(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=indent, sort_keys=True, allow_nan=True)
+            f.write("\n")
+    write_atomically(path, dump)
 
 
 def write_text(path: str, text: str):
-    """Write a text file atomically (temp file + rename)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    """Write a text file atomically (`write_atomically`)."""
+    def dump(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+    write_atomically(path, dump)
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        os.remove(path)
+    except OSError:
+        pass
 
 
 def read_json(path: str):
@@ -428,13 +496,35 @@ def write_rows_csv(path: str, rows: list, first: str = "step", skip=()):
 def convert_nocaps(annotations_path: str, out_path: str, split: str = "val") -> dict:
     """NoCaps annotations (COCO style: images[].{id, file_name, domain}, annotations[].{image_id, caption})
     → our Karpathy-format file with each image's `domain` (in-domain / near-domain / out-domain, renamed
-    out-of-domain), so the same loader and the per-domain scoring serve it."""
-    doc = read_json(annotations_path)
+    out-of-domain), so the same loader and the per-domain scoring serve it. A file that is not of that
+    layout raises `DataError` naming the file and the entry."""
+    try:
+        doc = read_json(annotations_path)
+    except FileNotFoundError:
+        raise DataError(f"{annotations_path}: annotations file not found") from None
+    except IsADirectoryError:
+        raise DataError(f"{annotations_path}: is a directory, not an annotations file") from None
+    except UnicodeDecodeError:
+        raise DataError(f"{annotations_path}: not UTF-8 text") from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"{annotations_path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("images"), list):
+        raise DataError(f"{annotations_path}: top level must be an object with an 'images' list (NoCaps / COCO "
+                        "captions layout)")
+    annotations = doc.get("annotations", [])
+    if not isinstance(annotations, list):
+        raise DataError(f"{annotations_path}: 'annotations' must be a list")
     caps: dict = {}
-    for a in doc.get("annotations", []):
+    for i, a in enumerate(annotations):
+        if not isinstance(a, dict) or "image_id" not in a or not isinstance(a.get("caption"), str):
+            raise DataError(f"{annotations_path}: annotations[{i}]: needs an 'image_id' and a string 'caption'")
         caps.setdefault(a["image_id"], []).append(a["caption"].strip())
     images = []
     for idx, img in enumerate(doc["images"]):
+        if not isinstance(img, dict) or "id" not in img or not isinstance(img.get("file_name"), str):
+            raise DataError(f"{annotations_path}: images[{idx}]: needs an 'id' and a string 'file_name'")
+        if not isinstance(img.get("domain", "entire"), str):
+            raise DataError(f"{annotations_path}: images[{idx}] (id {img['id']}): 'domain' must be a string")
         domain = img.get("domain", "entire").replace("out-domain", "out-of-domain")
         sents = [{"raw": c} for c in caps.get(img["id"], [])]
         images.append({"filename": img["file_name"], "imgid": idx, "cocoid": img["id"], "split": split,

@@ -114,6 +114,16 @@ def caption_doc(model, encoder: Encoder, records: list, spec, objects: str | Non
             **grounding_truth(records, objects)}
 
 
+def cooling_settings(spec) -> tuple[float, float]:
+    """(ℓ_floor, τ) of the held-out pairs' cooling weight w_c = σ((ℓ̄ − ℓ_floor)/τ) (docs/method.md § CW-DPO):
+    a Stage-2 run's own, as it trained with them (its metrics.json: a resolved "mean" floor, a recipe's own
+    τ); the config's for other models. A metrics.json written before runs recorded τ gives the config's τ."""
+    if not spec.run_metrics:
+        return float(spec.l_floor), float(spec.tau)
+    m = read_json(spec.run_metrics)
+    return float(m["l_floor"]), float(m["tau"] if m.get("tau") is not None else spec.tau)
+
+
 def run(spec, captions_out: str, measures_out: str, threads: int = 0) -> None:
     """Evaluate `spec.model` (an `EvalSpec`): captions of the test split (and its top-k beams), of every
     evaluation set and the MCQ sets, then the teacher-forced measures; writes `captions_out`, each set's
@@ -143,11 +153,9 @@ def run(spec, captions_out: str, measures_out: str, threads: int = 0) -> None:
     for m in spec.mcq_sets:  # multiple-choice VQA accuracy with the loaded model
         from .mcq import evaluate_set
         write_json(m.out, evaluate_set(model, processor, m, on_bad_input=spec.data.on_bad_input), indent=None)
-    l_floor = spec.l_floor
-    if spec.run_metrics:  # a Stage-2 run's own (resolved) floor
-        l_floor = read_json(spec.run_metrics)["l_floor"]
+    l_floor, tau = cooling_settings(spec)
     measures = {"heldout": pair_measures(model, encoder, read_pairs(spec.heldout_pairs, spec.vlm.prompt),
-                                         l_floor=float(l_floor), tau=float(spec.tau),
+                                         l_floor=l_floor, tau=tau,
                                          batch_size=spec.forward_batch_size)}
     ref_model = load_for_inference(spec.reference, spec.vlm, processor=False)[0] if spec.reference else None
     measures["test"] = test_measures(model, encoder, records, ref_model=ref_model, n_bins=spec.n_bins,

@@ -6,7 +6,7 @@
                of the positives and of each negative kind (gentle, easy, on-policy).
 - floor:       the ℓ_floor sweep: final CIDEr-D and TV against ℓ_floor, and the training w_c over steps.
 - calibration: reliability diagrams (token level, equal-width bins) of the evaluated models.
-- calibrate:   the control arm's squeezing signature against the Stage-2 learning rate.
+- calibrate:   both sides of the control arm's calibration rule (squeezing; task and fluency) against the lr.
 - scale:       CW-DPO's gaps (A − B with their 95% intervals, coloured by verdict) against the parameter count
                of each model size (the arms of table T-scale).
 Each curve is the mean over seeds with a ±1 std band when there are several seeds. No torch import.
@@ -19,7 +19,7 @@ import os
 
 import numpy as np
 
-from .data import read_json
+from .data import read_json, write_atomically
 
 COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#17becf"]
 
@@ -86,9 +86,7 @@ def _save(fig, out_stem: str, layout: bool = True):
     if layout:
         fig.tight_layout()
     for ext, meta in (("png", {"Software": None}), ("pdf", {"CreationDate": None, "Producer": None})):
-        tmp = f"{out_stem}.tmp.{ext}"
-        fig.savefig(tmp, format=ext, metadata=meta, dpi=150)
-        os.replace(tmp, f"{out_stem}.{ext}")
+        write_atomically(f"{out_stem}.{ext}", lambda tmp: fig.savefig(tmp, format=ext, metadata=meta, dpi=150))
 
 
 def fig_stage1(series: dict, out_stem: str, spice_reason: str | None = None):
@@ -208,43 +206,57 @@ def fig_calibration(series: dict, out_stem: str):
 
 
 def fig_calibrate(table_spec: dict, out_stem: str):
-    """F-calibrate: the control arm's top-1 gain over SFT and its positives' Δlog p against the learning
-    rate, the rule's thresholds, and the lr the rule picks; CIDEr and CHAIR_s of the control for context."""
+    """F-calibrate: both sides of the calibration rule against the learning rate — the squeezing signature (the
+    control's top-1 gain over SFT, its positives' Δlog p) and the task and fluency kept (CIDEr as a share of the
+    Stage-1 model's, broken captions) — with the rule's thresholds and the lr it picks; the control's TV to the
+    reference (the fallback's measure) and CHAIR_s for context."""
     from .report import calibration_choice, calibration_rows
     plt = _plt()
-    rows = sorted(calibration_rows(table_spec), key=lambda r: r["lr"])
-    choice, how = calibration_choice(rows, table_spec["control_tv"])
-    lrs = [r["lr"] for r in rows]
-    fig, axes = plt.subplots(1, 4, figsize=(15.5, 3.4))
-    panels = [(axes[0], [r["gain"]["diff"] for r in rows], [(r["gain"]["lo"], r["gain"]["hi"]) for r in rows],
-               f"top-1 mass − {table_spec['rows'][0]['name']}", table_spec["top1_gain"]),
-              (axes[1], [r["dlogp"]["mean"] for r in rows], [(r["dlogp"]["lo"], r["dlogp"]["hi"]) for r in rows],
-               "Δlog p of the positives (last probe)", 0.0),
-              (axes[2], [r["tv"]["mean"] for r in rows], [(r["tv"]["lo"], r["tv"]["hi"]) for r in rows],
-               "TV to the reference (fallback: nearest the line)", table_spec["control_tv"])]
-    for ax, ys, cis, title, threshold in panels:
-        ok = [i for i, y in enumerate(ys) if y is not None]
-        lo = [ys[i] - (cis[i][0] if cis[i][0] is not None else ys[i]) for i in ok]
-        hi = [(cis[i][1] if cis[i][1] is not None else ys[i]) - ys[i] for i in ok]
-        ax.errorbar([lrs[i] for i in ok], [ys[i] for i in ok], yerr=[lo, hi], marker="o", capsize=3, color=COLORS[0])
-        ax.axhline(threshold, color="k", lw=0.8, ls="--")
-        ax.set_title(title)
-    axes[3].plot(lrs, [r["cider"]["mean"] for r in rows], "o-", color=COLORS[1], label="CIDEr")
-    axes[3].set_title("the control's CIDEr and CHAIR_s")
-    twin = axes[3].twinx()
-    twin.plot(lrs, [r["chair_s"]["mean"] for r in rows], "s--", color=COLORS[2], label="CHAIR_s (%)")
-    axes[3].legend(fontsize=7, loc="lower left")
-    twin.legend(fontsize=7, loc="lower right")
+    rows = calibration_rows(table_spec)
+    choice, how = calibration_choice(rows, table_spec["control_tv"])  # (in the table's order)
+    betas = sorted({r["beta"] for r in rows}, key=lambda b: (b is None, b))
+    fig, axes = plt.subplots(2, 3, figsize=(13.5, 6.6))
+    axes = axes.ravel()
+    panels = [(lambda r: (r["gain"]["diff"], r["gain"]["lo"], r["gain"]["hi"]),
+               f"signature: top-1 mass − {table_spec['rows'][0]['name']}", table_spec["top1_gain"]),
+              (lambda r: (r["dlogp"]["mean"], r["dlogp"]["lo"], r["dlogp"]["hi"]),
+               "signature: Δlog p of the positives (last probe)", 0.0),
+              (lambda r: (r["tv"]["mean"], r["tv"]["lo"], r["tv"]["hi"]),
+               "TV to the reference (fallback: nearest the line)", table_spec["control_tv"]),
+              (lambda r: (r["task"], None, None), "task kept: CIDEr / the Stage-1 model's", table_spec["task_share"]),
+              (lambda r: (None if r["broken"] is None else 100 * r["broken"], None, None),
+               "fluency kept: broken captions (%)", 100 * table_spec["max_broken"]),
+              (lambda r: (r["chair_s"]["mean"], r["chair_s"]["lo"], r["chair_s"]["hi"]), "CHAIR_s (%)", None)]
+    for ax, (value, title, threshold) in zip(axes, panels):
+        for n, beta in enumerate(betas):  # one line per β, against the learning rate
+            line = sorted((r for r in rows if r["beta"] == beta), key=lambda r: r["lr"])
+            pts = [(r["lr"], *value(r), r["meets"]) for r in line if value(r)[0] is not None]
+            if not pts:
+                continue
+            xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+            lo = [y - (p[2] if p[2] is not None else y) for y, p in zip(ys, pts)]
+            hi = [(p[3] if p[3] is not None else y) - y for y, p in zip(ys, pts)]
+            ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, color=COLORS[n % len(COLORS)],
+                        label=f"β {beta:g}" if beta is not None else None)
+            for x, y, *_, meets in pts:  # ringed: the row meets both sides of the rule
+                if meets:
+                    ax.plot(x, y, "o", mfc="none", mec="k", ms=11, zorder=3)
+        if threshold is not None:
+            ax.axhline(threshold, color="k", lw=0.8, ls="--")
+        ax.set_title(title, fontsize=9)
+        if len(betas) > 1:
+            ax.legend(fontsize=7)
     for ax in axes:
         ax.set_xscale("log")
         ax.set_xlabel("Stage-2 learning rate")
         ax.grid(alpha=0.3)
         if choice:
             ax.axvline(choice["lr"], color="gray", lw=1.0, alpha=0.6)
-    fig.suptitle("F-calibrate: the control arm's squeezing signature against the learning rate"
-                 + (f" (lr = {choice['lr']:g}, by {'the fallback' if how.startswith('fallback') else how})"
-                    if choice else f" ({how})"),
+    by = "the fallback" if how.startswith("fallback") else "the rule"
+    fig.suptitle("F-calibrate: the control arm's squeezing signature and its task and fluency against the learning "
+                 "rate" + (f" (lr = {choice['lr']:g}, β = {choice['beta']:g}, by {by})" if choice else f" ({how})"),
                  fontsize=11)
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
     _save(fig, out_stem)
     plt.close(fig)
 

@@ -173,16 +173,37 @@ def ground(text: str, attributes: dict) -> dict:
     return out
 
 
+def contradiction(g: dict) -> str | None:
+    """What an image contradicts in a caption, from its grounding counts (`ground`): it names an object the
+    image does not have ("hallucinated"), leaves one of the image's objects out ("missing"), or both
+    ("hallucinated_missing"); else it names the right objects but the wrong number of them ("count") or
+    states a relation or location that does not hold ("relation"). None when the parse finds nothing wrong.
+    The rule that makes a model's own sample or beam a negative on `shapes` (docs/method.md § Negatives)."""
+    hallucinated = g["hallucinated"] > 0
+    missing = g["recalled"] < g["objects"]
+    if hallucinated and missing:
+        return "hallucinated_missing"
+    if hallucinated or missing:
+        return "hallucinated" if hallucinated else "missing"
+    if not g["count_right"]:
+        return "count"
+    if g["relation"][0] < g["relation"][1]:
+        return "relation"
+    return None
+
+
 GROUNDING_METRICS = ("CHAIR_i", "CHAIR_s", "recall", "colour acc.", "shape acc.", "size acc.", "count acc.",
-                     "relation acc.", "1-obj colour acc.", "1-obj shape acc.")
+                     "relation acc.", "1-obj colour acc.", "1-obj shape acc.", "broken")
 
 
 def grounding_scores(captions: dict, attributes: dict) -> dict:
     """Corpus grounding measures of `captions` {id: text} against `attributes` {id: attribute record}
     (as fractions in [0, 1]; None where nothing was stated), with the per-image values the tables bootstrap:
     {"corpus": {metric: value}, "per_image": {"CHAIR_s": {id: 0|1}, ...}, "counts": {...}}."""
+    from .shapes import caption_fluency
     ids = sorted(captions, key=str)
     per = {i: ground(captions[i], attributes[i]) for i in ids}
+    broken = {i: caption_fluency(captions[i]) for i in ids}
 
     def ratio(num, den):
         return num / den if den else None
@@ -203,11 +224,16 @@ def grounding_scores(captions: dict, attributes: dict) -> dict:
         # mentions count as wrong)
         "1-obj colour acc.": ratio(sum(_one_right(per[i], "colour") for i in one), len(one)),
         "1-obj shape acc.": ratio(sum(_one_right(per[i], "shape") for i in one), len(one)),
+        # fluency: captions that are empty or use a word or character the caption grammar never writes
+        # (shapes.caption_fluency)
+        "broken": ratio(sum(b is not None for b in broken.values()), len(ids)),
     }
     per_image = {"CHAIR_s": {str(i): float(per[i]["hallucinated"] > 0) for i in ids},
                  "recall": _ratio_terms({str(i): (per[i]["recalled"], per[i]["objects"]) for i in ids}),
-                 "count acc.": {str(i): float(per[i]["count_right"]) for i in ids}}
-    counts = {"images": len(ids), "one_object_images": len(one), "mentions": sum(r["mentions"] for r in per.values())}
+                 "count acc.": {str(i): float(per[i]["count_right"]) for i in ids},
+                 "broken": {str(i): float(broken[i] is not None) for i in ids}}
+    counts = {"images": len(ids), "one_object_images": len(one), "mentions": sum(r["mentions"] for r in per.values()),
+              **{why: sum(b == why for b in broken.values()) for why in ("empty", "oov", "chars")}}
     return {"corpus": corpus, "per_image": per_image, "counts": counts}
 
 
@@ -299,8 +325,13 @@ def chair_scores(captions: dict, references: dict, objects: dict) -> dict:
         with_halluc += bool(wrong)
         per_s[str(i)] = float(bool(wrong))
     corpus = {"CHAIR_i": halluc / named if named else None, "CHAIR_s": with_halluc / len(ids) if ids else None,
-              "recall": recalled / annotated if annotated else None}
-    return {"corpus": corpus, "per_image": {"CHAIR_s": per_s}, "counts": {"images": len(ids), "named": named}}
+              "recall": recalled / annotated if annotated else None, "broken": None}
+    return {"corpus": corpus, "per_image": {"CHAIR_s": per_s}, "counts": {"images": len(ids), "named": named},
+            "na_reasons": {"broken": BROKEN_NA}}
+
+
+BROKEN_NA = ("fluency is checked against the `shapes` caption grammar's vocabulary; real captions have no closed "
+             "vocabulary")
 
 
 def write_coco_objects(spec, out: str) -> dict:

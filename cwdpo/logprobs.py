@@ -268,10 +268,17 @@ class Encoder:
                       prompts: list | None = None) -> SeqBatch:
         """`build` from images already through `encode_images` (pixel_values [P, D], grids [M, 3]); `prompts`:
         each image's (prompt ids, positions) when not those of its grid (text input)."""
-        prompts = prompts if prompts is not None else [self.prompt_ids(g) for g in grids]
         responses = self.response_ids([text for _, text in rows])
+        return self.build_ids(pixel_values, grids, [(i, ids) for (i, _), ids in zip(rows, responses)], prompts)
+
+    def build_ids(self, pixel_values: torch.Tensor, grids: torch.Tensor, rows: list,
+                  prompts: list | None = None) -> SeqBatch:
+        """`build_encoded` from completion token ids as they are, `rows` = [(image_index, [token id, ...])]: no
+        chat-template turn around them and no length limit (e.g. the tokens a sampler drew, to score them)."""
+        prompts = prompts if prompts is not None else [self.prompt_ids(g) for g in grids]
         seqs, comp_starts, positions = [], [], []
-        for (img_idx, _), resp in zip(rows, responses):
+        for img_idx, resp in rows:
+            resp = list(resp)
             p_ids, p_pos = prompts[img_idx]
             seqs.append(p_ids + resp)
             comp_starts.append(len(p_ids))

@@ -14,6 +14,7 @@ No torch import here.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
@@ -208,11 +209,28 @@ def spice_or_reason(compute):
         return None, f"spice-1.0.jar failed: {e}"
 
 
+_SPICE_CACHES: list = []  # the parse cache of the scoring job (`spice_cache`), innermost last
+
+
+@contextlib.contextmanager
+def spice_cache():
+    """One SPICE parse cache for every `run_spice` inside (a `cwdpo score` job, every model and beam scored
+    against the same references): CoreNLP parses each reference sentence once per job instead of once per call
+    (at paper scale: 25k test references × every model and beam). Removed at the end; with none open each
+    call has its own."""
+    with tempfile.TemporaryDirectory(prefix="cwdpo-spice-cache-") as folder:
+        _SPICE_CACHES.append(folder)
+        try:
+            yield folder
+        finally:
+            _SPICE_CACHES.remove(folder)
+
+
 def run_spice(gts_tok: dict, res_tok: dict) -> tuple[float, dict]:
     """SPICE F-score (corpus mean, per image) via spice-1.0.jar; temp files outside the package.
 
     Java ≥ 16 breaks SPICE's LMDB/FST parse cache (InaccessibleObjectException), so the cache is used only
-    on Java ≤ 15.
+    on Java ≤ 15: the open `spice_cache` of the job, else one of this call's own.
     """
     import json
     spice_dir = os.path.join(_pkg_dir(), "spice")
@@ -224,7 +242,7 @@ def run_spice(gts_tok: dict, res_tok: dict) -> tuple[float, dict]:
         cmd = ["java", "-jar", "-Xmx8G", os.path.join(spice_dir, "spice-1.0.jar"), in_path, "-out", out_path,
                "-subset", "-silent"]
         if java_major() <= 15:
-            cmd[5:5] = ["-cache", os.path.join(tmp, "cache")]
+            cmd[5:5] = ["-cache", _SPICE_CACHES[-1] if _SPICE_CACHES else os.path.join(tmp, "cache")]
         subprocess.run(cmd, cwd=spice_dir, check=True, capture_output=True)
         with open(out_path) as f:
             results = json.load(f)
@@ -410,13 +428,32 @@ def grounding_of(doc: dict) -> dict:
                                 "data.karpathy.instances / eval_sets.<name>.instances) for these images"}}
 
 
+def caption_quality(doc: dict) -> dict:
+    """What the control's calibration rule reads of a captions file, without Java — so its job never waits for
+    the scoring job, which scores the runs that wait for the rule: CIDEr-D with the Java-free tokenizer and
+    the document frequencies of these references (1.0 = 100; the scoring job's CIDEr-D tokenizes with PTB),
+    and — where grounding applies — the share of broken captions and CHAIR_s."""
+    ids = sorted(doc["captions"], key=str)
+    refs = [[simple_tokenize(r) for r in doc["references"][i]] for i in ids]
+    scorer = CiderD(refs)
+    cider = float(np.mean([scorer.score_one(simple_tokenize(doc["captions"][i]), r) for i, r in zip(ids, refs)]))
+    corpus = grounding_of(doc)["grounding"].get("corpus", {})
+    return {"CIDEr": cider, "broken": corpus.get("broken"), "CHAIR_s": corpus.get("CHAIR_s")}
+
+
 def score_files(caption_paths: list, out_paths: list, metrics=METRIC_NAMES) -> None:
     """`cwdpo score`: every caption file (captions, references, optional beams and per-image domains)
     scored into its scores file. One PTB-tokenizer JVM for every caption of every file, one METEOR JVM;
-    a file with domains (NoCaps) is also scored per domain, each domain with its own document frequencies."""
-    import sys
+    a file with domains (NoCaps) is also scored per domain, each domain with its own document frequencies.
+    One SPICE parse cache for the whole job (`spice_cache`)."""
     if len(caption_paths) != len(out_paths):
         raise ValueError("give one scores path per captions file")
+    with spice_cache():
+        _score_files(caption_paths, out_paths, metrics)
+
+
+def _score_files(caption_paths: list, out_paths: list, metrics) -> None:
+    import sys
     docs = [read_json(p) for p in caption_paths]
     ptb_tokenize({f"{n}:{kind}:{k}": v if isinstance(v, list) else [v]
                   for n, doc in enumerate(docs) for kind in ("references", "captions", "beams")

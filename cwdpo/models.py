@@ -93,6 +93,16 @@ def processor_class():
     return processor_class.shim
 
 
+def video_processor_kwargs(pixels: dict) -> dict:
+    """`video_processor=` for the stock processor where torchvision imports (its base class refuses a missing
+    sub-processor, and vLLM loads a model folder's processor only with its video processor: "Can't load video
+    processor"); nothing for the image-only shim. Same patch, merge and pixel settings as the images."""
+    if not has_torchvision():
+        return {}
+    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+    return {"video_processor": Qwen2VLVideoProcessor(**pixels)}
+
+
 def image_processor_class():
     from transformers import Qwen2VLImageProcessorPil
     if has_torchvision():
@@ -300,11 +310,10 @@ def build_tiny(out_dir: str, corpus: list, spec: dict, prompt: str, seed: int = 
     tokenizer.padding_side = "right"
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
 
-    image_processor = image_processor_class()(
-        min_pixels=int(spec["min_pixels"]), max_pixels=int(spec["max_pixels"]), patch_size=14, merge_size=2,
-        temporal_patch_size=2)
-    processor = processor_class()(image_processor=image_processor, tokenizer=tokenizer,
-                                  chat_template=TINY_CHAT_TEMPLATE)
+    pixels = dict(min_pixels=int(spec["min_pixels"]), max_pixels=int(spec["max_pixels"]), patch_size=14, merge_size=2,
+                  temporal_patch_size=2)
+    processor = processor_class()(image_processor=image_processor_class()(**pixels), tokenizer=tokenizer,
+                                  chat_template=TINY_CHAT_TEMPLATE, **video_processor_kwargs(pixels))
 
     hidden, heads = int(spec["hidden_size"]), int(spec["num_attention_heads"])
     mrope = mrope_section(hidden // heads)

@@ -8,10 +8,11 @@
   an off-topic sentence.
 - external: a JSONL file of negatives keyed by image id (e.g. GPT-4o minimal perturbations, as the paper
   used); see `read_external`.
-- on-policy: K samples per image from the Stage-1 model (`cwdpo.sampling`), kept when their CIDEr-D
-  (document frequencies of the whole reference corpus) is below a threshold.
+- on-policy: K samples per image from the Stage-1 model (`cwdpo.sampling`), kept when they are wrong:
+  on `shapes` when the image's attribute record contradicts them, on real captions when their CIDEr-D is
+  below the median of the image's own samples (config `negatives.onpolicy.select`).
 - beam: the Stage-1 model's own k beams per image (`cwdpo.sampling.run_beams`), kept when the grammar parse
-  against the image's attribute record finds a hallucinated or a missing object (`shapes` only).
+  against the image's attribute record finds something the image contradicts (`shapes` only).
 - mixed: a fraction ρ of dataset negatives and a fraction `beams` of wrong beams among on-policy ones
   (`build_pairs`).
 
@@ -333,10 +334,13 @@ def build_pairs(records: list, cfg, rho: float, seed: int, onpolicy: dict | None
     """Stage-2 preference pairs for `records` with a fraction `rho` of dataset negatives and a fraction
     `beam_share` of the model's wrong beams; the rest on-policy.
 
-    Target size N = pairs_per_image × images. On-policy negatives come from `onpolicy`, wrong beams from `beams`
-    ({image_id: [kept sample dicts]} each); when fewer than their share of N exist, N shrinks so that the
-    dataset share stays exactly round(ρ·N) (reported in the summary). Chosen = a reference caption of the
-    image. `scorer(text, refs)` gives each negative's score (CIDEr-D, corpus df). Returns (pairs, summary).
+    Target size N = pairs_per_image × images; each source's target is its share of N (dataset round(ρ·N),
+    beams round(beam_share·N), on-policy the rest). On-policy negatives come from `onpolicy`, wrong beams from
+    `beams` ({image_id: [kept sample dicts]} each), in a shuffled order. A source whose pool holds fewer than its
+    target gives what it has — the others are never shrunk to keep the shares exact: the summary reports each
+    source's target, pool and pairs and the set's fill (pairs / N), and `make_pairs` refuses a set below
+    `negatives.min_fill`. Chosen = a reference caption of the image. `scorer(text, refs)` gives each
+    negative's score (CIDEr-D, corpus df). Returns (pairs, summary).
     """
     if p_easy is not None:
         cfg = dataclasses.replace(cfg, p_easy=p_easy)
@@ -351,16 +355,11 @@ def build_pairs(records: list, cfg, rho: float, seed: int, onpolicy: dict | None
     beam_pool = [(rec, s) for rec in records for s in (beams or {}).get(rec.image_id, [])]
     beam_rng = random.Random(f"beams:{seed}")  # its own stream: a set without beams draws what it always drew
     beam_rng.shuffle(beam_pool)
-    share_on = max(0.0, 1.0 - rho - beam_share)
-    limits = [target]
-    if share_on > 0:
-        limits.append(int(len(pool) / share_on))
-    if beam_share > 0:
-        limits.append(int(len(beam_pool) / beam_share))
-    n_total = min(limits)
-    n_dataset = int(round(rho * n_total))
-    n_beams = min(len(beam_pool), int(round(beam_share * n_total)))
-    n_onpolicy = min(len(pool), n_total - n_dataset - n_beams)
+    n_dataset = int(round(rho * target))
+    beams_target = int(round(beam_share * target))
+    onpolicy_target = max(0, target - n_dataset - beams_target)
+    n_beams = min(len(beam_pool), beams_target)
+    n_onpolicy = min(len(pool), onpolicy_target)
     pairs = []
     # on-policy: the pool in shuffled order, chosen = a random reference
     for rec, s in pool[:n_onpolicy]:
@@ -400,11 +399,15 @@ def build_pairs(records: list, cfg, rho: float, seed: int, onpolicy: dict | None
     for p in pairs:
         key = f"{p['source']}/{p['kind']}"
         kinds[key] = kinds.get(key, 0) + 1
-    summary = {"rho": rho, "target_pairs": target, "pairs": len(pairs), "dataset": n_dataset, "onpolicy": n_onpolicy,
-               "onpolicy_pool": len(pool), "by_source": counts, "by_kind": kinds, "images": len(records),
-               "rho_effective": (n_dataset / len(pairs)) if pairs else None}
+    n_dataset_made = sum(1 for p in pairs if p["source"] not in ("onpolicy", "beam"))
+    summary = {"rho": rho, "target_pairs": target, "pairs": len(pairs), "fill": len(pairs) / target if target else None,
+               "dataset": n_dataset_made, "onpolicy": n_onpolicy, "onpolicy_pool": len(pool),
+               "by_source": counts, "by_kind": kinds, "images": len(records),
+               "rho_effective": (n_dataset_made / len(pairs)) if pairs else None,
+               "targets": {"dataset": n_dataset, "onpolicy": onpolicy_target}}
     if beam_share > 0:  # (the summary of a set without beams keeps its keys)
         summary.update({"beam_share": beam_share, "beams": n_beams, "beam_pool": len(beam_pool)})
+        summary["targets"]["beams"] = beams_target
     return pairs, summary
 
 
@@ -507,15 +510,29 @@ def make_pairs(spec, onpolicy: str | None, out: str, summary_out: str, beams: st
                                  beam_share=spec.beams,
                                  scorer=lambda text, refs: scorer.score_one(simple_tokenize(text),
                                                                             [simple_tokenize(r) for r in refs]))
-    if not pairs:
-        raise DataError(f"no pairs (rho={spec.rho}, on-policy pool {summary['onpolicy_pool']}"
-                        + (f", wrong-beam pool {summary['beam_pool']}" if spec.beams > 0 else "")
-                        + "); lower negatives.onpolicy.threshold or raise rho")
+    check_fill(summary, spec)
     write_pairs(out, pairs, spec.prompt)
     summary["truncated"] = truncation_counts(pairs, spec)
     summary["bad_input"] = bad.summary()
     write_json(summary_out, summary)
     return summary
+
+
+def check_fill(summary: dict, spec) -> None:
+    """Refuse a set that holds less than `spec.min_fill` of its target pairs (or none at all), in one line that
+    names each short pool, how it was drawn and the knob that fills it."""
+    if summary["pairs"] and summary["fill"] >= spec.min_fill:
+        return
+    from .data import DataError
+    short = [f"{src} pool {summary[pool]} of the {summary['targets'][src]} needed"
+             for src, pool in (("onpolicy", "onpolicy_pool"), ("beams", "beam_pool"))
+             if src in summary["targets"] and summary.get(pool, 0) < summary["targets"][src]]
+    name = f"negatives set {spec.name!r}" if spec.name else "the pairs"
+    raise DataError(f"{name}: {summary['pairs']} of its {summary['target_pairs']} target pairs "
+                    f"({100 * (summary['fill'] or 0):.0f}%), below min_fill {spec.min_fill:g}: "
+                    + (", ".join(short) or "no pairs could be made")
+                    + (f" ({spec.pools})" if spec.pools else "")
+                    + "; draw more (raise that k), or lower the set's share of that source or its min_fill")
 
 
 def truncation_counts(pairs: list, spec) -> dict:

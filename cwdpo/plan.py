@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 
 from .config import (ARMS_KINDS, CALIBRATED, arm_runs, onpolicy_share, stage1_recipe, stage2_recipe, validate_config,
                      variant_config)
@@ -148,9 +149,10 @@ class Plan:
         mode. Empty for the tiny and local-folder models (no Hugging Face cache involved)."""
         if not self.hub:
             return ""
+        from shlex import quote  # the config's text reaches the shell as one literal word, never as code
         cache = self.c["model"]["cache"]
-        home = cache if os.path.isabs(cache) else f"$PWD/{cache}"
-        return f'export HF_HOME="{home}" HF_HUB_CACHE="{home}/hub" HF_HUB_OFFLINE=1; '
+        home = quote(cache) if os.path.isabs(cache) else f'"$PWD"/{quote(cache)}'
+        return f'export HF_HOME={home}; export HF_HUB_CACHE="$HF_HOME/hub" HF_HUB_OFFLINE=1; '
 
     def tokenizer_source(self) -> str:
         """The model folder or hub id whose tokenizer and chat template count response tokens (the tiny
@@ -175,6 +177,13 @@ class Plan:
         if k.kind == "stage1":
             return self.path("stage1_dir", file, stage1=k.stage1, seed=k.seed)
         return self.path("stage2_dir", file, stage1=k.stage1, seed=k.seed, stage2=k.stage2)
+
+    def pairs_summary_of(self, key) -> str | None:
+        """The summary of the preference set a Stage-2 model key trained on (None for other keys)."""
+        k = ModelKey.parse(key) if isinstance(key, str) else key
+        if k.kind != "stage2":
+            return None
+        return self.path("pairs_summary", stage1=k.stage1, seed=k.seed, negset=self.stage2_negset(k.stage2))
 
     def run_dir(self, key) -> str | None:
         return self.run_file(key)
@@ -243,6 +252,10 @@ class Plan:
     def eval_keys(self) -> list:
         keys = []
         rows = [row for table in self.enabled_tables().values() for row in table.get("rows", [])]
+        # a calibration sweep also reads the controls' Stage-1 models (the task side of its rule)
+        rows += [{"name": "", **{k: v for k, v in row.items() if k in ("stage1", "seeds")}}
+                 for table in self.enabled_tables().values() if table["kind"] == "calibrate"
+                 for row in table["rows"] if row.get("stage2")]
         for row in rows + [{"name": "", **sel} for sel in self.arm_selections()]:
             for k in self.row_keys(row):
                 if k not in keys:
@@ -260,6 +273,33 @@ class Plan:
     def final_outputs(self) -> list:
         return [self.path("table", table=name) + ".md" for name in self.enabled_tables()] + \
             [self.path("figure", figure=name) + ".png" for name in self.enabled_figures()]
+
+    def unfinished_runs(self) -> list:
+        """The metrics.json of every planned training run whose folder holds the remains of an attempt
+        (checkpoints, probe files) but no metrics.json: its job failed (Snakemake then deletes the job's
+        outputs) or was killed. Snakemake does not rebuild a missing intermediate file while the tables
+        after it exist, so after a failed job a plain rerun said "Nothing to be done" and left the run
+        folder empty; the `all` rule asks for these files again. (A glob at parse time; no torch.)"""
+        import glob
+        s1, s2 = self.c["stage1"]["recipes"], self.c["stage2"]["recipes"]
+        seeds = r"s(\d+)"
+        found = []
+        if self.tiny and self.c["pretrain"]["enabled"]:
+            found.append(self.path("pretrain_dir", "metrics"))
+        for stage in ("stage1_dir", "stage2_dir"):
+            pattern = self.pattern(stage)
+            regex = re.escape(pattern).replace(r"\{stage1\}", "([^/]+)").replace(r"s\{seed\}", seeds) \
+                .replace(r"\{stage2\}", "([^/]+)")
+            for folder in glob.glob(pattern.replace("{stage1}", "*").replace("{seed}", "*").replace("{stage2}", "*")):
+                m = re.fullmatch(regex, folder)
+                if not m or not os.path.isdir(folder):
+                    continue
+                known = (m.group(1) in s1 if stage == "stage1_dir" else
+                         (m.group(1) == "base" or m.group(1) in s1) and m.group(3) in s2)
+                if known:
+                    found.append(os.path.join(folder, "metrics.json"))
+        return [f for f in found if os.path.isdir(os.path.dirname(f)) and not os.path.exists(f)
+                and os.listdir(os.path.dirname(f))]
 
     # ---- extra evaluation sets (Flickr30k, NoCaps, the shapes OOD split) and MCQ sets ----
     def eval_sets(self) -> dict:
@@ -358,6 +398,7 @@ class Plan:
     def stage2_inputs(self, stage1: str, seed, stage2: str) -> dict:
         negset = self.stage2_negset(stage2)
         inputs = {"data": self.data_inputs(), "pairs": self.path("pairs", stage1=stage1, seed=seed, negset=negset),
+                  "pairs_summary": self.path("pairs_summary", stage1=stage1, seed=seed, negset=negset),
                   "ref": self.path("ref_logps", stage1=stage1, seed=seed, negset=negset), "hub": self.model_inputs()}
         if stage1 != "base" or self.tiny:
             inputs["model"] = self.stage_init(stage1, seed)
@@ -476,7 +517,8 @@ class Plan:
                          negatives=None, data_seed=None,
                          pairs=self.path("pairs", stage1=stage1, seed=seed, negset=negset),
                          ref_logps=self.path("ref_logps", stage1=stage1, seed=seed, negset=negset),
-                         lr_choice=self.calibration_choice_file() if self.calibrated(stage2) else None)
+                         lr_choice=self.calibration_choice_file() if self.calibrated(stage2) else None,
+                         pairs_summary=self.path("pairs_summary", stage1=stage1, seed=seed, negset=negset))
 
     def eval_spec(self, key: str) -> EvalSpec:
         k = ModelKey.parse(key)
@@ -508,11 +550,24 @@ class Plan:
                           probe_images=self.c["probes"]["images"])
 
     def pairs_spec(self, stage1: str, seed, negset: str) -> PairsSpec:
-        s = self.c["negatives"]["sets"][negset]
+        n = self.c["negatives"]
+        s = n["sets"][negset]
+        o = n["onpolicy"]
+        select = o["select"] if o["select"] != "auto" else ("grounding" if self.is_shapes else "relative")
+        rule = {"absolute": f"CIDEr-D below threshold {o['threshold']}",
+                "relative": f"the {o['quantile']:g} of each image's samples with the lowest CIDEr-D"}
+        rule = rule.get(select, select)
+        pools = []
+        if self.needs_onpolicy(negset):
+            pools.append(f"on-policy: select {rule}, k {o['k']} samples per image (negatives.onpolicy.k)")
+        if self.needs_beams(negset):
+            pools.append(f"wrong beams: k {n['beams']['k']} beams per image (negatives.beams.k)")
         return PairsSpec(prompt=self.c["prompt"], data=self.data_spec("finetune", stage="stage2"),
                          negatives=self.negatives_spec(), rho=s["rho"], p_easy=s.get("p_easy"), seed=int(seed),
                          tokenizer=self.tokenizer_source(),
-                         max_response_tokens=self.c["model"]["max_response_tokens"], beams=s["beams"])
+                         max_response_tokens=self.c["model"]["max_response_tokens"], beams=s["beams"],
+                         name=negset, min_fill=n["min_fill"] if s.get("min_fill") is None else s["min_fill"],
+                         pools="; ".join(pools))
 
     def beam_spec(self, stage1: str, seed) -> BeamSpec:
         b = self.c["negatives"]["beams"]
@@ -545,6 +600,14 @@ class Plan:
         """GPUs a job of `kind` ('train' or 'infer') asks for (the `gpu` resource of its rule)."""
         return int(self.c["compute"]["gpus_per_train_job" if kind == "train" else "gpus_per_infer_job"])
 
+    def threads(self) -> int:
+        """The `threads` of the GPU rules' jobs (config compute.threads)."""
+        return int(self.c["compute"]["threads"])
+
+    def dataloader_workers(self) -> int:
+        """Data-loader worker processes of each training process (config compute.dataloader_workers)."""
+        return int(self.c["compute"]["dataloader_workers"])
+
     def gpu_prefix(self, kind: str) -> str:
         """What a GPU job's command starts with: `cwdpo gpus --n N -- ` takes N free GPUs of the visible ones
         for it (CUDA_VISIBLE_DEVICES; `cwdpo.gpus`), so local jobs never share a GPU. Nothing for CPU jobs."""
@@ -561,3 +624,16 @@ class Plan:
         if self.c["compute"]["launcher"] == "accelerate":
             return f"accelerate launch --num_processes {n} --no_python cwdpo"
         return f"torchrun --standalone --nproc_per_node {n} --no-python cwdpo"
+
+
+def settings_for_variants(per_rule, suffixes) -> dict:
+    """A Snakemake per-rule setting (a profile's set-resources or set-threads: {rule: value}) with every entry
+    of a rule also given to the rule's variant copies `<rule><suffix>` (`Plan.all_plans`) that have none of
+    their own: Snakemake keys these settings by exact rule name, so a variant's jobs would otherwise get the
+    defaults (60 minutes, 4 GB, 1 thread)."""
+    out = dict(per_rule)
+    for name, value in per_rule.items():
+        if "__" not in name:  # a rule of the experiment itself, not a variant's copy
+            for suffix in suffixes:
+                out.setdefault(name + suffix, value)
+    return out

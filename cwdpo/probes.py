@@ -21,7 +21,7 @@ import os
 import torch
 from transformers import TrainerCallback
 
-from .data import read_jsonl
+from .data import read_jsonl, write_atomically
 from .dynamics import distribution_measures
 from .logprobs import completion_logps
 
@@ -120,11 +120,17 @@ class ProbeCallback(TrainerCallback):
         first = self._pass_eval(model)
         self.ref = {"means": first[0], "logits": first[1]}
         if self.is_main:
-            tmp = self.ref_path + ".tmp"
-            torch.save(self.ref, tmp)
-            os.replace(tmp, self.ref_path)
+            write_atomically(self.ref_path, lambda tmp: torch.save(self.ref, tmp))
         self.results = []
         self._record(self.measure(model, 0, pass_result=first))
+
+    def restore(self, step: int) -> bool:
+        """Take the rows of a run that had already reached `step` (its last) from probes.partial.jsonl, as a
+        finished run holds them (a resumed run that is already at its last step trains no further, so no
+        hook reloads them). False when the file lacks the row of `step`: the rows cannot be restored."""
+        rows = read_jsonl(self.partial_path) if os.path.isfile(self.partial_path) else []
+        self.results = [r for r in rows if r["step"] <= step]
+        return any(r["step"] == step for r in self.results)
 
     def _pass_eval(self, model):
         was_training = model.training

@@ -29,7 +29,7 @@ from .stats import (convergence_step, difference_ci, ece_difference_ci, paired_b
 GROUNDING_COLUMNS = {"CHAIR_i": "CHAIR_i", "CHAIR_s": "CHAIR_s", "obj. recall": "recall", "colour acc.": "colour acc.",
                      "shape acc.": "shape acc.", "size acc.": "size acc.", "count acc.": "count acc.",
                      "relation acc.": "relation acc.", "1-obj colour acc.": "1-obj colour acc.",
-                     "1-obj shape acc.": "1-obj shape acc."}
+                     "1-obj shape acc.": "1-obj shape acc.", "broken captions": "broken"}
 # column name -> (file, json path, scaled by the caption scale, digits, per-image path or None)
 COLUMNS = {
     **{m: ("scores", ["corpus", m], True, 1, ["per_image", m] if m in MEAN_OF_IMAGES else None)
@@ -44,13 +44,46 @@ COLUMNS = {
     "entropy": ("measures", ["test", "entropy"], False, 3, ["test", "per_image", "entropy"]),
     # grounding (cwdpo.grounding), as percentages: what the captions say against the scene
     **{name: ("scores", ["grounding", "corpus", key], True, 1,
-              ["grounding", "per_image", key] if key in ("CHAIR_s", "recall", "count acc.") else None)
+              ["grounding", "per_image", key] if key in ("CHAIR_s", "recall", "count acc.", "broken") else None)
        for name, key in GROUNDING_COLUMNS.items()},
     "mean w_c": ("measures", ["heldout", "w_c"], False, 3, None),
     "pref. acc.": ("measures", ["heldout", "pref_acc"], False, 3, None),
+    # what a Stage-2 run trained on: its preference set (pairs summary) and how often it went over it (metrics.json)
+    "pairs": ("pairs_summary", ["pairs"], False, 0, None),
+    "of target": ("pairs_summary", ["fill"], True, 1, None),
+    "on-policy pairs": ("pairs_summary", ["onpolicy"], False, 0, None),
+    "dataset pairs": ("pairs_summary", ["dataset"], False, 0, None),
+    "passes": ("metrics", ["data", "passes"], False, 2, None),
+    "filtered share": ("metrics", ["mean_filtered_frac"], True, 1, None),
 }
+RUN_FILE_KINDS = ("metrics", "pairs_summary")  # files of a training run (per key), not of its evaluation
 SPECIAL = ("win-rate vs SFT", "conv. step", "Δ CIDEr vs first row")
 NOT_A_MODEL = "not measured for the trivial baseline (it is not a model)"
+
+
+def non_finite(node, path: str = ""):
+    """(key path, value) of the first NaN or ±inf number in a parsed JSON document, or None."""
+    import math
+    if isinstance(node, float) and not math.isfinite(node):
+        return path or "(top level)", node
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    for key, value in items:
+        found = non_finite(value, f"{path}[{key}]" if isinstance(key, int) else f"{path}.{key}" if path else key)
+        if found:
+            return found
+    return None
+
+
+def read_evaluation_file(path: str):
+    """An evaluation file a table reads (scores, measures, MCQ results), refused when a number in it is
+    not finite: a NaN would print as an unexplained n/a, a `nan [nan, nan]` cell or a Δ of 0.0."""
+    from .data import DataError
+    doc = read_json(path)
+    found = non_finite(doc)
+    if found:
+        raise DataError(f"{path}: {found[0]} is {found[1]!r} (a non-finite number in an evaluation file); rerun "
+                        "the job that wrote it")
+    return doc
 
 
 def _lookup(doc, path):
@@ -69,9 +102,14 @@ class RunData:
         self.spec, self._cache = spec, {}
 
     def doc(self, key: str, kind: str):
-        path = self.spec["files"][kind].format(key=key)
+        if kind in RUN_FILE_KINDS:
+            path = self.spec.get("run_files", {}).get(kind, {}).get(key)
+            if path is None:
+                return None
+        else:
+            path = self.spec["files"][kind].format(key=key)
         if path not in self._cache:
-            self._cache[path] = read_json(path) if os.path.isfile(path) else None
+            self._cache[path] = read_evaluation_file(path) if os.path.isfile(path) else None
         return self._cache[path]
 
     def value(self, key: str, col: str):
@@ -81,6 +119,9 @@ class RunData:
             why = NOT_A_MODEL if file == "measures" else "the trivial baseline is scored on the test split only"
             return None, None, why
         doc = self.doc(key, file)
+        if doc is None and file in RUN_FILE_KINDS and not self.spec.get("run_files", {}).get(file, {}).get(key):
+            return None, None, ("not a Stage-2 run (no preference set)" if file == "pairs_summary"
+                                else "no training run (the base model)")
         if doc is None:
             return None, None, f"{file}.json missing for {key}"
         v = _lookup(doc, path)
@@ -95,10 +136,14 @@ class RunData:
             if counts:
                 scale_w = len(counts) / sum(counts)
                 per = [p * c * scale_w for p, c in zip(per, counts)]
+        if v is None and file in RUN_FILE_KINDS:
+            return None, None, {"mean_filtered_frac": "not a run with CW-DPO's negative filter"}.get(
+                path[-1], f"{col} not recorded")
         if v is None:
             reason = _lookup(doc, ["na_reasons", path[-1]]) or _lookup(doc, ["beams", "na_reasons", path[-1]])
             if path[0] == "grounding":
-                reason = _lookup(doc, ["grounding", "na"]) or "no caption states it"
+                reason = (_lookup(doc, ["grounding", "na"]) or _lookup(doc, ["grounding", "na_reasons", path[-1]])
+                          or "no caption states it")
             if reason is None and col in ("TV", "JS"):
                 reason = "the base model is its own reference (TV/JS are measured against a run's reference)"
             return None, None, reason or f"{col} not measured"
@@ -239,7 +284,7 @@ def render(cols: list, rows: list, reasons: dict, title: str, note: str = "") ->
     md = f"### {title}\n\n"
     if note:
         md += note + "\n\n"
-    md += tabulate(body, headers=headers, tablefmt="github", disable_numparse=True) + "\n"
+    md += md_table(body, headers) + "\n"
     md += "\nCells: mean ± std over seeds [95% CI: t over seeds; one seed: bootstrap over test images].\n"
     if notes:
         md += "\n" + "\n".join(notes) + "\n"
@@ -255,6 +300,19 @@ def render(cols: list, rows: list, reasons: dict, title: str, note: str = "") ->
             vals += ["n/a" if s["mean"] is None else repr(s["mean"]), _r(s["std"]), s["n"], _r(s["lo"]), _r(s["hi"])]
         w.writerow([name] + vals)
     return {"md": md, "csv": buf.getvalue(), "tex": tex}
+
+
+def md_cell(text) -> str:
+    """A cell of a Markdown table: a `|` escaped (it would start a new cell); the config refuses line
+    breaks in the names it prints (cwdpo.config.markdown_names)."""
+    return str(text).replace("|", "\\|")
+
+
+def md_table(rows: list, headers: list) -> str:
+    """A GitHub-Markdown table whose every cell and header is `md_cell`-escaped."""
+    from tabulate import tabulate
+    return tabulate([[md_cell(c) for c in row] for row in rows], headers=[md_cell(h) for h in headers],
+                    tablefmt="github", disable_numparse=True)
 
 
 def _r(x) -> str:
@@ -403,6 +461,7 @@ def _regime(spec: dict, data: RunData, claim_rows: list) -> list:
     rows.append([f"headroom: {r['stage1_row']} captions naming an object not in the image (CHAIR_s)",
                  fmt(chair, 1) + "%" if v is not None else "n/a", f"{pct(lo_h)}–{pct(hi_h)}",
                  _pass(v is not None and lo_h <= v <= hi_h)])
+    rows += _feeding_rows(spec, data)
     ctrl, sft = main.get(r["control_row"]) or [], main.get(r["sft_row"]) or []
     if ctrl and sft:
         d = claim_difference(data, ctrl, sft, "top-1", spec["claims"]["interval"])
@@ -416,6 +475,8 @@ def _regime(spec: dict, data: RunData, claim_rows: list) -> list:
     dls = cell_stats([x for x in dl if x is not None], [])
     rows.append([f"squeezing in the control: Δlog p of the positives under {r['control_row']} (probe set, last step)",
                  fmt(dls, 3), "< 0", _pass(dls["mean"] is not None and dls["mean"] < 0)])
+    rows += _control_quality_rows(spec, data, ctrl, s1)
+    rows.append(_calibration_row(r))
     shape = [g.get("1-obj shape acc.")] + [data.stability(p) for p in spec["stability"]]
     shape = [x for x in shape if x is not None]
     spread = max(shape) - min(shape) if len(shape) > 1 else None
@@ -428,6 +489,67 @@ def _regime(spec: dict, data: RunData, claim_rows: list) -> list:
     rows.append(["decidedness: the paper's main claims decided", f"{decided} of {len(main_claims)}",
                  f"≥ {r['min_decided']}", _pass(decided >= r["min_decided"])])
     return rows
+
+
+def _feeding_rows(spec: dict, data: RunData) -> list:
+    """T-regime: is Stage 2 fed? The smallest share of its target pairs a Stage-2 set of the main and ablation
+    tables holds, and the most passes a run makes over its set (before CW-DPO's filter)."""
+    r = spec["regime"]
+    has_set = spec.get("run_files", {}).get("pairs_summary", {})
+    keys = sorted({k for rows in spec["rows_by_name"].values() for ks in rows.values() for k in ks if k in has_set})
+    fills = {k: data.value(k, "of target")[0] for k in keys}
+    passes = {k: data.value(k, "passes")[0] for k in keys}
+    fills = {k: v / float(spec["scale"]) for k, v in fills.items() if v is not None}
+    passes = {k: v for k, v in passes.items() if v is not None}
+    out = []
+    if fills:
+        k = min(fills, key=fills.get)
+        out.append([f"Stage 2 is fed: the smallest share of its target pairs a Stage-2 set holds ({len(fills)} runs)",
+                    f"{100 * fills[k]:.1f}% ({k})", f"≥ {100 * r['set_fill']:.0f}%", _pass(fills[k] >= r["set_fill"])])
+    else:
+        out.append(["Stage 2 is fed: the smallest share of its target pairs a Stage-2 set holds", "n/a",
+                    f"≥ {100 * r['set_fill']:.0f}%", "fail"])
+    if passes:
+        k = max(passes, key=passes.get)
+        out.append([f"Stage 2 is fed: the most passes a Stage-2 run makes over its set ({len(passes)} runs)",
+                    f"{passes[k]:.2f} ({k})", f"≤ {r['max_passes']:g}", _pass(passes[k] <= r["max_passes"])])
+    else:
+        out.append(["Stage 2 is fed: the most passes a Stage-2 run makes over its set", "n/a",
+                    f"≤ {r['max_passes']:g}", "fail"])
+    return out
+
+
+def _control_quality_rows(spec: dict, data: RunData, ctrl: list, stage1: list) -> list:
+    """T-regime: the control keeps its task (its CIDEr at least `task_share` of the Stage-1 model's) and stays
+    fluent (at most `max_broken` of its test captions empty or outside the caption grammar's words)."""
+    r = spec["regime"]
+    c = cell_stats([data.value(k, "CIDEr")[0] for k in ctrl], [])["mean"]
+    s = cell_stats([data.value(k, "CIDEr")[0] for k in stage1], [])["mean"]
+    ratio = c / s if c is not None and s else None
+    out = [[f"the control keeps its task: CIDEr of {r['control_row']} / {r['stage1_row']}",
+            "n/a" if ratio is None else f"{ratio:.3f} ({c:.1f} / {s:.1f})", f"≥ {r['task_share']:g}",
+            _pass(ratio is not None and ratio >= r["task_share"])]]
+    vals = [data.value(k, "broken captions") for k in ctrl]
+    broken = cell_stats([v[0] for v in vals], [])["mean"]
+    why = next((v[2] for v in vals if v[2]), None)
+    share = None if broken is None else broken / float(spec["scale"])
+    out.append([f"the control stays fluent: {r['control_row']}'s test captions empty or with a word or character "
+                "outside the caption grammar", f"n/a ({why})" if share is None else f"{100 * share:.1f}%",
+                f"≤ {100 * r['max_broken']:g}%", _pass(share is not None and share <= r["max_broken"])])
+    return out
+
+
+def _calibration_row(r: dict) -> list:
+    """T-regime: the control's setting against the two-sided calibration rule — the sweep's outcome as the
+    experiment's config records it (`regime.control_calibration`), so a run says whether its control was set
+    by the rule or by the rule's fallback (no swept setting met both sides)."""
+    c = r.get("control_calibration")
+    what = ("the control's setting: a swept setting squeezes with task and fluency kept (the two-sided rule, "
+            "config/calibrate.yaml)")
+    if c is None:
+        return [what, "n/a (no sweep recorded: regime.control_calibration)", "a swept setting meets both", "fail"]
+    return [what, f"{'yes' if c['met_both'] else 'no'}: {c['swept']}; the control: {c['setting']}",
+            "a swept setting meets both", _pass(c["met_both"])]
 
 
 def _pass(ok: bool) -> str:
@@ -454,14 +576,12 @@ def paper_table(spec: dict) -> dict:
                                     "t": "a t-interval over seeds"}[spec["claims"]["interval"]] +
                     "; ablation rows: one seed, a paired bootstrap over test images.")
     md = "### T-regime: the testbed's preconditions (measured before any verdict)\n\n"
-    md += tabulate(regime, headers=["precondition", "measured", "target", "pass"], tablefmt="github",
-                   disable_numparse=True) + "\n\n"
+    md += md_table(regime, ["precondition", "measured", "target", "pass"]) + "\n\n"
     md += "### T-paper: paper vs reproduced\n\n" + note + "\n\n"
-    md += tabulate(body, headers=["quantity", "method", "paper", "ours", "paper source"], tablefmt="github",
-                   disable_numparse=True) + "\n\n"
+    md += md_table(body, ["quantity", "method", "paper", "ours", "paper source"]) + "\n\n"
     md += "#### Claims\n\n" + verdict_note + "\n\n"
     headers = ["claim", "whose", "paper", "ours: A − B [95% CI]", "δ", "verdict", "interval"]
-    md += tabulate(claim_rows, headers=headers, tablefmt="github", disable_numparse=True) + "\n"
+    md += md_table(claim_rows, headers) + "\n"
     if reasons:
         md += "\n" + "\n".join(f"- {k}: n/a — {v}" for k, v in sorted(reasons.items())) + "\n"
     buf = io.StringIO()
@@ -492,64 +612,104 @@ def _fmt_diff(d: dict, digits: int) -> str:
 # the control arm's calibration (config/calibrate.yaml)
 
 def calibration_rows(spec: dict) -> list:
-    """Per swept row of a `calibrate` table (after the SFT reference row): lr, the top-1 gain over SFT with its
-    interval, the positives' Δlog p at the last probe (mean and t-interval over seeds), CIDEr, CHAIR_s, and
-    whether the squeezing signature shows (gain ≥ regime.top1_gain with its interval above 0, Δlog p < 0), and
-    the control's TV to its reference (the fallback's measure)."""
+    """Per swept row of a `calibrate` table (after the SFT reference row), both sides of the rule:
+
+    - the squeezing signature: the top-1 gain over SFT with its interval and the positives' Δlog p at the last
+      probe (mean over seeds) — it shows when the gain is ≥ regime.top1_gain with its interval above 0 and
+      Δlog p < 0;
+    - the task and fluency kept: CIDEr as a share of the control's own Stage-1 model's (≥ regime.task_share)
+      and the share of broken test captions (≤ regime.max_broken);
+
+    plus CHAIR_s and the control's TV to its reference (the fallback's measure)."""
+    from .metrics import caption_quality
     data = RunData(spec)
     rows = spec["rows"]
     sft = rows[0]["keys"]
+    scale = float(spec["scale"])
+    quality = {}
+
+    def q(keys, name, factor=1.0):  # mean ± interval over seeds of one caption_quality value
+        for k in keys:
+            if k not in quality:
+                doc = data.doc(k, "captions")
+                quality[k] = caption_quality(doc) if doc else {}
+        vals = [quality[k].get(name) for k in keys]
+        return cell_stats([None if v is None else v * factor for v in vals], [])
+
     out = []
     for row in rows[1:]:
         d = claim_difference(data, row["keys"], sft, "top-1", spec["interval"])
         dl = cell_stats([x for x in (data.last_probe(k, "dlogp_positive") for k in row["keys"]) if x is not None], [])
-        cider = cell_stats([data.value(k, "CIDEr")[0] for k in row["keys"]], [])
-        chair = cell_stats([data.value(k, "CHAIR_s")[0] for k in row["keys"]], [])
+        cider, init_cider = q(row["keys"], "CIDEr", scale), q(row["init_keys"], "CIDEr", scale)
+        broken, chair = q(row["keys"], "broken"), q(row["keys"], "CHAIR_s", scale)
         tv = cell_stats([data.value(k, "TV")[0] for k in row["keys"]], [])
         shows = (d["diff"] is not None and d["lo"] is not None and d["diff"] >= spec["top1_gain"] and d["lo"] > 0
                  and dl["mean"] is not None and dl["mean"] < 0)
-        out.append({"name": row["name"], "lr": row["lr"], "gain": d, "dlogp": dl, "cider": cider, "chair_s": chair,
-                    "tv": tv, "signature": shows})
+        task = cider["mean"] / init_cider["mean"] if cider["mean"] is not None and init_cider["mean"] else None
+        broken_share = broken["mean"]
+        kept = (task is not None and task >= spec["task_share"] and broken_share is not None
+                and broken_share <= spec["max_broken"])
+        out.append({"name": row["name"], "lr": row["lr"], "beta": row.get("beta"), "gain": d, "dlogp": dl,
+                    "cider": cider, "chair_s": chair,
+                    "tv": tv, "task": task, "broken": broken_share, "signature": shows, "kept": kept,
+                    "meets": shows and kept})
     return out
 
 
 def calibration_choice(rows: list, control_tv: float):
-    """(row, how) of the rule: the smallest learning rate at which the squeezing signature shows; when it shows
-    at none, the fallback written beside it — the lr whose control TV to its reference (mean over seeds) is
-    nearest `control_tv`, the paper's drift of vanilla DPO. (None, reason) when no row has a TV either."""
-    hits = sorted((r for r in rows if r["signature"]), key=lambda r: r["lr"])
+    """(row, how) of the two-sided rule: the first swept row (rows run from the gentlest setting to the
+    strongest) at which the squeezing signature shows *and* the task and fluency are kept. When no row meets
+    both, the fallback written beside it: among the rows that keep task and fluency (all rows when none does),
+    the one whose control TV to its reference (mean over seeds) is nearest `control_tv`, the paper's drift of
+    vanilla DPO. (None, reason) when no row has a TV either."""
+    hits = [r for r in rows if r["meets"]]
     if hits:
-        return hits[0], "the squeezing signature"
-    measured = [r for r in rows if r["tv"]["mean"] is not None]
+        return hits[0], "the squeezing signature with task and fluency kept"
+    kept = [r for r in rows if r["kept"] and r["tv"]["mean"] is not None]
+    measured = kept or [r for r in rows if r["tv"]["mean"] is not None]
     if not measured:
-        return None, "no swept lr shows the signature or has a TV"
+        return None, "no swept setting meets the rule or has a TV"
+    among = "the settings that keep task and fluency" if kept else "all settings (none keeps task and fluency)"
     return (min(measured, key=lambda r: (abs(r["tv"]["mean"] - control_tv), r["lr"])),
-            f"fallback (no swept lr shows the signature): the control's TV nearest {control_tv}")
+            f"fallback (no swept setting shows the signature with task and fluency kept): among {among}, the "
+            f"control's TV nearest {control_tv}")
+
+
+def _pct(x) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"
 
 
 def calibrate_table(spec: dict) -> dict:
     from tabulate import tabulate
     rows = calibration_rows(spec)
     choice, how = calibration_choice(rows, spec["control_tv"])
-    body = [[r["name"], f"{r['lr']:g}", _fmt_diff(r["gain"], 3), fmt(r["dlogp"], 3), fmt(r["tv"], 3),
-             fmt(r["cider"], 1), fmt(r["chair_s"], 1), "yes" if r["signature"] else "no"] for r in rows]
-    headers = ["control", "lr", f"top-1 − {spec['rows'][0]['name']} [95% CI]", "Δlog p positives (last probe)",
-               "TV to reference", "CIDEr", "CHAIR_s", "squeezing signature"]
-    rule = (f"Rule (written before the sweep, applied to the control arm only): the smallest learning rate at "
-            f"which the control's top-1 mass exceeds {spec['rows'][0]['name']}'s by ≥ {spec['top1_gain']} with the "
-            f"interval above 0 and the positives' Δlog p is below 0; if it shows at none, the lr whose TV to the "
-            f"reference is nearest {spec['control_tv']} (the paper's vanilla DPO). Outcome: "
-            + (f"lr = {choice['lr']:g} ({choice['name']}), by {how}." if choice else how + "."))
-    md = f"### {spec['title']}\n\n{rule}\n\n" + tabulate(body, headers=headers, tablefmt="github",
-                                                           disable_numparse=True) + "\n"
+    body = [[r["name"], f"{r['lr']:g}", f"{r['beta']:g}", _fmt_diff(r["gain"], 3), fmt(r["dlogp"], 3),
+             "yes" if r["signature"] else "no",
+             "n/a" if r["task"] is None else f"{r['task']:.3f}", _pct(r["broken"]), "yes" if r["kept"] else "no",
+             fmt(r["tv"], 3), fmt(r["cider"], 1), fmt(r["chair_s"], 1), "yes" if r["meets"] else "no"] for r in rows]
+    ref = spec["rows"][0]["name"]
+    headers = ["control", "lr", "β", f"top-1 − {ref} [95% CI]", "Δlog p positives (last probe)", "squeezing signature",
+               "CIDEr / Stage-1 model's", "broken captions", "task and fluency kept", "TV to reference",
+               "CIDEr-D (Java-free)", "CHAIR_s", "meets the rule"]
+    rule = (f"Rule (written before the sweep, applied to the control arm only): the first row, from the gentlest "
+            f"setting to the strongest, at which the squeezing signature shows — the control's top-1 mass exceeds "
+            f"{ref}'s by ≥ {spec['top1_gain']} with the interval above 0 and the positives' Δlog p is below 0 — and "
+            f"the control keeps its task and stays fluent — its CIDEr is ≥ {spec['task_share']:g} × its Stage-1 "
+            f"model's and ≤ {100 * spec['max_broken']:g}% of its test captions are empty or use a word or character "
+            f"outside the caption grammar. If no row meets both, the row whose TV to the reference is nearest "
+            f"{spec['control_tv']} (the paper's vanilla DPO) among those that keep task and fluency. Outcome: "
+            + (f"lr = {choice['lr']:g}, β = {choice['beta']:g} ({choice['name']}), by {how}." if choice else how + "."))
+    md = f"### {spec['title']}\n\n{rule}\n\n" + md_table(body, headers) + "\n"
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["control", "lr", "top1_gain", "top1_gain_lo", "top1_gain_hi", "dlogp_positive", "tv", "cider",
-                "chair_s", "signature", "chosen", "chosen_by"])
+    w.writerow(["control", "lr", "beta", "top1_gain", "top1_gain_lo", "top1_gain_hi", "dlogp_positive", "signature",
+                "task", "broken", "kept", "tv", "cider", "chair_s", "meets", "chosen", "chosen_by"])
     for r in rows:
-        w.writerow([r["name"], repr(r["lr"]), _r(r["gain"]["diff"]), _r(r["gain"]["lo"]), _r(r["gain"]["hi"]),
-                    _r(r["dlogp"]["mean"]), _r(r["tv"]["mean"]), _r(r["cider"]["mean"]), _r(r["chair_s"]["mean"]),
-                    r["signature"], choice is r, how if choice is r else ""])
+        w.writerow([r["name"], repr(r["lr"]), repr(r["beta"]), _r(r["gain"]["diff"]), _r(r["gain"]["lo"]),
+                    _r(r["gain"]["hi"]),
+                    _r(r["dlogp"]["mean"]), r["signature"], _r(r["task"]), _r(r["broken"]), r["kept"],
+                    _r(r["tv"]["mean"]), _r(r["cider"]["mean"]), _r(r["chair_s"]["mean"]), r["meets"],
+                    choice is r, how if choice is r else ""])
     tex = tabulate(body, headers=headers, tablefmt="latex_booktabs", disable_numparse=True) + "\n"
     return {"md": md, "csv": buf.getvalue(), "tex": tex}
 
@@ -560,9 +720,10 @@ def calibration_outcome(rows: list, control_tv: float) -> dict:
     never hidden)."""
     choice, how = calibration_choice(rows, control_tv)
     if choice is None:
-        return {"lr": None, "row": None, "signature": False, "outcome": how}
-    return {"lr": choice["lr"], "row": choice["name"], "signature": choice["signature"],
-            "outcome": f"lr = {choice['lr']:g} ({choice['name']}), by {how}"}
+        return {"lr": None, "beta": None, "row": None, "signature": False, "outcome": how}
+    return {"lr": choice["lr"], "beta": choice["beta"], "row": choice["name"], "signature": choice["signature"],
+            "meets": choice["meets"],
+            "outcome": f"lr = {choice['lr']:g}, β = {choice['beta']:g} ({choice['name']}), by {how}"}
 
 
 def write_calibration_choice(spec: dict, out: str) -> dict:
@@ -572,9 +733,12 @@ def write_calibration_choice(spec: dict, out: str) -> dict:
     rows = calibration_rows(spec)
     doc = {"table": spec["name"], **calibration_outcome(rows, spec["control_tv"]), "top1_gain": spec["top1_gain"],
            "control_tv": spec["control_tv"],
-           "rows": [{"name": r["name"], "lr": r["lr"], "signature": r["signature"], "top1_gain": r["gain"]["diff"],
+           "task_share": spec["task_share"], "max_broken": spec["max_broken"],
+           "rows": [{"name": r["name"], "lr": r["lr"], "beta": r["beta"], "signature": r["signature"],
+                     "top1_gain": r["gain"]["diff"],
                      "top1_gain_lo": r["gain"]["lo"], "top1_gain_hi": r["gain"]["hi"],
-                     "dlogp_positive": r["dlogp"]["mean"], "tv": r["tv"]["mean"]} for r in rows]}
+                     "dlogp_positive": r["dlogp"]["mean"], "tv": r["tv"]["mean"], "task": r["task"],
+                     "broken": r["broken"], "kept": r["kept"], "meets": r["meets"]} for r in rows]}
     if doc["lr"] is None:
         from .data import DataError
         raise DataError(f"calibration table {spec['name']!r}: no swept rows to choose a learning rate from")
@@ -676,6 +840,17 @@ def _pairs_by_source(neg: dict) -> dict:
     return {k: float(np.mean([d["by_source"].get(k, 0) for d in docs])) for k in sources}
 
 
+def _set_size(neg: dict, metrics: list) -> dict:
+    """A run's preference sets: pairs per seed, the share of the target they fill, and the passes the run made
+    over them (the means over seeds; None where a file is missing)."""
+    docs = [read_json(f["summary"]) for f in neg["files"] if os.path.isfile(f["summary"])]
+    passes = [read_json(p)["data"].get("passes") for p in metrics if os.path.isfile(p)]
+    passes = [p for p in passes if p is not None]
+    return {"pairs": float(np.mean([d["pairs"] for d in docs])) if docs else None,
+            "fill": float(np.mean([d["pairs"] / d["target_pairs"] for d in docs])) if docs else None,
+            "passes": float(np.mean(passes)) if passes else None}
+
+
 def arms_results(spec: dict) -> list:
     """Per arm: its claims decided (A − B with its interval, δ, verdict) and its info values."""
     out = []
@@ -701,8 +876,10 @@ def arms_results(spec: dict) -> list:
             for run, neg in arm["negatives"].items():
                 w = [read_json(p).get("mean_w_c") for k, p in arm["metrics"].items() if k in arm["runs"][run]
                      and os.path.isfile(p)]
+                runs_metrics = [p for k, p in arm["metrics"].items() if k in arm["runs"][run]]
                 info["negatives"][run] = {"set": neg["set"], "rho": neg["rho"], "beams": neg["beams"],
                                           "pairs_by_source": _pairs_by_source(neg),
+                                          "size": _set_size(neg, runs_metrics),
                                           "w_c_start_by_source": _mean_w_c_by_source(neg) if neg["method"] == "cw_dpo"
                                           else {},
                                           "train_w_c": cell_stats([x for x in w if x is not None], [])
@@ -818,6 +995,8 @@ def _info_rows(spec: dict, results: list) -> list:
     if spec["kind"] == "negsource":
         cw = [run for run, n in spec["arms"][0]["negatives"].items() if n["method"] == "cw_dpo"]
         for run in cw:
+            rows.append([f"pairs per seed (of the target), passes over them ({run})"] + [
+                _size_cell(r["info"]["negatives"][run]["size"]) for r in results])
             rows.append([f"pairs per seed by source ({run})"] + [
                 " · ".join(f"{k} {round(v, 1):g}" for k, v in r["info"]["negatives"][run]["pairs_by_source"].items())
                 or "n/a" for r in results])
@@ -827,6 +1006,13 @@ def _info_rows(spec: dict, results: list) -> list:
             rows.append([f"mean w_c during training ({run})"] + [
                 fmt(r["info"]["negatives"][run]["train_w_c"], 3) for r in results])
     return rows
+
+
+def _size_cell(size: dict) -> str:
+    if size["pairs"] is None:
+        return "n/a"
+    text = f"{size['pairs']:.0f} ({100 * size['fill']:.0f}%)"
+    return text + (f", {size['passes']:.2f} passes" if size["passes"] is not None else "")
 
 
 def _claim_cell(c: dict, digits: int) -> str:
@@ -851,7 +1037,7 @@ def arms_table(spec: dict) -> dict:
                            "(2000 resamples)", "t": "a t-interval over seeds"}[spec["interval"]]
     methods = sorted({c["method"] for r in results for c in r["claims"]})
     md = f"### {spec['title']}\n\n**Question.** {spec['question']}\n\n"
-    md += tabulate(info + claim_rows, headers=headers, tablefmt="github", disable_numparse=True) + "\n\n"
+    md += md_table(info + claim_rows, headers) + "\n\n"
     md += f"**Answer.** {answer}\n\n"
     md += ("A claim holds when the 95% interval of its effect (A − B, or B − A for a claim that A is lower) lies above "
            "0, does not hold when it lies below δ, its smallest effect of interest (config `claims.min_effect`, a "
@@ -927,15 +1113,31 @@ def _carries_eval_sets(name: str, table: dict) -> bool:
 
 
 def calibration_inputs(plan, name: str) -> list:
-    """What the calibration rule reads (`write_calibration_choice`): the measures (top-1 mass) of the sweep
-    table's rows and the probes (Δlog p of the positives) of its runs — not their scores."""
+    """What the calibration rule reads (`write_calibration_choice`): the measures (top-1 mass, TV) and captions
+    (CIDEr-D, broken captions: `metrics.caption_quality`, no scoring job) of the sweep table's rows and of the
+    controls' Stage-1 models, and the probes (Δlog p of the positives) of its runs."""
     files = []
-    for row in table_rows(plan, plan.c["tables"][name]):
-        for k in row["keys"]:
-            files.append(plan.path("measures", key=k))
+    for row in table_spec(plan, name)["rows"]:
+        for k in row["keys"] + row.get("init_keys", []):
+            files += [plan.path("measures", key=k), plan.path("captions", key=k)]
             if plan.run_file(k):
                 files.append(plan.run_file(k, "probes"))
     return sorted(set(files))
+
+
+def run_files(plan, keys: list) -> dict:
+    """{kind: {key: path}} of the training-run files (RUN_FILE_KINDS) of the keys that have them."""
+    out = {"metrics": {}, "pairs_summary": {}}
+    for k in keys:
+        if k != TRIVIAL and plan.run_file(k):
+            out["metrics"][k] = plan.run_file(k, "metrics")
+        if k != TRIVIAL and plan.pairs_summary_of(k):
+            out["pairs_summary"][k] = plan.pairs_summary_of(k)
+    return out
+
+
+def _run_file_inputs(plan, keys: list) -> list:
+    return [p for paths in run_files(plan, keys).values() for p in paths.values()]
 
 
 def table_inputs(plan, name: str) -> list:
@@ -960,6 +1162,11 @@ def table_inputs(plan, name: str) -> list:
                 files += [plan.eval_file(kind).format(key=k) for kind in kinds]
                 if ("conv. step" in columns or table.get("kind") == "calibrate") and plan.run_file(k):
                     files.append(plan.run_file(k, "probes"))
+            if any(COLUMNS.get(c, ("",))[0] in RUN_FILE_KINDS for c in columns) or \
+                    plan.c["tables"][name].get("kind") == "paper":  # (T-regime: set sizes and passes)
+                files += _run_file_inputs(plan, keys)
+    if plan.c["tables"][name].get("kind") == "calibrate":  # the rule's task side: the controls' Stage-1 models
+        files += calibration_inputs(plan, name)
     if plan.c["tables"][name].get("kind") == "paper":  # T-regime: the control's probes, the stability seeds
         control = next((r for r in table_rows(plan, plan.c["tables"].get("main", {}))
                         if r["name"] == plan.c["regime"]["control_row"]), {"keys": []})
@@ -974,17 +1181,20 @@ def table_spec(plan, name: str) -> dict:
     if t["kind"] in ARMS_KINDS:
         return arms_spec(plan, name, t)
     extra = eval_set_columns(plan)
-    kinds = ["scores", "measures"] + [spec[0] for spec in extra.values()]
+    kinds = ["scores", "measures", "captions"] + [spec[0] for spec in extra.values()]
     spec = {"name": name, "kind": t["kind"], "title": t.get("title") or name,
             "scale": plan.c["evaluate"]["scale"], "experiment": plan.c["experiment"], "extra_columns": extra,
             "files": {kind: plan.eval_file(kind) for kind in dict.fromkeys(kinds)}}
     if spec["kind"] == "calibrate":
         spec["rows"] = table_rows(plan, t)
         for row, cfg_row in zip(spec["rows"][1:], t["rows"][1:]):
-            row["lr"] = stage2_recipe(plan.c, cfg_row["stage2"])["lr"]
-        spec["interval"], spec["top1_gain"] = plan.c["claims"]["interval"], plan.c["regime"]["top1_gain"]
-        spec["control_tv"] = plan.c["regime"]["control_tv"]
-        keys = [k for r in spec["rows"] for k in r["keys"]]
+            recipe = stage2_recipe(plan.c, cfg_row["stage2"])
+            row["lr"], row["beta"] = recipe["lr"], recipe["beta"]
+            row["init_keys"] = plan.row_keys({k: v for k, v in cfg_row.items() if k in ("stage1", "seeds")})
+        r = plan.c["regime"]
+        spec["interval"], spec["top1_gain"] = plan.c["claims"]["interval"], r["top1_gain"]
+        spec["control_tv"], spec["task_share"], spec["max_broken"] = r["control_tv"], r["task_share"], r["max_broken"]
+        keys = [k for r in spec["rows"] for k in r["keys"] + r.get("init_keys", [])]
     elif spec["kind"] == "paper":
         spec["rows_by_name"] = {n: {r["name"]: r["keys"] for r in table_rows(plan, plan.c["tables"][n])
                                     if not r.get("trivial")} for n in tables_read_by(plan, name)}
@@ -1004,4 +1214,5 @@ def table_spec(plan, name: str) -> dict:
             spec["columns"] += list(extra)
         keys = [k for r in spec["rows"] for k in r["keys"] + [x for x in r.get("sft_keys", []) if x]]
     spec["probes"] = {k: plan.run_file(k, "probes") for k in keys if plan.run_file(k)}
+    spec["run_files"] = run_files(plan, keys)
     return spec

@@ -15,9 +15,10 @@ import itertools
 import json
 import os
 import random
+import re
 from dataclasses import dataclass
 
-from .data import caption_tokens, load_karpathy, write_json
+from .data import caption_tokens, load_karpathy, write_atomically, write_json
 
 SHAPES = ("circle", "square", "triangle", "star", "cross")
 COLOURS = ("red", "green", "blue", "yellow", "purple", "orange", "black")
@@ -276,11 +277,11 @@ def generate(out_dir: str, spec: ShapesSpec, progress: bool = True) -> str:
         images.append(entry)
         imgid += 1
     path = os.path.join(out_dir, "dataset_shapes.json")
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump({"dataset": "shapes", "heldout": [list(x) for x in spec.heldout], "images": images}, f,
-                  separators=(",", ":"))
-    os.replace(tmp, path)
+    def dump(tmp):
+        with open(tmp, "w") as f:
+            json.dump({"dataset": "shapes", "heldout": [list(x) for x in spec.heldout], "images": images}, f,
+                      separators=(",", ":"))
+    write_atomically(path, dump)
     return path
 
 
@@ -329,3 +330,41 @@ def describes(raw: str, attributes: dict) -> bool:
                 if render_caption(attributes, template, {"size_forms": list(forms), "prep": prep}) == raw:
                     return True
     return False
+
+
+# ---- fluency: is a caption one the generator's words can write? ----
+
+def caption_vocabulary() -> frozenset:
+    """Every word the caption grammar can write (Karpathy tokens): the templates' own words, the noun
+    phrases' articles, size, colour and shape words, and the location and preposition words."""
+    words = set()
+    for family in TEMPLATES.values():
+        for template in family:
+            words.update(caption_tokens(re.sub(r"\{[A-Za-z_]+\}", " ", template)))
+    words.update(("a", "an", "in", "at", "the"))
+    words.update(w for ws in SIZE_WORDS.values() for w in ws)
+    words.update(COLOURS + SHAPES + ROW_WORDS + COL_WORDS)
+    return frozenset(words)
+
+
+CAPTION_VOCABULARY = caption_vocabulary()
+# every character the grammar writes: its words' letters, the templates' punctuation, the space (a caption
+# with another one — a U+FFFD from a byte-level token cut in half, a stray digit — is broken, though the
+# word tokenizer, which keeps letters and digits only, would not see it)
+CAPTION_CHARACTERS = frozenset("".join(CAPTION_VOCABULARY) + " " + "".join(
+    re.sub(r"\{[A-Za-z_]+\}", "", t) for family in TEMPLATES.values() for t in family))
+
+
+def caption_fluency(raw: str) -> str | None:
+    """Why a caption is broken, or None when it is fluent: "empty" (no word at all), "oov" (a word the
+    caption grammar never writes, e.g. a fused "purpleg" or a stray letter run) or "chars" (a character it
+    never writes, e.g. "orange\ufffd"). A fluency check, not a truth check: a fluent caption can still name
+    the wrong objects (`cwdpo.grounding`)."""
+    words = caption_tokens(raw)
+    if not words:
+        return "empty"
+    if any(w not in CAPTION_VOCABULARY for w in words):
+        return "oov"
+    if any(ch not in CAPTION_CHARACTERS for ch in raw.strip().lower()):
+        return "chars"
+    return None

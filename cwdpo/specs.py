@@ -186,7 +186,8 @@ class TrainSpec:
     """One training run: `hparams` is the recipe merged over its stage's defaults (every key set);
     `train` the config's `train` settings. Stage 2 reads `pairs` and their cached `ref_logps`; SFT-C
     builds its gentle negatives from `negatives` with `data_seed`. `lr_choice`: the calibration-choice file
-    a recipe with `lr: calibrated` takes its learning rate from (`cwdpo.report.write_calibration_choice`)."""
+    a recipe with `lr: calibrated` takes its learning rate from (`cwdpo.report.write_calibration_choice`).
+    `pairs_summary`: the summary make_pairs wrote beside `pairs`, whose count the pairs file must match."""
     method: str
     init: str
     seed: int
@@ -201,6 +202,7 @@ class TrainSpec:
     pairs: str | None
     ref_logps: str | None
     lr_choice: str | None = optional(None)
+    pairs_summary: str | None = optional(None)
 
 
 @dataclass(frozen=True)
@@ -248,8 +250,9 @@ class McqSpec:
 @dataclass(frozen=True)
 class EvalSpec:
     """Evaluation of one model: captions of the test split and the evaluation sets, MCQ accuracy, and the
-    teacher-forced measures. `l_floor`/`tau` give the held-out pairs' w_c; a Stage-2 run's own resolved
-    ℓ_floor is read from `run_metrics` instead. `objects`: the test images' COCO categories, for CHAIR."""
+    teacher-forced measures. `l_floor`/`tau` give the held-out pairs' w_c; a Stage-2 run's own (a resolved
+    ℓ_floor, a recipe's τ) are read from `run_metrics` instead. `objects`: the test images' COCO categories,
+    for CHAIR."""
     vlm: Vlm
     model: str
     data: DataSpec
@@ -297,6 +300,11 @@ class PairsSpec:
     tokenizer: str
     max_response_tokens: int
     beams: float = optional(0.0)
+    # a Stage-2 set: its name, the least share of its target it must hold, and how its pools were drawn (for the
+    # message of a set that falls short: config negatives.onpolicy select / k, negatives.beams.k)
+    name: str = optional("")
+    min_fill: float = optional(0.0)
+    pools: str = optional("")
 
 
 @dataclass(frozen=True)

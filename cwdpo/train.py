@@ -247,24 +247,70 @@ def last_checkpoint(ckpt_dir: str, discard_unreadable: bool = False) -> str | No
     return None
 
 
+# the spec keys that name an input file or folder (at any depth: the data, the probe set, the validation
+# images, the init model, ...); `image_root` is left out: its images are named by the caption file, and
+# hashing every image of COCO per job would not pay
+INPUT_KEYS = ("init", "base", "json", "validated", "rows", "external", "scenes", "pairs", "pairs_summary",
+              "ref_logps", "lr_choice", "deepspeed")
+
+
+def spec_inputs(d, path: str = "") -> list:
+    """(key path, value) of every input a spec dict names (INPUT_KEYS), in a fixed order."""
+    out = []
+    if isinstance(d, dict):
+        for key in sorted(d):
+            where = f"{path}.{key}" if path else key
+            if key in INPUT_KEYS and isinstance(d[key], str):
+                out.append((where, d[key]))
+            else:
+                out += spec_inputs(d[key], where)
+    elif isinstance(d, list):
+        for i, v in enumerate(d):
+            out += spec_inputs(v, f"{path}[{i}]")
+    return out
+
+
+def input_fingerprint(value: str, hashes: dict):
+    """What identifies one input of a run: a file by its content (sha256; the caption file, the validated
+    report, pairs, the probe set — small next to a model), a model folder by the (name, size, mtime) of its
+    files (cheap even for 100-GB checkpoints), a hub id by its snapshot commit in the Hugging Face cache, and
+    anything else (no such path) as it is written."""
+    if os.path.isfile(value):
+        if value not in hashes:
+            hashes[value] = file_sha256(value)
+        return hashes[value]
+    if os.path.isdir(value):
+        return _stat_fingerprint(value)
+    from .hub import is_hub_id
+    if is_hub_id(value):
+        try:
+            from .hub import snapshot_commit, snapshot_path
+            return f"hub:{value}@{snapshot_commit(snapshot_path(value))}"
+        except FileNotFoundError:  # not cached: loading it fails with its own message
+            return f"hub:{value}@not-cached"
+    return value
+
+
 def spec_fingerprint(spec) -> str:
-    """Hash of everything that determines a run (settings that do not, like progress bars, left out)."""
+    """Hash of everything that determines a run: the spec (settings that do not, like progress bars, left
+    out), the content of every input it names (`spec_inputs`: a retrained init model, new pairs or changed
+    training data invalidate old checkpoints, for the tiny, local and hub models alike) and the number of
+    processes (the batch of one optimizer step)."""
     import hashlib
     d = to_dict(spec)
     relevant = {k: v for k, v in d.items() if k != "train"}
     relevant["train"] = {k: v for k, v in d["train"].items()
                          if k not in ("progress", "save_steps", "save_total_limit", "logging_steps",
                                       "pixel_cache_mb", "inject_nan_step")}
-    # the content of the files it reads: a retrained init model or new pairs invalidate old checkpoints
-    relevant["inputs"] = {key: _stat_fingerprint(d[key]) for key in ("init", "pairs", "ref_logps", "lr_choice")
-                          if isinstance(d.get(key), str) and os.path.exists(d[key])}
+    hashes: dict = {}
+    relevant["inputs"] = [[where, input_fingerprint(value, hashes)] for where, value in spec_inputs(d)]
+    relevant["world_size"] = int(os.environ.get("WORLD_SIZE", "1"))
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
 
 
 def _stat_fingerprint(path: str) -> list:
-    """(name, size, mtime) of a file or of the files of a folder — cheap even for 100-GB checkpoints."""
-    files = [path] if os.path.isfile(path) else sorted(
-        os.path.join(path, n) for n in os.listdir(path) if os.path.isfile(os.path.join(path, n)))
+    """(name, size, mtime) of the files of a folder."""
+    files = sorted(os.path.join(path, n) for n in os.listdir(path) if os.path.isfile(os.path.join(path, n)))
     return [[os.path.basename(f), os.path.getsize(f), os.stat(f).st_mtime_ns] for f in files]
 
 
@@ -278,13 +324,46 @@ def prepare_checkpoints(ckpt_dir: str, spec) -> str | None:
     if os.path.isdir(ckpt_dir):
         old = open(stamp).read().strip() if os.path.isfile(stamp) else None
         if old != fp:
+            import sys
+            if glob.glob(os.path.join(ckpt_dir, "checkpoint-*")):
+                print(f"[cwdpo train] {ckpt_dir}: the checkpoints there are of another spec or other inputs (data, "
+                      "init model, pairs); deleted, training from the start", file=sys.stderr)
             shutil.rmtree(ckpt_dir)
     os.makedirs(ckpt_dir, exist_ok=True)
     write_text(stamp, fp + "\n")
     return last_checkpoint(ckpt_dir, discard_unreadable=True)
 
 
-def training_arguments(spec, out_dir: str) -> TrainingArguments:
+def resume_point(ckpt_dir: str, spec, fresh: bool = False) -> str | None:
+    """`prepare_checkpoints` once per job: under torchrun only rank 0 checks, deletes and stamps the checkpoint
+    folder (every rank deleting the same folders on a shared file system raced each other); the other ranks
+    wait for its answer (a broadcast, hence a barrier) and resume from the same checkpoint. A failure on rank 0
+    reaches every rank. `fresh`: every checkpoint is deleted first (training starts again)."""
+    import shutil
+    import torch.distributed as dist
+
+    def prepare():
+        if fresh:
+            shutil.rmtree(ckpt_dir, ignore_errors=True)
+        return prepare_checkpoints(ckpt_dir, spec)
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return prepare()
+    answer = [None]
+    if dist.get_rank() == 0:
+        try:
+            answer = [("ok", prepare())]
+        except Exception as e:  # the others must not wait for ever, nor go on without it
+            answer = [("error", f"{type(e).__name__}: {e}")]
+    dist.broadcast_object_list(answer, src=0)
+    status, value = answer[0]
+    if status != "ok":
+        raise RuntimeError(f"rank 0 could not prepare {ckpt_dir}: {value}")
+    return value
+
+
+def training_arguments(spec, out_dir: str, workers: int = 0) -> TrainingArguments:
+    """The Trainer's arguments of a run; `workers`: data-loader worker processes per training process (config
+    compute.dataloader_workers, kept across epochs: an execution setting, not part of the spec)."""
     hp, tr = spec.hparams, spec.train
     steps = int(hp["steps"])
     kwargs = dict(
@@ -306,7 +385,8 @@ def training_arguments(spec, out_dir: str) -> TrainingArguments:
         save_steps=int(tr["save_steps"]),
         save_total_limit=int(tr["save_total_limit"]),
         report_to=[],
-        dataloader_num_workers=0,
+        dataloader_num_workers=int(workers),
+        dataloader_persistent_workers=int(workers) > 0,
         dataloader_drop_last=True,
         remove_unused_columns=False,
         disable_tqdm=not tr["progress"],
@@ -323,12 +403,12 @@ def training_arguments(spec, out_dir: str) -> TrainingArguments:
     return TrainingArguments(**kwargs)
 
 
-def load_for_training(spec, out_dir: str):
+def load_for_training(spec, out_dir: str, workers: int = 0):
     """(TrainingArguments, model) of a run, in that order: the arguments first, because a DeepSpeed ZeRO-3
     config among them registers itself with transformers, and `from_pretrained` then builds the model
     inside `deepspeed.zero.Init` — every rank holds only its shard of the weights from the start (loaded
     the other way round, each of 8 ranks held the whole 72B model in host memory, ~145 GB each)."""
-    args = training_arguments(spec, out_dir)
+    args = training_arguments(spec, out_dir, workers)
     vlm = spec.vlm
     model = load_model(spec.init, base=vlm.base, dtype=vlm.dtype, trainable=True, lora=spec.lora,
                        trust_remote_code=vlm.trust_remote_code)
@@ -343,6 +423,13 @@ def build_dataset(spec) -> tuple[list, str, dict]:
     if spec.method in STAGE2_METHODS:
         from .negatives import read_pairs
         pairs = read_pairs(spec.pairs, expected_prompt=spec.vlm.prompt)
+        if spec.pairs_summary:  # whole lines lost (a cut copy, an edit) leave every other line valid
+            counted = read_json(spec.pairs_summary)["pairs"]
+            if counted != len(pairs):
+                from .data import DataError
+                raise DataError(f"{spec.pairs}: {len(pairs)} pairs, but its summary {spec.pairs_summary} counts "
+                                f"{counted}: the file changed after make_pairs wrote it; delete it and rerun the "
+                                "make_pairs rule")
         ref = read_json(spec.ref_logps)
         if ref.get("key", {}).get("pairs") != file_sha256(spec.pairs):
             raise ValueError(f"{spec.ref_logps}: reference log-probs were computed for another pairs file; "
@@ -404,9 +491,9 @@ def resolve_l_floor(l_floor, ref_logps: str | None) -> float:
     return float(l_floor)
 
 
-def run_training(spec, out_dir: str, threads: int = 0) -> dict:
+def run_training(spec, out_dir: str, threads: int = 0, workers: int = 0) -> dict:
     """Train one model as `spec` (a `TrainSpec`) says; write out_dir/{model/, metrics.json, train_log.csv,
-    probes.csv, timing.json}."""
+    probes.csv, timing.json}. `threads`: torch's CPU threads; `workers`: data-loader worker processes."""
     t0 = time.time()
     set_threads(threads)
     random.seed(int(spec.seed))
@@ -415,16 +502,18 @@ def run_training(spec, out_dir: str, threads: int = 0) -> dict:
     calibration = None
     if spec.method in STAGE2_METHODS:
         hp["l_floor"] = resolve_l_floor(hp["l_floor"], spec.ref_logps)
-        if hp["lr"] == CALIBRATED:  # the calibration rule's outcome (config stage2.calibration)
+        if hp["lr"] == CALIBRATED:  # the calibration rule's outcome (config stage2.calibration): its lr and β
             calibration = read_json(spec.lr_choice)
             hp["lr"] = float(calibration["lr"])
+            if calibration.get("beta") is not None:
+                hp["beta"] = float(calibration["beta"])
     vlm = spec.vlm
     processor = load_processor(spec.init, vlm.min_pixels, vlm.max_pixels, vlm.trust_remote_code)
     encoder = make_encoder(processor, vlm, pixel_cache_mb=float(spec.train["pixel_cache_mb"]))
     items, kind, summary = build_dataset(spec)
     check_enough_data(spec, len(items), "pairs" if kind == "pair" else "examples",
                       int(os.environ.get("WORLD_SIZE", "1")))
-    args, model = load_for_training(dataclasses.replace(spec, hparams=hp), out_dir)
+    args, model = load_for_training(dataclasses.replace(spec, hparams=hp), out_dir, workers)
     callbacks = []
     if spec.train["inject_nan_step"]:
         callbacks.append(InjectNan(spec.train["inject_nan_step"]))
@@ -435,10 +524,19 @@ def run_training(spec, out_dir: str, threads: int = 0) -> dict:
     trainer = CWDPOTrainer(model=model, args=args, train_dataset=ListDataset(items),
                            data_collator=Collator(encoder, kind), method=spec.method, hparams=hp, encoder=encoder,
                            forward=spec.train["forward"], callbacks=callbacks)
-    resume = prepare_checkpoints(args.output_dir, spec)
+    resume = resume_point(args.output_dir, spec)
+    if resume and checkpoint_step(resume) >= args.max_steps and probe is not None and \
+            not probe.restore(checkpoint_step(resume)):
+        # the learning dynamics of the finished training are gone (probes.partial.jsonl lost): train again
+        import sys
+        print(f"[cwdpo train] {resume} is the final checkpoint, but {probe.partial_path} lacks its probe rows; "
+              "training again from the start", file=sys.stderr)
+        resume = resume_point(args.output_dir, spec, fresh=True)
     if resume and checkpoint_step(resume) >= args.max_steps:
-        # training had finished before the job was interrupted: take the final checkpoint as it is
-        # (the Trainer would run one more step when resumed at max_steps)
+        # training had finished before the job was interrupted (a kill during the fused evaluation, a
+        # forced or evaluation-only rerun): take the final checkpoint, its state and log history, and the
+        # probe rows (restored above) as they are — the Trainer would run one more step when resumed at
+        # max_steps — so the run's files are those of the uninterrupted run
         from transformers import TrainerState
         trainer._load_from_checkpoint(resume)
         trainer.state = TrainerState.load_from_json(os.path.join(resume, "trainer_state.json"))
@@ -452,8 +550,11 @@ def run_training(spec, out_dir: str, threads: int = 0) -> dict:
     trainer.save_model(model_dir)  # every rank takes part (ZeRO-3 gathers the weights); rank 0 writes
     history = [h for h in trainer.state.log_history if "loss" in h]
     last = history[-1] if history else {}
+    # passes over the training set (epochs): examples drawn / items (Stage 2: before CW-DPO's filter)
+    summary["passes"] = (int(trainer.state.global_step) * int(hp["batch_size"]) * int(hp["grad_accum"])
+                         * int(args.world_size) / len(items))
     metrics = {"method": spec.method, "steps": int(trainer.state.global_step), "seed": int(spec.seed),
-               "final_loss": last.get("loss"), "l_floor": hp.get("l_floor"), "data": summary,
+               "final_loss": last.get("loss"), "l_floor": hp.get("l_floor"), "tau": hp.get("tau"), "data": summary,
                "resumed_from": os.path.basename(resume) if resume else None,
                "device": str(next(trainer.model.parameters()).device),  # where the weights trained
                # ZeRO-3 partitions parameters into placeholders: count their full sizes (ds_numel)
@@ -461,7 +562,8 @@ def run_training(spec, out_dir: str, threads: int = 0) -> dict:
                "trainable_parameters": sum(getattr(p, "ds_numel", 0) or p.numel() for p in model.parameters()
                                            if p.requires_grad)}
     if calibration is not None:  # (only then: the metrics of a run with a set lr keep their keys)
-        metrics["lr_calibrated"] = {k: calibration[k] for k in ("lr", "row", "signature", "outcome", "table")}
+        metrics["lr_calibrated"] = {k: calibration.get(k)
+                                    for k in ("lr", "beta", "row", "signature", "outcome", "table")}
     if not trainer.is_world_process_zero():  # torchrun: one writer of the run's files
         return metrics
     processor.save_pretrained(model_dir)

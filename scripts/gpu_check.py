@@ -11,8 +11,12 @@
    its Snakemake rule runs, with the spec cwdpo.plan builds for it (so Snakemake itself is not needed on
    the machine); the check asserts that every model sat on `cuda` (the jobs record their device).
 
-Needs torch, transformers, peft, accelerate, jsonschema, pyyaml, pillow, tokenizers, huggingface_hub (all in
-the image; `--wheels DIR` installs missing ones from a folder of wheels first, offline). No network.
+Needs torch, transformers, peft, accelerate, pyyaml, pillow, tokenizers, huggingface_hub (all in the image and on
+a lent GPU machine) and jsonschema, which a GPU machine may lack: the script carries it and what it needs as
+wheels (scripts/wheels/, 1.4 MB: jsonschema, jsonschema-specifications, referencing, attrs, typing-extensions,
+rpds-py for CPython 3.11-3.13 on x86-64) and installs the missing ones into a scratch folder on the
+PYTHONPATH (`pip --no-index`: no network; the machine's own environment is not touched). `--wheels DIR` names
+another folder. No network.
 `--cpu` runs the same on the CPU at toy sizes (the smoke test's tiny preset, the tiny stand-in): what the
 test suite runs. Writes one JSON (`--out`, default $OUT/gpu_check.json or results/gpu_check.json) and exits
 non-zero when a part failed.
@@ -54,15 +58,22 @@ def modules() -> dict:
     return out
 
 
-def install_wheels(folder: str) -> dict:
-    """pip install the missing packages from a folder of wheels (no index, no network)."""
+WHEELS = os.path.join(REPO, "scripts", "wheels")  # what the script carries (see the module docstring)
+
+
+def install_wheels(folder: str, target: str) -> dict:
+    """pip install the missing packages from a folder of wheels (no index, no network) into `target`, which
+    then leads sys.path and the PYTHONPATH of every job this check starts."""
     missing = [DISTRIBUTIONS.get(k, k) for k, v in modules().items() if str(v).startswith("missing")]
     if not missing:
         return {"installed": []}
-    p = subprocess.run([sys.executable, "-m", "pip", "install", "--no-index", "--find-links", folder, *missing],
+    p = subprocess.run([sys.executable, "-m", "pip", "install", "--no-index", "--find-links", folder, "--target",
+                        target, "--no-compile", "--disable-pip-version-check", *missing],
                        capture_output=True, text=True)
+    sys.path.insert(0, target)
+    os.environ["PYTHONPATH"] = target + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else "")
     importlib.invalidate_caches()
-    return {"installed": missing, "rc": p.returncode, "tail": (p.stdout + p.stderr)[-1500:]}
+    return {"installed": missing, "from": folder, "rc": p.returncode, "tail": (p.stdout + p.stderr)[-1500:]}
 
 
 def run_smoke(cpu: bool, out_dir: str, timeout: float) -> dict:
@@ -100,8 +111,8 @@ class Jobs:
     def __call__(self, name: str, *argv, offline: bool = True) -> bool:
         if self.failed:
             return False
-        left = self.deadline - time.time()
-        if left < 10:
+        left = None if self.deadline is None else self.deadline - time.time()  # None: no budget (test mode)
+        if left is not None and left < 10:
             self.done.append({"job": name, "rc": None, "error": "time budget spent"})
             self.failed = True
             return False
@@ -134,7 +145,7 @@ def run_rehearsal(cpu: bool, workdir: str, deadline: float, threads: int) -> dic
     setup = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "rehearsal_setup.py"), "--workdir", workdir,
                             "--model", "tiny" if cpu else "0.5b"], capture_output=True, text=True,
                            env={**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")},
-                           timeout=max(10.0, deadline - time.time()))
+                           timeout=None if deadline is None else max(10.0, deadline - time.time()))
     doc = {"setup": {"rc": setup.returncode, "wall_s": round(time.time() - t, 1)}}
     if setup.returncode != 0:
         doc["setup"]["error"] = (setup.stdout + setup.stderr)[-3000:]
@@ -143,7 +154,8 @@ def run_rehearsal(cpu: bool, workdir: str, deadline: float, threads: int) -> dic
     overlay = yaml.safe_load(open(os.path.join(REPO, "tests", "configs", "rehearsal.yaml")))
     # on the GPU, qwen3b.yaml's own precision (the rehearsal turns it off for CPUs)
     device_overlay = {"experiment": "gpu_check"} if cpu else \
-        {"experiment": "gpu_check", "model": {"dtype": "bfloat16"}, "train": {"bf16": True}}
+        {"experiment": "gpu_check", "model": {"dtype": "bfloat16"}, "train": {"bf16": True},
+         "compute": {"dataloader_workers": 4}}
     cwd = os.getcwd()
     os.chdir(workdir)  # the config's data paths are relative to the working directory
     try:
@@ -155,6 +167,7 @@ def run_rehearsal(cpu: bool, workdir: str, deadline: float, threads: int) -> dic
     os.makedirs(logs, exist_ok=True)
     job = Jobs(workdir, logs, deadline, threads)
     th = ["--threads", str(threads)]
+    workers = ["--dataloader-workers", str(P.dataloader_workers())]
     s, key = 0, str(ModelKey("sft_c", 0, "cw_dpo"))
     job("fetch_model", "fetch-model", "--model", config["model"]["source"], "--cache", config["model"]["cache"],
         "--out", P.fetch_marker(), offline=False)
@@ -164,7 +177,7 @@ def run_rehearsal(cpu: bool, workdir: str, deadline: float, threads: int) -> dic
     for start in ("base", "sft_c"):
         if start == "sft_c":
             job("stage1/sft_c", "train", "--spec", to_json(P.stage1_spec("sft_c", s)), "--out",
-                P.run_dir(ModelKey("sft_c", s)), *th)
+                P.run_dir(ModelKey("sft_c", s)), *th, *workers)
         onpolicy = P.path("onpolicy", stage1=start, seed=s)
         job(f"sample_onpolicy/{start}", "sample-onpolicy", "--spec", to_json(P.sample_spec(start, s)), *th,
             "--out", onpolicy, "--summary", P.path("onpolicy_summary", stage1=start, seed=s))
@@ -177,7 +190,7 @@ def run_rehearsal(cpu: bool, workdir: str, deadline: float, threads: int) -> dic
     ref = P.path("ref_logps", stage1="sft_c", seed=s, negset="mix")
     job("ref_logps", "ref-logps", "--spec", to_json(P.ref_spec("sft_c", s)), *th, "--pairs", pairs, "--out", ref)
     job("stage2/cw_dpo", "train", "--spec", to_json(P.stage2_spec("sft_c", s, "cw_dpo")), "--out",
-        P.run_dir(ModelKey("sft_c", s, "cw_dpo")), *th)
+        P.run_dir(ModelKey("sft_c", s, "cw_dpo")), *th, *workers)
     job("evaluate", "evaluate", "--spec", to_json(P.eval_spec(key)), *th, "--captions", P.path("captions", key=key),
         "--measures", P.path("measures", key=key))
     doc["jobs"] = job.done
@@ -214,18 +227,26 @@ def main(argv=None) -> int:
     p.add_argument("--cpu", action="store_true", help="toy sizes on the CPU (what the test suite runs)")
     p.add_argument("--out", default=None, help="the JSON (default $OUT/gpu_check.json, else results/gpu_check.json)")
     p.add_argument("--workdir", default=None, help="the rehearsal's working directory (default: a temporary one)")
-    p.add_argument("--budget-s", type=float, default=450, help="stop starting jobs after this many seconds")
-    p.add_argument("--smoke-timeout-s", type=float, default=180)
+    # a wall-clock budget is the GPU machine's business (its lease is timed): --cpu, the test suite's mode,
+    # sets none, so that a busy CPU makes a check slow, never failed
+    p.add_argument("--budget-s", type=float, default=None,
+                   help="stop starting jobs after this many seconds (default: 450 on the GPU, none with --cpu)")
+    p.add_argument("--smoke-timeout-s", type=float, default=None,
+                   help="the smoke test's time limit (default: 180 s on the GPU, none with --cpu)")
     p.add_argument("--skip-smoke", action="store_true")
     p.add_argument("--threads", type=int, default=4)
-    p.add_argument("--wheels", default=None, help="a folder of wheels to install missing packages from (offline)")
+    p.add_argument("--wheels", default=WHEELS, help="the folder of wheels missing packages are installed from "
+                   "(offline; default: the ones the script carries, scripts/wheels)")
     a = p.parse_args(argv)
+    if not a.cpu:
+        a.budget_s = 450.0 if a.budget_s is None else a.budget_s
+        a.smoke_timeout_s = 180.0 if a.smoke_timeout_s is None else a.smoke_timeout_s
     t0 = time.time()
     out = a.out or os.path.join(os.environ.get("OUT") or os.path.join(REPO, "results"), "gpu_check.json")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     doc = {"mode": "cpu" if a.cpu else "gpu"}
-    if a.wheels:
-        doc["wheels"] = install_wheels(a.wheels)
+    scratch = tempfile.mkdtemp(prefix="cwdpo-gpu-check-")
+    doc["wheels"] = install_wheels(a.wheels, os.path.join(scratch, "site"))
     doc["modules"] = modules()
     try:
         import torch
@@ -234,7 +255,6 @@ def main(argv=None) -> int:
                        "torch_cuda": torch.version.cuda}
     except Exception as e:
         doc["cuda"] = {"error": str(e)}
-    scratch = tempfile.mkdtemp(prefix="cwdpo-gpu-check-")
     workdir = a.workdir or os.path.join(scratch, "work")
     os.makedirs(workdir, exist_ok=True)
     try:
@@ -245,10 +265,12 @@ def main(argv=None) -> int:
                 doc["gpu_smoke"] = {"rc": "timeout", "error": f"over {a.smoke_timeout_s} s"}
         missing = [k for k, v in doc["modules"].items() if str(v).startswith("missing")]
         if missing:
-            doc["rehearsal"] = {"ok": False, "error": f"missing packages {missing}: pass --wheels DIR"}
+            doc["rehearsal"] = {"ok": False, "error": f"missing packages {missing} (not among the wheels of "
+                                                      f"{a.wheels}; --wheels DIR names another folder)"}
         else:
             sys.path.insert(0, REPO)
-            doc["rehearsal"] = run_rehearsal(a.cpu, workdir, t0 + a.budget_s, a.threads)
+            doc["rehearsal"] = run_rehearsal(a.cpu, workdir, None if a.budget_s is None else t0 + a.budget_s,
+                                             a.threads)
     finally:
         doc["total_s"] = round(time.time() - t0, 1)
         with open(out, "w") as f:

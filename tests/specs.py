@@ -59,7 +59,7 @@ def train(method: str, init: str, data_json: str, *, hparams: dict | None = None
     spec = plan.stage1_spec(recipe, 0) if which == "stage1" else plan.stage2_spec("sft_c", 0, recipe)
     settings = {**spec.train, "progress": False, **(train or {})}
     fields = dict(init=init, data=data(data_json, splits, stage), hparams={**spec.hparams, **(hparams or {})},
-                  train=settings, probes=None, pairs=None, ref_logps=None)
+                  train=settings, probes=None, pairs=None, ref_logps=None, pairs_summary=None)
     if method == "sft_c":
         fields.update(negatives=negatives(), data_seed=0)
     fields.update(changes)

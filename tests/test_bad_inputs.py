@@ -98,6 +98,41 @@ CONFIG_CASES = [
      r"invalid config: data\.shapes\.object_counts_by_split: unknown split\(s\) trian; known: .*", "trian"),
     ("table-row-unknown-recipe", "tables: {t: {rows: [{name: r, stage1: sft_x}]}}",
      r"invalid config: tables\.t\.rows\[0\]\.stage1: unknown Stage-1 recipe 'sft_x'; known: .*", "sft_x"),
+    ("model-source-unknown", "model: {source: 'not a model'}\npretrain: {enabled: false}",
+     r"invalid config: model\.source: 'not a model' is neither tiny, a hub id \(org/name\) nor an existing model "
+     r"folder", "neither tiny"),
+    # the YAML itself, before anything walks it (validate-config, and the Snakefile re-reading Snakemake's files)
+    ("yaml-duplicate-key", "seeds: [0]\nexperiment: a\nseeds: [1]",
+     r"{cfg}:3: duplicate key 'seeds' \(first at line 1\); a mapping holds each key once", "duplicate key"),
+    ("yaml-alias-bomb", "\n".join(["a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]"] + [
+        f"{c}: &{c} [" + ", ".join([f"*{p}"] * 9) + "]" for p, c in zip("abcdefgh", "bcdefghi")]),
+     r"{cfg}:9: key 'i': YAML aliases expand the file by \d+ values, over the limit of 10000 \(an alias "
+     r"bomb\?\); write the values out instead", "alias bomb"),
+    # seeds: integers in a sane range
+    ("seeds-float", "seeds: [1.0]",
+     r"invalid config: seeds\[0\]: 1\.0 is not an integer \(a seed is a whole number in 0\.\.2147483647\)", "seeds[0]"),
+    ("seed-too-large", "pretrain_seed: 1180591620717411303424",
+     r"invalid config: pretrain_seed: 1180591620717411303424 is outside 0\.\.2147483647 \(a seed must fit random, "
+     r"numpy and torch\)", "pretrain_seed"),
+    ("table-row-seed-float", "tables: {t: {rows: [{name: r, stage1: sft, seeds: [2.0]}]}}",
+     r"invalid config: tables\.t\.rows\[0\]\.seeds\[0\]: 2\.0 is not an integer .*", "seeds[0]"),
+    # pass-through dictionaries: the keys of the pinned peft / vLLM
+    ("lora-unknown-key", "model: {lora: {r: 8, lora_alfa: 16}}",
+     r"invalid config: model\.lora: unknown key 'lora_alfa' — did you mean 'lora_alpha'\? "
+     r"peft\.LoraConfig\(\*\*model\.lora\) of peft 0\.21\.2 accepts: .*\blora_alpha\b.*", "lora_alfa"),
+    ("vllm-unknown-key", "negatives: {onpolicy: {vllm: {tensor_paralel_size: 2}}}",
+     r"invalid config: negatives\.onpolicy\.vllm: unknown key 'tensor_paralel_size' — did you mean "
+     r"'tensor_parallel_size'\? vllm\.LLM\(\.\.\., \*\*negatives\.onpolicy\.vllm\) of vllm 0\.33\.0 accepts: the \d+ "
+     r"keys listed in cwdpo/resources/passthrough_keys\.json", "tensor_paralel_size"),
+    ("vllm-key-set-by-cwdpo", "negatives: {onpolicy: {vllm: {seed: 3}}}",
+     r"invalid config: negatives\.onpolicy\.vllm\.seed: set by cwdpo itself \(cwdpo\.sampling\.VLLMSampler sets it "
+     r"from the config's model settings; leave it out\)", "set by cwdpo"),
+    # config strings that reach a shell or Markdown
+    ("container-shell", "container: 'x.sif; touch PWNED'",
+     r"invalid config: container: 'x\.sif; touch PWNED' holds characters a shell would interpret .*", "container"),
+    ("table-row-name-newline", 'tables: {t: {rows: [{name: "a\\nb", stage1: sft}]}}',
+     r"invalid config: tables\.t\.rows\[0\]\.name: 'a\\nb' holds a line break or another control character "
+     r"\(it is printed into a Markdown table row\); write it on one line", "line break"),
 ]
 
 
@@ -169,6 +204,12 @@ def _outside_image(tmp_path):
     return str(tmp_path / "elsewhere")
 
 
+def _save_image(root, name, size, mode="RGB"):
+    """Write an image of `size` (width, height) and PIL `mode` (I;16: a 16-bit grayscale PNG)."""
+    from PIL import Image
+    Image.new(mode, size, 40000 if mode.startswith("I") else 0).save(root / name)
+
+
 def _all_train(doc, root):
     for img in doc["images"]:
         img["split"] = "train"
@@ -228,6 +269,16 @@ DATA_CASES = [
              r"{ext}:2: 'negative' is 1001 characters, over the limit of 1000 \(negatives\.external_max_chars\)", 1,
              external=b'{"image_id": 100, "negative": "a green square"}\n'
                       b'{"image_id": 101, "negative": "' + b"x" * 1001 + b'"}\n'),
+    # images every later job could not take: named now, or skipped and counted
+    DataCase("image-aspect-ratio", "validate-data",
+             r"{json}: images\[1\] \(id 101\): image of 60000×4 pixels has an aspect ratio of 15000 \(the VLM's "
+             r"processor takes below 200\): .*wide\.png", 1,
+             edit=lambda d, r: (_save_image(r, "wide.png", (60000, 4)), d["images"][1].update(filename="wide.png"))),
+    DataCase("image-16-bit", "validate-data",
+             r"{json}: images\[2\] \(id 102\): image of mode I;16 \(16- or 32-bit samples\) would turn white when "
+             r"converted to RGB; convert it to 8-bit: .*deep\.png", 1,
+             edit=lambda d, r: (_save_image(r, "deep.png", (32, 32), "I;16"),
+                                d["images"][2].update(filename="deep.png"))),
     DataCase("external-not-json", "make-pairs", r"{ext}:1: not valid JSON \(.*\)", 1,
              external=b'{"image_id": 100, "negative": \n{"image_id": 101, "negative": "a green square"}\n'),
 ]

@@ -61,6 +61,8 @@ while [ $# -gt 0 ]; do
   esac
 done
 shift   # the image
+# the image's own Python packages: a test that gives the image another cwdpo than the checkout's sets this
+if [ -n "${APPTAINER_SHIM_PYTHONPATH:-}" ]; then export PYTHONPATH="$APPTAINER_SHIM_PYTHONPATH"; fi
 exec "$@"
 """
 
@@ -139,7 +141,7 @@ def test_dockerfile_installs_the_pinned_stack_and_the_package():
 def test_spython_parses_the_definition_file():
     rec = _def_recipe()
     assert rec.fromHeader == BASE_IMAGE
-    assert {"TMPDIR=/tmp", "PYTHONNOUSERSITE=1", "DS_BUILD_OPS=0", "PATH=/opt/venv/bin:$PATH"} <= set(rec.environ)
+    assert {"TMPDIR=/tmp", "PYTHONNOUSERSITE=1", "DS_BUILD_OPS=0", 'PATH="/opt/venv/bin:$PATH"'} <= set(rec.environ)
     # the -runtime base has no nvcc: vLLM's FlashInfer sampler (JIT-compiled at engine start) stays off
     assert "VLLM_USE_FLASHINFER_SAMPLER=0" in rec.environ
     assert any("org.opencontainers.image.version 0.1.0" == label for label in rec.labels)
@@ -159,6 +161,56 @@ def test_spython_parses_the_definition_file():
         assert pkg in pip.split(), (pkg, pip)
     assert '"/opt/cwdpo[deepspeed,slurm]"' in pip
     assert "bash /opt/setup-pycocoevalcap.sh" in install
+
+
+# the sections Apptainer runs as shell scripts, and the shell it runs them with unless the section header
+# names one with `-c` (`%post -c /bin/bash`): /bin/sh — dash 0.5.12 on the image's Ubuntu 24.04, checked as POSIX sh
+SHELL_SECTIONS = ("setup", "post", "test", "environment", "runscript", "startscript")
+
+
+def def_sections(path: str) -> list:
+    """[(section, shell, body)] of an Apptainer definition file's shell sections, in file order."""
+    out, current = [], None
+    for line in open(path):
+        m = re.match(r"^%(\w+)(.*)$", line)
+        if m:
+            current = None
+            if m.group(1) in SHELL_SECTIONS:
+                shell = re.search(r"-c\s+(\S+)", m.group(2))
+                current = [m.group(1), os.path.basename(shell.group(1)) if shell else "sh", ""]
+                out.append(current)
+        elif current is not None:
+            current[2] += line
+    return [tuple(x) for x in out]
+
+
+def test_every_shell_section_of_the_definition_passes_shellcheck_under_its_shell():
+    """Apptainer runs %post, %test, %environment and %runscript with /bin/sh unless the header says `-c`;
+    on Ubuntu that is dash, where `set -o pipefail` stops the build at its first line (exit 2)."""
+    if shutil.which("shellcheck") is None:
+        pytest.skip("shellcheck not on PATH (Debian: apt-get install shellcheck; .ci/run installs it)")
+    sections = def_sections(DEF)
+    assert {s for s, _, _ in sections} >= {"post", "test", "environment", "runscript"}
+    for section, shell, body in sections:
+        assert shell in ("sh", "bash"), (section, shell)
+        p = subprocess.run(["shellcheck", "--shell", shell, "-"], input=body,
+                           capture_output=True, text=True)
+        assert p.returncode == 0, f"%{section} (run by {shell}):\n{p.stdout}"
+
+
+def test_shellcheck_catches_what_dash_cannot_run(tmp_path):
+    """The check is not a no-op: the old %post's first line fails it under /bin/sh, passes under bash."""
+    if shutil.which("shellcheck") is None:
+        pytest.skip("shellcheck not on PATH (Debian: apt-get install shellcheck; .ci/run installs it)")
+    bad = tmp_path / "bad.def"
+    bad.write_text("Bootstrap: docker\nFrom: ubuntu:24.04\n\n%post\n    set -euo pipefail\n    echo ok\n\n"
+                   "%post -c /bin/bash\n    set -euo pipefail\n")
+    (section, shell, body), (_, shell2, body2) = def_sections(str(bad))
+    assert (section, shell, shell2) == ("post", "sh", "bash")
+    p = subprocess.run(["shellcheck", "--shell", "sh", "-"], input=body, capture_output=True, text=True)
+    assert p.returncode != 0 and "SC3040" in p.stdout
+    p2 = subprocess.run(["shellcheck", "--shell", "bash", "-"], input=body2, capture_output=True, text=True)
+    assert p2.returncode == 0, p2.stdout
 
 
 def test_dockerfile_and_definition_build_the_same_image():
@@ -252,8 +304,8 @@ def wf(tmp_path_factory):
     return work
 
 
-def _smk(wf, *args, shim=True, check=True):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "APPTAINER_SHIM_LOG": str(wf / "shim.log")}
+def _smk(wf, *args, shim=True, check=True, env_extra=None):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "APPTAINER_SHIM_LOG": str(wf / "shim.log"), **(env_extra or {})}
     path = [p for p in env["PATH"].split(os.pathsep)
             if not (os.path.exists(os.path.join(p, "apptainer")) or os.path.exists(os.path.join(p, "singularity")))]
     env["PATH"] = os.pathsep.join(([str(wf / "bin")] if shim else []) + path)
@@ -313,3 +365,30 @@ def test_a_job_runs_inside_the_image_with_nv(wf):
     assert line.startswith(f"exec --home {wf} ") and " --nv " in line
     assert " containers/cwdpo.sif " in line and "cwdpo prepare-data" in line
     assert (wf / target).exists()
+
+
+def test_a_job_refuses_an_image_whose_cwdpo_differs_from_the_checkout(wf, tmp_path):
+    """Snakemake plans with the checkout's cwdpo; the image runs its own copy, frozen at build time. Every job
+    gets the planning copy's stamp (version + source hash) and refuses to run in an image built from other
+    source — one line saying to rebuild — while an image of the same source runs (compared by content)."""
+    import cwdpo
+    from cwdpo.stamp import source_stamp
+    package = os.path.dirname(cwdpo.__file__)
+    same, stale = tmp_path / "same", tmp_path / "stale"
+    for image in (same, stale):
+        shutil.copytree(package, image / "cwdpo", ignore=shutil.ignore_patterns("__pycache__"))
+    with open(stale / "cwdpo" / "negatives.py", "a") as f:
+        f.write("\n# the checkout moved on after the image was built\n")
+    assert source_stamp(str(same / "cwdpo")) == source_stamp() != source_stamp(str(stale / "cwdpo"))
+    cfg = yaml.safe_load(open(wf / "micro.yaml"))
+    target = wf / f"results/{cfg['experiment']}/data/dataset_shapes.json"
+    if target.exists():
+        target.unlink()
+    args = (str(target.relative_to(wf)), "--cores", "1", "--use-singularity", "--configfile", "micro.yaml")
+    bad = _smk(wf, *args, check=False, env_extra={"APPTAINER_SHIM_PYTHONPATH": str(stale)})
+    assert bad.returncode != 0 and not target.exists()
+    line = [x for x in bad.stderr.splitlines() if x.startswith("cwdpo prepare-data: ")]
+    assert line and f"({source_stamp(str(stale / 'cwdpo'))}, {stale / 'cwdpo'})" in line[0], bad.stderr[-3000:]
+    assert f"planned the job with ({source_stamp()})" in line[0] and "rebuild the image" in line[0]
+    _smk(wf, *args, env_extra={"APPTAINER_SHIM_PYTHONPATH": str(same)})
+    assert target.exists()

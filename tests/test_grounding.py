@@ -152,3 +152,31 @@ def test_per_image_recall_terms_average_to_the_pooled_recall_and_their_interval_
     assert sum(terms) / len(terms) == pytest.approx(pooled)
     _, lo, hi = paired_bootstrap_ci(terms, [0.0] * len(terms))
     assert lo < pooled < hi and hi - lo < 0.2
+
+
+def test_fluency_check_on_hand_written_captions():
+    """Broken = empty, or a word the shapes caption grammar never writes; fluent whatever it claims."""
+    from cwdpo.shapes import caption_fluency
+    assert caption_fluency("") == "empty" and caption_fluency("  . , ") == "empty"
+    assert caption_fluency("a small purpleG a large orange cross and a big green cross from left to right") == "oov"
+    assert caption_fluency("a red circle zz") == "oov" and caption_fluency("a red dog") == "oov"
+    # a character the grammar never writes, which the word tokenizer drops (seen in a DPO model's captions)
+    assert caption_fluency("two shapes: a small red square and a small orange\ufffd") == "chars"
+    assert caption_fluency("a red circle; a blue star") == "chars" and caption_fluency("a red circle 2") == "oov"
+    for fluent in ("a big red circle in the top left", "there are three shapes, a red star, a blue circle and a "
+                   "black cross", "two shapes: a little green square and a yellow star", "a red red red circle"):
+        assert caption_fluency(fluent) is None, fluent
+
+
+def test_every_generated_caption_is_fluent(shapes_records):
+    from cwdpo.shapes import caption_fluency
+    assert all(caption_fluency(c) is None for r in shapes_records for c in r.captions)
+
+
+def test_grounding_scores_report_the_broken_share():
+    from cwdpo.grounding import grounding_scores
+    scene = {"objects": [{"shape": "star", "colour": "red", "size": "small", "cell": [1, 1]}], "relation": None}
+    caps = {"1": "a small red star", "2": "", "3": "a smallred star", "4": "a small red star in the middle"}
+    g = grounding_scores(caps, {k: scene for k in caps})
+    assert g["corpus"]["broken"] == 0.5 and g["counts"]["empty"] == 1 and g["counts"]["oov"] == 1
+    assert g["per_image"]["broken"] == {"1": 0.0, "2": 1.0, "3": 1.0, "4": 0.0}

@@ -158,7 +158,7 @@ def _smk(wf, *args):
     env.pop("HF_HUB_OFFLINE", None)
     path = [p for p in env["PATH"].split(os.pathsep) if not os.path.exists(os.path.join(p, "apptainer"))]
     env["PATH"] = os.pathsep.join([os.path.join(wf, "bin")] + path)
-    return run(["snakemake", *args], cwd=wf, env=env, timeout=600)
+    return run(["snakemake", *args], cwd=wf, env=env)
 
 
 def test_qwen3b_dry_run_fetches_the_model_once_before_every_job_that_loads_it(qwen3b_wf):
@@ -202,7 +202,7 @@ def test_fetch_runs_locally_then_every_job_reads_the_workflow_cache_offline(qwen
     fetch = [x for x in lines if "cwdpo fetch-model" in x]
     pairs = [x for x in lines if "cwdpo make-pairs" in x]
     assert len(fetch) == 1 and len(pairs) == 1
-    cache = 'HF_HOME="$PWD/resources/huggingface" HF_HUB_CACHE="$PWD/resources/huggingface/hub" HF_HUB_OFFLINE=1'
+    cache = 'export HF_HOME="$PWD"/resources/huggingface; export HF_HUB_CACHE="$HF_HOME/hub" HF_HUB_OFFLINE=1'
     for line in fetch + pairs:
         assert line.startswith(f"exec --home {wf} ") and cache in line, line
     assert "HF_HUB_OFFLINE=0 cwdpo fetch-model" in fetch[0]  # the one job allowed on the network

@@ -1,4 +1,6 @@
 """Caption scoring: our CIDEr-D and PTB wrapper against pycocoevalcap; corpus document frequencies; SPICE n/a."""
+import os
+
 import numpy as np
 import pytest
 from pycocoevalcap.cider.cider import Cider
@@ -119,3 +121,41 @@ def test_cider_memo_is_opt_in_and_changes_no_score():
     np.testing.assert_array_equal(plain.score(cands, corpus * 2), memo.score(cands, corpus * 2))
     assert plain._vectors is None and plain._scores is None
     assert len(memo._scores) == 3 and len(memo._vectors) == 3 + sum(len(r) for r in corpus)
+
+
+def test_one_spice_parse_cache_per_scoring_job(monkeypatch, tmp_path):
+    """`cwdpo score` gives every SPICE run of the job (every model's captions, every beam) one parse cache, so
+    CoreNLP parses each reference once per job, not once per model and beam; the next job starts clean. (SPICE
+    itself cannot run here — no CoreNLP models: its runs are recorded and answered.)"""
+    import json
+    import subprocess
+    real_run, seen = subprocess.run, []
+
+    def fake_run(cmd, *args, **kwargs):
+        if not any(str(c).endswith("spice-1.0.jar") for c in cmd):
+            return real_run(cmd, *args, **kwargs)
+        cache = cmd[cmd.index("-cache") + 1]
+        seen.append((cache, os.path.isdir(os.path.dirname(cache))))
+        items = json.load(open(cmd[cmd.index("-jar") + 3]))
+        with open(cmd[cmd.index("-out") + 1], "w") as f:
+            json.dump([{"image_id": i["image_id"], "scores": {"All": {"f": 0.5}}} for i in items], f)
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(metrics, "spice_status", lambda: (True, "ok"))
+    monkeypatch.setattr(metrics, "java_major", lambda: 11)  # the image's Java: SPICE's cache works there
+    monkeypatch.setattr(metrics.subprocess, "run", fake_run)
+    docs = []
+    for n in range(2):  # two models' caption files against the same references, with their beams
+        path = tmp_path / f"captions{n}.json"
+        path.write_text(json.dumps({"references": GTS, "captions": RES,
+                                    "beams": {k: [v, v + " too"] for k, v in RES.items()}}))
+        docs.append(str(path))
+    outs = [str(tmp_path / f"scores{n}.json") for n in range(2)]
+    metrics.score_files(docs, outs, metrics=["CIDEr", "SPICE"])
+    assert len(seen) == 2 * (1 + 2)  # per file: its captions and each of its 2 beams
+    assert len({c for c, _ in seen}) == 1 and all(parent for _, parent in seen)
+    assert not os.path.exists(seen[0][0]) and json.load(open(outs[1]))["corpus"]["SPICE"] == 0.5
+    first = seen[0][0]
+    seen.clear()
+    metrics.score_files(docs[:1], outs[:1], metrics=["SPICE"])
+    assert len({c for c, _ in seen}) == 1 and seen[0][0] != first

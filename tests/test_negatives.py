@@ -148,13 +148,37 @@ def test_rho_is_respected_exactly(shapes_records, rho):
     n = len(pairs)
     n_ds = sum(p["source"] != "onpolicy" for p in pairs)
     assert n == 40 and n_ds == round(rho * 40) and summary["dataset"] == n_ds
-    assert summary["onpolicy"] == n - n_ds
-    # a smaller on-policy pool shrinks the set, never the ratio
+    assert summary["onpolicy"] == n - n_ds and summary["fill"] == 1.0
+    # a smaller on-policy pool gives what it has: the dataset share is never shrunk to keep ρ exact, and the
+    # summary says how far the set falls short of its target
     small = {k: v[:1] for k, v in list(onpolicy.items())[:5]}
     pairs, summary = N.build_pairs(recs, specs.negatives(pairs_per_image=2), rho=rho, seed=1, onpolicy=small)
-    if rho < 1:
-        assert summary["onpolicy"] <= 5 and summary["pairs"] == (int(5 / (1 - rho)) if rho < 1 else 40)
-        assert summary["dataset"] == round(rho * summary["pairs"])
+    assert summary["dataset"] == round(rho * 40) and summary["targets"]["dataset"] == round(rho * 40)
+    assert summary["onpolicy"] == min(5, 40 - round(rho * 40)) == summary["by_source"].get("onpolicy", 0)
+    assert summary["pairs"] == len(pairs) == summary["dataset"] + summary["onpolicy"]
+    assert summary["fill"] == pytest.approx(len(pairs) / 40) and summary["targets"]["onpolicy"] == 40 - round(rho * 40)
+
+
+def test_a_set_below_its_floor_stops_with_one_line_naming_pool_rule_and_knob(shapes_records):
+    """A Stage-2 set that holds less than min_fill of its target is refused (never trained on silently): the
+    message names the set, its fill, the short pool, how it was drawn and the knob that fills it."""
+    import dataclasses
+    from cwdpo.data import DataError
+    recs = [r for r in shapes_records if r.split == "finetune"][:20]
+    small = {r.image_id: [{"text": f"sample of {r.image_id}", "score": 0.1}] for r in recs[:5]}
+    _, summary = N.build_pairs(recs, specs.negatives(pairs_per_image=2), rho=0.0, seed=1, onpolicy=small)
+    spec = dataclasses.replace(specs.micro_plan().pairs_spec("sft_c", 0, "rho0"), min_fill=0.9)
+    with pytest.raises(DataError) as err:
+        N.check_fill(summary, spec)
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert msg.startswith("negatives set 'rho0': 5 of its 40 target pairs (12%), below min_fill 0.9: onpolicy pool 5 "
+                          "of the 40 needed (on-policy: select grounding, k ")
+    assert "(negatives.onpolicy.k)" in msg and "raise that k" in msg
+    N.check_fill(summary, dataclasses.replace(spec, min_fill=0.1))  # a set's own lower floor lets it pass
+    full = {r.image_id: [{"text": f"sample {k} of {r.image_id}", "score": 0.1} for k in range(2)] for r in recs}
+    _, summary = N.build_pairs(recs, specs.negatives(pairs_per_image=2), rho=0.0, seed=1, onpolicy=full)
+    N.check_fill(summary, spec)
 
 
 def test_pairs_file_round_trip_and_bad_lines(shapes_records, tmp_path):

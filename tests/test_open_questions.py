@@ -12,7 +12,8 @@ import torch
 import specs
 from conftest import REPO, copy_workflow, run
 from cwdpo import negatives as N
-from cwdpo.config import ConfigError, deep_merge, load_config, read_config_file, validate_config, variant_config
+from cwdpo.config import (ConfigError, deep_merge, load_config, read_config_file, stage2_recipe, validate_config,
+                          variant_config)
 from cwdpo.grounding import ground
 from cwdpo.plan import Plan
 from cwdpo.shapes import scene_text, scene_texts
@@ -146,10 +147,11 @@ def test_pairs_mix_dataset_beam_and_onpolicy_negatives_at_their_shares(shapes_re
     assert summary["pairs"] == 90 and by["beam"] == summary["beams"] == 30 and by["onpolicy"] == 29
     assert sum(by.get(k, 0) for k in ("gentle", "easy")) == summary["dataset"] == 31
     assert all(p["kind"] == "missing" for p in pairs if p["source"] == "beam")
-    # only beams: the pool sets the size
+    # only beams, from a pool of 30 for a target of 90: the set holds what the pool has and says so
     pairs, summary = N.build_pairs(recs, cfg, rho=0.0, seed=2, beams={k: v[:1] for k, v in beams.items()},
                                    beam_share=1.0)
     assert summary["pairs"] == 30 and set(summary["by_source"]) == {"beam"}
+    assert summary["fill"] == pytest.approx(1 / 3) and summary["targets"]["beams"] == 90
     # a set without beams draws exactly what it drew before beams existed, and its summary keeps its keys
     plain = N.build_pairs(recs, cfg, rho=0.5, seed=2, onpolicy=pool)
     again = N.build_pairs(recs, cfg, rho=0.5, seed=2, onpolicy=pool, beams=beams, beam_share=0.0)
@@ -185,8 +187,10 @@ def test_a_calibrated_recipe_reads_the_rule_outcome_of_its_sweep():
     assert plan.stage2_inputs("sft_c", 0, "cw_dpo_cal")["lr_choice"] == spec.lr_choice
     assert "lr_choice" not in plan.stage2_inputs("sft_c", 0, "dpo_lr1e-4")
     from cwdpo.report import calibration_inputs
-    files = calibration_inputs(plan, "calibrate")  # measures and probes, never scores (no wait on scoring)
-    assert files and all(f.endswith(("measures.json", "probes.csv")) for f in files)
+    files = calibration_inputs(plan, "calibrate")  # measures, captions, probes: never scores (no wait on scoring)
+    assert files and all(f.endswith(("measures.json", "captions.json", "probes.csv")) for f in files)
+    # the task side of the rule reads the controls' own Stage-1 model (SFT-C) of every seed
+    assert {f"results/tiny/eval/stage1/sft_c/s{s}/captions.json" for s in range(3)} <= set(files)
     with pytest.raises(ConfigError, match="needs stage2.calibration .'calibrate'. to name a table of kind calibrate"):
         overlay(overrides={"stage2": {"recipes": {"x": {"method": "dpo", "lr": "calibrated"}}}})
     with pytest.raises(ConfigError, match="is not vanilla DPO; the calibration sweeps the control only"):
@@ -333,8 +337,30 @@ def test_negsource_info_rows_give_pairs_per_seed_to_one_decimal():
                                            "negatives": {"DPO": {"method": "dpo"}, "CW-DPO": {"method": "cw_dpo"}}}]}
     info = {"values": {col: {"DPO": 1.0, "CW-DPO": 2.0} for col in ("CIDEr", "CHAIR_s", "top-1")},
             "negatives": {"CW-DPO": {"pairs_by_source": {"beam": 1262 / 3, "onpolicy": 206 / 3, "easy": 492.0},
+                                     "size": {"pairs": 2942 / 3, "fill": 0.98, "passes": 3.2653},
                                      "w_c_start_by_source": {"beam": 0.99123}, "train_w_c": stats}}}
     rows = {r[0]: r[1:] for r in _info_rows(spec, [{"name": "beams", "info": info}])}
     assert rows["pairs per seed by source (CW-DPO)"] == ["beam 420.7 · onpolicy 68.7 · easy 492"]
+    assert rows["pairs per seed (of the target), passes over them (CW-DPO)"] == ["981 (98%), 3.27 passes"]
     assert rows["mean w_c at the start, by source (CW-DPO, reference model)"] == ["beam 0.991"]
     assert rows["mean w_c during training (CW-DPO)"] == ["0.500 ± 0.100 [0.300, 0.700]"]
+
+
+@pytest.mark.parametrize("names", [(), ("config/calibrate.yaml",), ("config/scale.yaml",), ("config/modality.yaml",),
+                                   ("config/negsource.yaml",)])
+def test_every_stage2_run_of_the_default_and_the_overlays_makes_at_most_max_passes(names):
+    """Stage 2 is fed by construction: a set below min_fill of its target is refused (make-pairs), so a run's
+    passes are at most steps × batch × accumulation / (min_fill × target) — within regime.max_passes for every
+    Stage-2 recipe of the default config and of every overlay (its variants included)."""
+    cfg = overlay(*names)
+    configs = [cfg] + [validate_config(variant_config(cfg, v), check_paths=False) for v in cfg["variants"]]
+    for c in configs:
+        d = c["data"]["shapes"]["splits"]["finetune"]
+        images = d - int(round(c["stage1"]["fraction"] * d))  # (cwdpo.data.stage_split)
+        for name in c["stage2"]["recipes"]:
+            hp = stage2_recipe(c, name)
+            s = c["negatives"]["sets"][hp["negatives"]]
+            floor = c["negatives"]["min_fill"] if s.get("min_fill") is None else s["min_fill"]
+            target = c["negatives"]["pairs_per_image"] * images
+            worst = hp["steps"] * hp["batch_size"] * hp["grad_accum"] / (floor * target)
+            assert floor >= c["regime"]["set_fill"] and worst <= c["regime"]["max_passes"], (names, name, worst)

@@ -18,25 +18,32 @@ from conftest import REPO, copy_workflow, run
 CONFIGS = ["config/qwen3b.yaml", "tests/configs/rehearsal.yaml"]
 
 
-@pytest.fixture(scope="module")
-def rehearsal(tmp_path_factory):
-    work = copy_workflow(tmp_path_factory.mktemp("rehearsal") / "wf")
+def run_rehearsal(folder, configs=CONFIGS):
+    """The rehearsal in a fresh copy of the workflow under `folder`: scripts/rehearsal_setup.py, then Snakemake
+    on `configs` (config/qwen3b.yaml and overlays); returns (workdir, env, setup's summary, timing)."""
+    work = copy_workflow(folder / "wf")
     os.makedirs(os.path.join(work, "tests", "configs"))
-    shutil.copy(os.path.join(REPO, "tests", "configs", "rehearsal.yaml"), os.path.join(work, "tests", "configs"))
+    for config in configs[1:]:
+        shutil.copy(os.path.join(REPO, config), os.path.join(work, config))
     env = {**os.environ, "HF_HOME": os.path.join(work, "elsewhere"), "HF_ENDPOINT": "http://127.0.0.1:9"}
     for key in ("HF_HUB_OFFLINE", "HF_HUB_CACHE", "CUDA_VISIBLE_DEVICES", "CWDPO_GPUS"):
         env.pop(key, None)
     t0 = time.time()
     setup = run([sys.executable, os.path.join(REPO, "scripts", "rehearsal_setup.py"), "--workdir", work], env=env)
     t1 = time.time()
-    # two files after ONE --configfile: a second --configfile flag would replace the first (argparse)
-    run(["snakemake", "--cores", "2", "--configfile", *CONFIGS], cwd=work, env=env, timeout=3600)
+    # the files after ONE --configfile: a second --configfile flag would replace the first (argparse)
+    run(["snakemake", "--cores", "2", "--configfile", *configs], cwd=work, env=env)
     t2 = time.time()
     timing = {"setup_s": round(t1 - t0, 1), "workflow_s": round(t2 - t1, 1)}
     with open(os.path.join(work, "rehearsal_timing.json"), "w") as f:
         json.dump(timing, f)
     print(f"rehearsal: setup {timing['setup_s']} s, workflow {timing['workflow_s']} s", file=sys.stderr)
     return work, env, json.loads(setup.stdout.strip().splitlines()[-1]), timing
+
+
+@pytest.fixture(scope="module")
+def rehearsal(tmp_path_factory):
+    return run_rehearsal(tmp_path_factory.mktemp("rehearsal"))
 
 
 def _res(work, *parts):
@@ -63,7 +70,8 @@ def test_rehearsal_reaches_t_main_t_paper_and_the_figures(rehearsal):
         assert os.path.getsize(_res(work, "tables", f"{table}.md")) > 0
     for fig in ("stage1", "squeeze", "floor", "calibration"):
         assert os.path.getsize(_res(work, "figures", f"{fig}.png")) > 10000
-    assert timing["setup_s"] + timing["workflow_s"] < 1200  # measured: ~1.5 + ~3.5 min alone on 2 cores
+    # (the times are recorded in rehearsal_timing.json — measured: ~1.5 + ~3.5 min alone on 2 cores — and not
+    # asserted: a test passes or fails by what the workflow wrote, never by the clock of a busy machine)
 
 
 @pytest.mark.slow

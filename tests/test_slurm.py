@@ -31,7 +31,7 @@ from test_containers import write_apptainer_shim
 
 WORKFLOW_ITEMS = ("Snakefile", "workflow", "config", "profiles")
 RUN_TIMEOUT_S = 900
-GPU_RULES = ("pretrain", "stage1", "stage2", "sample_onpolicy", "ref_logps", "evaluate")
+GPU_RULES = ("pretrain", "stage1", "stage2", "sample_onpolicy", "beam_negatives", "ref_logps", "evaluate")
 # rules the slurm.yaml DAG must contain (others, e.g. data validation, may come and go)
 EXPECTED_RULES = ("prepare_data", "build_model", "make_pairs", "trivial_baseline", "stage1", "ref_logps", "stage2",
                   "evaluate", "score", "table")
@@ -330,3 +330,67 @@ def test_profile_dry_run_applies_the_resources_and_ignores_unknown_rules(tmp_pat
     assert res["score"]["mem_mb"] == "16000" and res["stage1"]["runtime"] == "1440"
     # multi-GPU training starts through torchrun with one process per GPU of the Slurm job
     assert re.search(r"torchrun --standalone --nproc_per_node 2 --no-python cwdpo train", out)
+
+
+def _dry_run_jobs(workdir, *args, env=None):
+    """{rule: (resources, threads)} of a `snakemake -n --cores 16` in `workdir` (a copy of the workflow with the
+    micro configs), one entry per rule."""
+    for name in WORKFLOW_ITEMS:
+        src = os.path.join(REPO, name)
+        if not os.path.exists(workdir / name):
+            (shutil.copytree if os.path.isdir(src) else shutil.copy)(src, workdir / name)
+    for name in ("micro.yaml", "micro_modality.yaml", "micro_negsource.yaml"):
+        shutil.copy(os.path.join(REPO, "tests", "configs", name), workdir / name)
+    p = run(["snakemake", "-n", "--cores", "16", *args], cwd=str(workdir), env={**os.environ, **(env or {})},
+            timeout=300)
+    jobs = {}
+    for block in re.split(r"\n(?=rule \w+:)", p.stdout + p.stderr):
+        m = re.match(r"rule (\w+):", block)
+        r = re.search(r"^\s+resources: (.+)$", block, re.M)
+        t = re.search(r"^\s+threads: (\d+)$", block, re.M)
+        if m and r:
+            jobs.setdefault(m.group(1), (dict(kv.split("=", 1) for kv in r.group(1).split(", ")),
+                                         int(t.group(1)) if t else 1))
+    return jobs, p.stdout + p.stderr
+
+
+def test_profile_resources_and_threads_reach_variant_rules_and_beam_negatives(tmp_path):
+    """Snakemake keys set-resources / set-threads by exact rule name: the variants' copies of the rules
+    (`<rule>__<variant>`, here the modality overlay's `text`) and `beam_negatives` (the negsource overlay) get
+    the profile's entries, not the defaults (60 minutes, 4 GB, 1 thread)."""
+    write_apptainer_shim(str(tmp_path / "bin"))
+    env = {"PATH": f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}", "SLURM_PARTITION": "gpu",
+           "HF_HUB_OFFLINE": "1"}
+    jobs, out = _dry_run_jobs(tmp_path, "--workflow-profile", "profiles/slurm", "--configfile", "micro.yaml",
+                              "config/modality.yaml", "micro_modality.yaml", "config/negsource.yaml",
+                              "micro_negsource.yaml", env=env)
+    assert "stage1__text" in jobs and "beam_negatives" in jobs, sorted(jobs)
+    for rule, runtime in (("stage1", "1440"), ("stage2", "1440"), ("sample_onpolicy", "240"), ("ref_logps", "120"),
+                          ("beam_negatives", "240")):
+        for name in (rule, f"{rule}__text") if rule != "beam_negatives" else (rule,):
+            res, threads = jobs[name]
+            assert res["runtime"] == runtime and res["cpus_per_gpu"] == "8" and threads == 8, (name, res, threads)
+            assert res["mem_mb_per_cpu"] == "8000" and res["slurm_partition"] == "gpu"
+    for name in ("score__text", "make_pairs__text"):
+        res, threads = jobs[name]
+        assert res["tasks"] == "1" and int(res["cpus_per_task"]) >= 1 and res["runtime"] != "60", (name, res)
+    assert jobs["score__text"][0]["mem_mb"] == "16000"
+
+
+def test_gpu_rules_take_threads_and_data_loader_workers_from_the_config(tmp_path):
+    """Without a profile (one GPU box): the GPU rules' threads and the training jobs' data-loader workers come
+    from config `compute` (threads capped at --cores by Snakemake); CPU rules keep one thread."""
+    (tmp_path / "compute.yaml").write_text("compute: {threads: 6, dataloader_workers: 3}\n")
+    jobs, out = _dry_run_jobs(tmp_path, "-p", "--configfile", "micro.yaml", "compute.yaml",
+                              env={"HF_HUB_OFFLINE": "1"})
+    for rule in ("pretrain", "stage1", "stage2", "sample_onpolicy", "ref_logps"):
+        assert jobs[rule][1] == (16 if rule == "pretrain" else 6), (rule, jobs[rule])  # pretrain: every core
+    assert jobs["make_pairs"][1] == jobs["score"][1] == 1
+    trains = re.findall(r"cwdpo train --spec .*? --threads (\d+) --dataloader-workers (\d+)", out)
+    assert trains and {w for _, w in trains} == {"3"} and {t for t, _ in trains} == {"6", "16"}, trains
+    assert re.search(r"cwdpo sample-onpolicy --spec .*? --threads 6 ", out)
+    # the shipped GPU configs set them (8 threads, 4 workers); the tiny default keeps 1 thread, 0 workers
+    from cwdpo.config import load_config
+    for name, threads, workers in (("qwen3b", 8, 4), ("paper", 8, 4), ("config", 1, 0)):
+        c = load_config(os.path.join(REPO, "config", f"{name}.yaml"), check_paths=False)["compute"]
+        assert (c["threads"], c["dataloader_workers"]) == (threads, workers), name

@@ -77,6 +77,9 @@ def test_stage2_reuses_cached_reference_across_epochs(tiny_model_dir, shapes_dir
     finally:
         T.Collator.__call__ = real_collate
     assert metrics["steps"] == 14
+    # passes over the set, before CW-DPO's filter: 14 steps × 4 pairs / 24 pairs
+    assert metrics["data"]["pairs"] == 24 and metrics["data"]["passes"] == pytest.approx(14 * 4 / 24)
+    assert read_json(os.path.join(out, "metrics.json"))["data"]["passes"] == pytest.approx(14 * 4 / 24)
     cached = read_json(ref)
     # every batch carried the cached reference values of its pairs; the trainer never ran a reference model
     for b in seen:
@@ -111,6 +114,7 @@ def test_stage1_methods_train(tiny_model_dir, shapes_dir, tmp_path, method):
     metrics = T.run_training(spec, str(tmp_path / "run"), threads=1)
     log = T.read_train_log(str(tmp_path / "run" / "train_log.csv"))
     assert metrics["data"]["images"] == 30 and len(log) == 4
+    assert metrics["data"]["passes"] == pytest.approx(4 * 4 / metrics["data"]["examples"])
     assert all(math.isfinite(float(r["loss"])) for r in log)
     if method == "sft_c":
         # a random-init model puts NLL ≈ ln V ≈ 6 on negatives: with C = 4 the constraint is inactive
@@ -143,6 +147,36 @@ def test_lora_stage1_then_stage2_continues_the_adapter(tiny_model_dir, shapes_di
     log = T.read_train_log(str(tmp_path / "s2" / "train_log.csv"))
     assert float(log[0]["loss"]) == pytest.approx(math.log(2), abs=2e-4)  # starts exactly at its reference
     assert os.path.isfile(os.path.join(tmp_path, "s2", "model", "adapter_config.json"))
+
+
+def test_a_recipe_is_evaluated_with_the_tau_and_floor_it_trained_with(tiny_model_dir, shapes_dir, pairs_file,
+                                                                      tmp_path):
+    """A CW-DPO recipe with its own τ (0.5, not stage2.defaults' 1.0) and ℓ_floor "mean": its metrics.json
+    records both as resolved, and its evaluation computes the held-out pairs' w_c with them, not with the
+    config's defaults."""
+    import dataclasses
+    from cwdpo import evaluate as E
+    data_json = os.path.join(shapes_dir, "dataset_shapes.json")
+    ref = str(tmp_path / "ref.json")
+    R.reference_logps(tiny_model_dir, pairs_file, ref, specs.vlm())
+    spec = _spec("cw_dpo", tiny_model_dir, data_json, pairs=pairs_file, ref_logps=ref,
+                 hparams={"steps": 2, "tau": 0.5, "l_floor": "mean"})
+    out = str(tmp_path / "run")
+    T.run_training(spec, out, threads=1)
+    metrics = read_json(os.path.join(out, "metrics.json"))
+    floor = T.resolve_l_floor("mean", ref)
+    assert metrics["tau"] == 0.5 and metrics["l_floor"] == pytest.approx(floor) and floor != -5.0
+    plan = specs.micro_plan()
+    key = next(k for k in plan.eval_keys() if k.endswith("/cw_dpo"))
+    default = plan.eval_spec(key)
+    assert default.tau == 1.0 and default.l_floor == -5.0  # what the config alone would give
+    ev = dataclasses.replace(default, model=os.path.join(out, "model"), data=specs.data(data_json, ("test",)),
+                             heldout_pairs=pairs_file, run_metrics=os.path.join(out, "metrics.json"),
+                             reference=None, eval_sets=[], mcq_sets=[], objects=None, topk_beams=0,
+                             max_new_tokens=8)
+    E.run(ev, str(tmp_path / "captions.json"), str(tmp_path / "measures.json"), threads=1)
+    held = read_json(str(tmp_path / "measures.json"))["heldout"]
+    assert held["tau"] == 0.5 and held["l_floor"] == pytest.approx(floor)
 
 
 def test_l_floor_mean_is_the_mean_negative_logp_under_the_reference(tmp_path):

@@ -45,8 +45,32 @@ def test_hierarchical_interval_carries_the_seed_variance():
     assert lo == pytest.approx(0.1) and hi == pytest.approx(0.1)
 
 
-def _write(root, key, cider, top1, tv, chair_s, ece_conf=0.8, dlogp=None, shape_acc=0.95, colour_acc=0.99):
-    """Evaluation files of one model key: per-image CIDEr/top-1/TV/CHAIR_s centred on the given values."""
+def _captions(n_broken: int) -> dict:
+    """A captions file of N_IMAGES one-object images (one big shape in the top left, its colour and shape by
+    the image): the first `n_broken` captions empty, the others the image's first reference — so CIDEr-D is
+    (N_IMAGES − n_broken) / N_IMAGES of the all-fluent file's."""
+    from cwdpo.shapes import COLOURS, SHAPES
+    caps, refs, attrs = {}, {}, {}
+    for n in range(N_IMAGES):
+        c, sh, i = COLOURS[n % 7], SHAPES[(n // 7) % 5], str(n)
+        attrs[i] = {"objects": [{"shape": sh, "colour": c, "size": "big", "cell": [0, 0]}], "relation": None}
+        refs[i] = [f"a big {c} {sh}", f"a large {c} {sh} in the top left", f"there is a big {c} {sh}",
+                   f"a {c} {sh} on a white background", f"one big {c} {sh}"]
+        caps[i] = "" if n < n_broken else refs[i][0]
+    return {"captions": caps, "references": refs, "attributes": attrs}
+
+
+SEEDS = range(3)
+# the rows of the main table T-regime reads, each run as "<recipe>/<seed>"
+MAIN_ROWS = {"base": ["base"], **{name: [f"{run}/{s}" for s in SEEDS] for name, run in (
+    ("SFT", "sft"), ("SFT-C", "sftc"), ("DPO", "dpo"), ("CW-DPO", "cw"))}}
+
+
+def _write(root, key, cider, top1, tv, chair_s, ece_conf=0.8, dlogp=None, shape_acc=0.95, colour_acc=0.99,
+           broken=0.0, n_broken=0, fill=None, passes=None):
+    """Evaluation files of one model key: per-image CIDEr/top-1/TV/CHAIR_s centred on the given values, a
+    broken-caption share, and captions whose first `n_broken` are empty; with `fill`, the run's pairs summary
+    and metrics (share of its target pairs, passes)."""
     rng = np.random.default_rng(zlib.crc32(key.encode()))  # the same draws in every process
     ids = [str(i) for i in range(N_IMAGES)]
     per_cider = cider / 100 + rng.normal(0, 0.01, N_IMAGES)
@@ -54,7 +78,7 @@ def _write(root, key, cider, top1, tv, chair_s, ece_conf=0.8, dlogp=None, shape_
     scores = {"corpus": {"CIDEr": float(per_cider.mean())}, "per_image": {"CIDEr": dict(zip(ids, per_cider.tolist()))},
               "na_reasons": {},
               "grounding": {"corpus": {"CHAIR_s": float(per_chair.mean()), "1-obj shape acc.": shape_acc,
-                                       "1-obj colour acc.": colour_acc},
+                                       "1-obj colour acc.": colour_acc, "broken": broken},
                             "per_image": {"CHAIR_s": dict(zip(ids, per_chair.tolist()))}}}
     per_top1 = top1 + rng.normal(0, 0.002, N_IMAGES)
     per_tv = tv + rng.normal(0, 0.002, N_IMAGES)
@@ -68,6 +92,14 @@ def _write(root, key, cider, top1, tv, chair_s, ece_conf=0.8, dlogp=None, shape_
     os.makedirs(d, exist_ok=True)
     json.dump(scores, open(os.path.join(d, "scores.json"), "w"))
     json.dump(measures, open(os.path.join(d, "measures.json"), "w"))
+    json.dump(_captions(n_broken), open(os.path.join(d, "captions.json"), "w"))
+    if fill is not None:
+        run = os.path.join(root, "runs", key)
+        os.makedirs(run, exist_ok=True)
+        json.dump({"pairs": int(1000 * fill), "target_pairs": 1000, "fill": fill, "onpolicy": 500, "dataset": 500},
+                  open(os.path.join(run, "pairs_summary.json"), "w"))
+        json.dump({"data": {"pairs": int(1000 * fill), "passes": passes}, "mean_filtered_frac": 0.0},
+                  open(os.path.join(run, "metrics.json"), "w"))
     if dlogp is not None:
         run = os.path.join(root, "runs", key)
         os.makedirs(run, exist_ok=True)
@@ -75,14 +107,27 @@ def _write(root, key, cider, top1, tv, chair_s, ece_conf=0.8, dlogp=None, shape_
             f.write(f"step,dlogp_positive\n0,0.0\n200,{dlogp}\n")
 
 
+def _run_files(root, keys):
+    """{kind: {key: path}} of the synthetic run files (pairs summary, metrics) that `_write(fill=...)` wrote."""
+    out = {"metrics": {}, "pairs_summary": {}}
+    for k in keys:
+        for kind in out:
+            path = os.path.join(root, "runs", k, f"{kind}.json")
+            if os.path.isfile(path):
+                out[kind][k] = path
+    return out
+
+
 def _spec(root, rows_by_name, probes, stability, interval="hierarchical"):
     from cwdpo.config import load_config, default_config_path
     cfg = load_config(default_config_path(), {"claims": {"interval": interval}}, check_paths=False)
     files = {"scores": os.path.join(root, "eval", "{key}", "scores.json"),
              "measures": os.path.join(root, "eval", "{key}", "measures.json")}
+    keys = [k for rows in rows_by_name.values() for ks in rows.values() for k in ks]
     return {"name": "paper", "kind": "paper", "title": "paper", "scale": 100, "experiment": "synthetic",
             "scale_note": "synthetic", "extra_columns": {}, "files": files, "rows_by_name": rows_by_name,
-            "probes": probes, "stability": stability, "claims": cfg["claims"], "regime": cfg["regime"]}
+            "probes": probes, "stability": stability, "claims": cfg["claims"], "regime": cfg["regime"],
+            "run_files": _run_files(root, keys)}
 
 
 def _claims(md):
@@ -95,27 +140,28 @@ def _claims(md):
 
 
 def test_t_paper_decides_claims_with_delta_and_t_regime_shows_the_preconditions(tmp_path):
-    root = str(tmp_path)
-    seeds = range(3)
-    rows = {"base": ["base"], "SFT": [f"sft/{s}" for s in seeds], "SFT-C": [f"sftc/{s}" for s in seeds],
-            "DPO": [f"dpo/{s}" for s in seeds], "CW-DPO": [f"cw/{s}" for s in seeds]}
+    root, seeds, rows = str(tmp_path), SEEDS, MAIN_ROWS
     _write(root, "base", 200, 0.70, 0.0, 0.3)
     probes = {}
     for s in seeds:
         _write(root, f"sft/{s}", 250, 0.70, 0.05, 0.20)
         _write(root, f"sftc/{s}", 248, 0.71, 0.06, 0.20)
-        # DPO: peaked (top-1 + 0.05 over SFT), far from its reference, positives pushed down
-        _write(root, f"dpo/{s}", 230, 0.75, 0.30, 0.30, dlogp=-0.4)
+        # DPO: peaked (top-1 + 0.05 over SFT), far from its reference, positives pushed down; keeps its task
+        # (230 / 248 ≥ 0.9) and its fluency (1% broken); fed (95% of its pairs, 3.4 passes)
+        _write(root, f"dpo/{s}", 230, 0.75, 0.30, 0.30, dlogp=-0.4, broken=0.01, fill=0.95, passes=3.4)
         probes[f"dpo/{s}"] = os.path.join(root, "runs", f"dpo/{s}", "probes.csv")
         # CW-DPO: CIDEr clearly above DPO and SFT; TV far lower; top-1 a hair above DPO's (+0.005: not lower
         # whatever the noise draws, and far inside δ); CHAIR_s equal
-        _write(root, f"cw/{s}", 260, 0.755, 0.10, 0.30)
+        _write(root, f"cw/{s}", 260, 0.755, 0.10, 0.30, fill=1.0, passes=3.2)
     stability = []
     for seed, acc in ((1, 0.94), (2, 0.96)):
         p = tmp_path / f"stab{seed}.json"
         p.write_text(json.dumps({"corpus": {"1-obj shape acc.": acc}}))
         stability.append(str(p))
-    out = paper_table(_spec(root, {"main": rows}, probes, stability))
+    spec = _spec(root, {"main": rows}, probes, stability)
+    spec["regime"] = {**spec["regime"], "control_calibration": {"met_both": True, "swept": "lr 1e-4 … 1e-3",
+                                                                 "setting": "lr 1e-3, the rule's choice"}}
+    out = paper_table(spec)
     v = _claims(out["md"])
     assert v["CW-DPO > DPO on CIDEr"] == "holds" and v["CW-DPO > SFT on CIDEr"] == "holds"
     assert v["TV(π, π_ref) lower for CW-DPO than DPO"] == "holds"
@@ -134,23 +180,96 @@ def test_t_paper_decides_claims_with_delta_and_t_regime_shows_the_preconditions(
     assert vision[0][6] == "fail" and vision[0][4] == "50.0%"
 
 
+def _regime_rows(out) -> dict:
+    return {r[1]: (r[4], r[6]) for r in csv.reader(io.StringIO(out["csv"])) if r[0] == "regime"}
+
+
+def _row(rows: dict, start: str):
+    (hit,) = [v for k, v in rows.items() if k.startswith(start)]
+    return hit
+
+
+def test_t_regime_checks_that_stage2_is_fed_and_the_control_keeps_task_and_fluency(tmp_path):
+    """The rows of a fed Stage 2 (smallest set fill, most passes) and of a control in the paper's regime (its
+    CIDEr ≥ 0.9 × the Stage-1 model's, ≤ 2% broken captions): pass on a healthy run, fail — and say so — on a
+    starved one whose control collapsed."""
+    root, seeds, rows = str(tmp_path), SEEDS, MAIN_ROWS
+    _write(root, "base", 200, 0.70, 0.0, 0.3)
+    probes = {}
+    for s in seeds:
+        _write(root, f"sft/{s}", 250, 0.70, 0.05, 0.20)
+        _write(root, f"sftc/{s}", 250, 0.71, 0.06, 0.20)
+        _write(root, f"dpo/{s}", 240, 0.75, 0.30, 0.30, dlogp=-0.4, broken=0.01, fill=0.93 + 0.01 * s, passes=3.4)
+        probes[f"dpo/{s}"] = os.path.join(root, "runs", f"dpo/{s}", "probes.csv")
+        _write(root, f"cw/{s}", 260, 0.755, 0.10, 0.30, fill=1.0, passes=3.2)
+    spec = _spec(root, {"main": rows}, probes, [])
+    r = _regime_rows(paper_table(spec))
+    assert _row(r, "Stage 2 is fed: the smallest share") == ("93.0% (dpo/0)", "pass")
+    assert _row(r, "Stage 2 is fed: the most passes") == ("3.40 (dpo/0)", "pass")
+    assert _row(r, "the control keeps its task") == ("0.960 (240.0 / 250.0)", "pass")
+    assert _row(r, "the control stays fluent") == ("1.0%", "pass")
+    # starved: one set at 8% of its pairs and 40 passes over it; the control collapsed (CIDEr 112, 29% broken)
+    for s in seeds:
+        _write(root, f"dpo/{s}", 112, 0.75, 0.30, 0.30, dlogp=-0.4, broken=0.29, fill=0.08 if s else 0.5,
+               passes=40.0 if s == 2 else 3.0)
+    r = _regime_rows(paper_table(spec))
+    assert _row(r, "Stage 2 is fed: the smallest share") == ("8.0% (dpo/1)", "fail")
+    assert _row(r, "Stage 2 is fed: the most passes") == ("40.00 (dpo/2)", "fail")
+    assert _row(r, "the control keeps its task") == ("0.448 (112.0 / 250.0)", "fail")
+    assert _row(r, "the control stays fluent") == ("29.0%", "fail")
+    # without a Stage-2 set or fluency measure (e.g. COCO data) the rows fail with n/a, never pass unseen
+    for s in seeds:
+        for run in ("dpo", "cw"):
+            for f in ("pairs_summary.json", "metrics.json"):
+                os.remove(os.path.join(root, "runs", f"{run}/{s}", f))
+    spec = _spec(root, {"main": rows}, probes, [])
+    r = _regime_rows(paper_table(spec))
+    assert _row(r, "Stage 2 is fed: the smallest share") == ("n/a", "fail")
+
+
+def test_t_regime_says_whether_a_swept_setting_met_both_sides_of_the_calibration_rule(tmp_path):
+    """The control's calibration outcome, as the experiment's config records it: a row that passes when a swept
+    setting met both sides, fails and says so when none did (the default's finding), and fails with n/a when no
+    sweep is recorded (the GPU scales)."""
+    from cwdpo.config import default_config_path, read_config_file
+    root = str(tmp_path)
+    rows = {"base": ["base"], "SFT": ["sft/0"], "SFT-C": ["sftc/0"], "DPO": ["dpo/0"], "CW-DPO": ["cw/0"]}
+    for key in ("base", "sft/0", "sftc/0", "dpo/0", "cw/0"):
+        _write(root, key, 250, 0.70, 0.05, 0.20)
+    spec = _spec(root, {"main": rows}, {}, [])
+    recorded = read_config_file(default_config_path())["regime"]["control_calibration"]
+    assert spec["regime"]["control_calibration"] == recorded and recorded["met_both"] is False
+    ours, verdict = _row(_regime_rows(paper_table(spec)), "the control's setting")
+    assert verdict == "fail" and ours == f"no: {recorded['swept']}; the control: {recorded['setting']}"
+    spec["regime"] = {**spec["regime"], "control_calibration": {"met_both": True, "swept": "s", "setting": "x"}}
+    assert _row(_regime_rows(paper_table(spec)), "the control's setting") == ("yes: s; the control: x", "pass")
+    spec["regime"] = {**spec["regime"], "control_calibration": None}
+    assert _row(_regime_rows(paper_table(spec)), "the control's setting") == (
+        "n/a (no sweep recorded: regime.control_calibration)", "fail")
+
+
 def _calibration_spec(root, sweep):
-    """A calibrate-table spec over SFT and DPO at each (lr, top-1 gain, positives' Δlog p, TV) of `sweep`."""
+    """A calibrate-table spec over SFT and DPO (from SFT-C) at each (lr, top-1 gain, positives' Δlog p, TV[,
+    broken captions of N_IMAGES]) of `sweep`; SFT-C's captions are all fluent references."""
     seeds = range(3)
     rows = [{"name": "SFT", "keys": [f"sft/{s}" for s in seeds]}]
     probes = {}
     for s in seeds:
         _write(root, f"sft/{s}", 250, 0.70, 0.05, 0.2)
-    for lr, gain, dlogp, tv in sweep:
+        _write(root, f"sftc/{s}", 250, 0.70, 0.05, 0.2)
+    for lr, gain, dlogp, tv, *broken in sweep:
         keys = [f"dpo{lr}/{s}" for s in seeds]
         for k in keys:
-            _write(root, k, 240, 0.70 + gain, tv, 0.3, dlogp=dlogp)
+            _write(root, k, 240, 0.70 + gain, tv, 0.3, dlogp=dlogp, n_broken=broken[0] if broken else 0)
             probes[k] = os.path.join(root, "runs", k, "probes.csv")
-        rows.append({"name": f"DPO, lr {lr:g}", "keys": keys, "lr": lr})
+        rows.append({"name": f"DPO, lr {lr:g}", "keys": keys, "lr": lr, "beta": 0.1,
+                     "init_keys": [f"sftc/{s}" for s in seeds]})
     return {"name": "calibrate", "kind": "calibrate", "title": "calibrate", "scale": 100, "extra_columns": {},
             "files": {"scores": os.path.join(root, "eval", "{key}", "scores.json"),
-                      "measures": os.path.join(root, "eval", "{key}", "measures.json")},
-            "rows": rows, "probes": probes, "interval": "hierarchical", "top1_gain": 0.03, "control_tv": 0.45}
+                      "measures": os.path.join(root, "eval", "{key}", "measures.json"),
+                      "captions": os.path.join(root, "eval", "{key}", "captions.json")},
+            "rows": rows, "probes": probes, "interval": "hierarchical", "top1_gain": 0.03, "control_tv": 0.45,
+            "task_share": 0.9, "max_broken": 0.02}
 
 
 def _chosen(out):
@@ -174,6 +293,27 @@ def test_calibration_falls_back_to_the_papers_drift_when_no_lr_shows_the_signatu
     assert "Outcome: lr = 0.001" in out["md"] and "fallback" in out["md"]
     assert _chosen(out) == [("DPO, lr 0.001", "fallback")]
     assert all(r["signature"] == "False" for r in csv.DictReader(io.StringIO(out["csv"])))
+
+
+def test_calibration_rule_is_two_sided_the_signature_with_task_and_fluency_kept(tmp_path):
+    """A setting that squeezes only by breaking the captions is not chosen: the first (gentlest) row whose
+    control shows the signature *and* keeps CIDEr ≥ 0.9 × SFT-C's with ≤ 2% broken captions is. Broken
+    captions are counted from the captions themselves (empty ones here: 1 of 60 is 1.7%, 3 of 60 is 5%)."""
+    spec = _calibration_spec(str(tmp_path), [(1e-4, 0.0, 0.1, 0.2, 0), (5e-4, 0.05, -0.3, 0.3, 3),
+                                             (1e-3, 0.05, -0.3, 0.4, 1), (2e-3, 0.1, -0.9, 0.45, 30)])
+    out = calibrate_table(spec)
+    assert "Outcome: lr = 0.001" in out["md"] and _chosen(out) == [("DPO, lr 0.001", "the")]
+    got = {r["control"]: r for r in csv.DictReader(io.StringIO(out["csv"]))}
+    assert got["DPO, lr 0.0005"]["signature"] == "True" and got["DPO, lr 0.0005"]["kept"] == "False"
+    assert float(got["DPO, lr 0.0005"]["broken"]) == pytest.approx(3 / 60)
+    assert float(got["DPO, lr 0.001"]["task"]) == pytest.approx(59 / 60, rel=0.01)  # one empty caption of 60
+    assert float(got["DPO, lr 0.002"]["task"]) == pytest.approx(0.5, rel=0.02)
+    assert got["DPO, lr 0.002"]["meets"] == "False"
+    # no row meets both sides: the fallback takes, among the rows that keep task and fluency, the TV nearest 0.45
+    spec = _calibration_spec(str(tmp_path), [(1e-4, 0.0, 0.1, 0.2, 0), (1e-3, 0.0, -0.3, 0.35, 0),
+                                             (2e-3, 0.1, -0.9, 0.45, 30)])
+    out = calibrate_table(spec)
+    assert _chosen(out) == [("DPO, lr 0.001", "fallback")] and "among the settings that keep" in out["md"]
 
 
 def test_calibration_outcome_feeds_calibrated_recipes_the_rule_or_its_fallback(tmp_path):

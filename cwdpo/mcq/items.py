@@ -83,11 +83,34 @@ def rotation_order(n: int, rotation: int) -> list:
 # ---------------------------------------------------------------------------------------------- images
 
 def _lazy_image(data: bytes):
-    """A PIL image opened lazily on `data` after checking that the bytes fully decode."""
+    """A PIL image opened lazily on `data` after checking that the bytes fully decode into an image every
+    job can take (`cwdpo.data.image_problem`: size, aspect ratio, bit depth; InvalidItem "bad image")."""
     from PIL import Image
+
+    from ..data import image_problem
     with Image.open(io.BytesIO(data)) as probe:
+        problem = image_problem(probe)  # from the header, before a bomb is decoded
+        if problem:
+            raise InvalidItem("bad image", problem[1])
         probe.load()
     return Image.open(io.BytesIO(data))
+
+
+def image_size(image) -> tuple:
+    """(width, height) of a path or a PIL image, from its header."""
+    from PIL import Image
+    if isinstance(image, (str, os.PathLike)):
+        with Image.open(image) as im:
+            return im.size
+    return image.size
+
+
+def composed_size(sizes: list, gap: int = IMAGE_GAP) -> tuple:
+    """(width, height) of `compose_images` of images of these (width, height) sizes."""
+    if len(sizes) == 1:
+        return sizes[0]
+    height = max(h for _, h in sizes)
+    return sum(w if h == height else max(1, round(w * height / h)) for w, h in sizes) + gap * (len(sizes) - 1), height
 
 
 def open_rgb(image):
@@ -117,8 +140,7 @@ def compose_images(images: list, gap: int = IMAGE_GAP, background=(255, 255, 255
     height = max(im.height for im in ims)
     scaled = [im if im.height == height else
               im.resize((max(1, round(im.width * height / im.height)), height), Image.BICUBIC) for im in ims]
-    width = sum(im.width for im in scaled) + gap * (len(scaled) - 1)
-    canvas = Image.new("RGB", (width, height), background)
+    canvas = Image.new("RGB", composed_size([im.size for im in ims], gap), background)
     x = 0
     for im in scaled:
         canvas.paste(im, (x, 0))

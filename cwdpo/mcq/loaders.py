@@ -11,8 +11,8 @@ import math
 import os
 import re
 
-from ..data import DataError, JsonlLineError, iter_jsonl
-from .items import _PLACEHOLDER, LETTERS, InvalidItem, MCQItem, _lazy_image
+from ..data import DataError, JsonlLineError, image_size_problem, inside, iter_jsonl, verify_image
+from .items import _PLACEHOLDER, LETTERS, InvalidItem, MCQItem, _lazy_image, composed_size, image_size
 
 MMBENCH_CIRCULAR_OFFSET = 1_000_000  # MMBench TSVs carry circular copies of row i as index i + k * 1e6
 MMMU_MAX_IMAGES = 7
@@ -118,13 +118,33 @@ def decode_image(value, base_dir: str | None = None):
         s = value.strip()
         path = s if os.path.isabs(s) or base_dir is None else os.path.join(base_dir, s)
         if len(s) < 1024 and os.path.isfile(path):
-            return path
+            return image_path(path, base_dir)
         try:
             data = base64.b64decode("".join(s.split()), validate=True)
         except (binascii.Error, ValueError):
             raise _Bad("bad image", f"image is neither base64 nor an existing file: {s[:80]!r}") from None
         return decode_image(data)
     raise _Bad("bad image", f"unsupported image cell of type {type(value).__name__}")
+
+
+def image_path(path: str, base_dir: str | None) -> str:
+    """`path` once it is known to lie inside the image root `base_dir` (`..` and absolute paths resolved)
+    and to decode into an image every job can take (`cwdpo.data.verify_image`); else InvalidItem."""
+    if base_dir is not None and not inside(path, base_dir):
+        raise _Bad("bad image", f"image path {path} is outside the image root {os.path.abspath(base_dir)}")
+    problem = verify_image(path)
+    if problem:
+        raise _Bad("bad image", problem[1])
+    return path
+
+
+def check_composition(images: list) -> None:
+    """Several images of an item are composed side by side (`compose_images`): the composition too must be
+    an image the processor takes (two images of 1×200 and 200×1 compose to 40000×200)."""
+    if len(images) > 1:
+        problem = image_size_problem(*composed_size([image_size(x) for x in images]))
+        if problem:
+            raise _Bad("bad image", f"its {len(images)} images composed side by side: {problem[1]}")
 
 
 def _answer_index(answer, n: int, letters: str | None = None) -> int:
@@ -216,6 +236,7 @@ def _mmmu_item(row: dict, ident: str, file: str, base_dir: str) -> MCQItem | str
         renumber[k] = len(images)
     if not images:
         raise _Bad("no image", "no image_1..image_7")
+    check_composition(images)
 
     def fix(text: str) -> str:  # placeholders follow the kept images' positions
         return _PLACEHOLDER.sub(lambda m: f"<image {renumber.get(int(m.group(1)), int(m.group(1)))}>", text)
@@ -247,9 +268,12 @@ def _jsonl_item(row: dict, ident: str, file: str, base_dir: str) -> MCQItem:
         if not isinstance(p, str) or not p:
             raise _Bad("bad image", f"image entry {p!r} is not a path")
         full = p if os.path.isabs(p) else os.path.join(base_dir, p)
+        if not inside(full, base_dir):
+            raise _Bad("bad image", f"image path {full} is outside the image root {os.path.abspath(base_dir)}")
         if not os.path.isfile(full):
             raise _Bad("bad image", f"image file not found: {full}")
-        images.append(full)
+        images.append(image_path(full, base_dir))
+    check_composition(images)
     hint, category = row.get("hint"), row.get("category")
     return MCQItem(id=ident, images=images, question=question.strip(), options=[o.strip() for o in options],
                    answer=answer, hint=_text(hint), category=_text(category), meta={"source": file})

@@ -1,18 +1,31 @@
 # Config validation (schema + cross-key checks) and the experiment plan every rule reads. Each artifact
 # path is a template of cwdpo.paths, taken with P.pattern(...) (wildcards left in); specs come from P.
+import dataclasses
 import os
 from shlex import quote as shlex_quote
 
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
-from cwdpo.config import ConfigError, NAME_PATTERN, check_config, schema_errors
+from cwdpo.config import (
+    ConfigError,
+    NAME_PATTERN,
+    check_config,
+    check_config_files,
+    schema_errors,
+)
 from cwdpo.figures import figure_inputs, figure_spec
 from cwdpo.paths import TRIVIAL, ModelKey
-from cwdpo.plan import Plan
+from cwdpo.plan import Plan, settings_for_variants
 from cwdpo.report import calibration_inputs, table_inputs, table_spec
 from cwdpo.specs import to_json
+from cwdpo.stamp import ENV as STAMP_ENV, source_stamp
 
+try:
+    # duplicate keys and alias bombs, in the raw files Snakemake merged (before anything walks the config)
+    check_config_files(workflow.configfiles)
+except ConfigError as e:
+    raise WorkflowError(f"invalid config:\n  {e}") from None
 try:
     validate(config, "../schemas/config.schema.yaml")
 except WorkflowError:
@@ -27,9 +40,10 @@ except ConfigError as e:
     raise WorkflowError(f"invalid config:\n  {e}") from None
 P = Plan(config)
 OUT = P.out
-if P.hub:
-    # every job of a hub-model config reads the workflow's Hugging Face cache, offline (fetch_model fills it)
-    shell.prefix(f"set -euo pipefail; {P.hf_env()}")
+# Every job: the stamp of the cwdpo that planned it (a job run by another one, e.g. an image built before
+# the last pull, refuses to start: cwdpo.stamp); with a hub-model config, the workflow's Hugging Face cache,
+# offline (fetch_model fills it).
+shell.prefix(f"set -euo pipefail; export {STAMP_ENV}={source_stamp()}; {P.hf_env()}")
 # The experiment's plan and one per variant (config `variants`): every rule below is defined once per plan,
 # named <rule> for the experiment (its DAG, rule names and paths are those of a config without variants) and
 # <rule>__<variant> for a variant, whose tree lives under results/<experiment>/variants/<variant>/. Input
@@ -38,6 +52,19 @@ try:
     PLANS = P.all_plans()
 except ConfigError as e:
     raise WorkflowError(f"invalid config:\n  {e}") from None
+if len(PLANS) > 1:
+    # a profile's set-resources / set-threads name the experiment's rules; its variants' copies get the same
+    # (here, before the rules are defined, since Snakemake applies them when it defines each)
+    _suffixes = [sfx for sfx, _ in PLANS[1:]]
+    workflow.resource_settings = dataclasses.replace(
+        workflow.resource_settings,
+        overwrite_resources=settings_for_variants(
+            workflow.resource_settings.overwrite_resources, _suffixes
+        ),
+        overwrite_threads=settings_for_variants(
+            workflow.resource_settings.overwrite_threads, _suffixes
+        ),
+    )
 
 
 def logged(command):

@@ -16,7 +16,7 @@ for SFX, Q in PLANS:
             f"{Q.out}/benchmarks/eval/{{key}}/evaluate.tsv"
         wildcard_constraints:
             key=Q.evaluated_apart(),
-        threads: 1
+        threads: Q.threads()
         resources:
             gpu=Q.gpus("infer"),
         params:

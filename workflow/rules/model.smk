@@ -67,9 +67,11 @@ for SFX, Q in PLANS:
                 out=lambda wc, output: os.path.dirname(output.metrics),
                 launch=Q.launcher("train"),
                 gpus=Q.gpu_prefix("train"),
+                workers=Q.dataloader_workers(),
             shell:
                 logged(
-                    "{params.gpus}{params.launch} train --spec {params.spec:q} --out {params.out:q} --threads {threads}"
+                    "{params.gpus}{params.launch} train --spec {params.spec:q} --out {params.out:q} --threads {threads} "
+                    "--dataloader-workers {params.workers}"
                 )
 
         # the same pretraining from other seeds, measured only (T-regime: the testbed's stability); after the

@@ -16,7 +16,7 @@ for SFX, Q in PLANS:
             f"{Q.out}/logs/negatives/{{stage1}}_s{{seed}}_onpolicy.log",
         benchmark:
             f"{Q.out}/benchmarks/negatives/{{stage1}}_s{{seed}}_onpolicy.tsv"
-        threads: 1
+        threads: Q.threads()
         resources:
             gpu=Q.gpus("infer"),
         params:
@@ -42,7 +42,7 @@ for SFX, Q in PLANS:
             f"{Q.out}/logs/negatives/{{stage1}}_s{{seed}}_beams.log",
         benchmark:
             f"{Q.out}/benchmarks/negatives/{{stage1}}_s{{seed}}_beams.tsv"
-        threads: 1
+        threads: Q.threads()
         resources:
             gpu=Q.gpus("infer"),
         params:
@@ -85,7 +85,7 @@ for SFX, Q in PLANS:
             f"{Q.out}/logs/negatives/{{stage1}}_s{{seed}}_ref_{{negset}}.log",
         benchmark:
             f"{Q.out}/benchmarks/negatives/{{stage1}}_s{{seed}}_ref_{{negset}}.tsv"
-        threads: 1
+        threads: Q.threads()
         resources:
             gpu=Q.gpus("infer"),
         params:

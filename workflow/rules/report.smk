@@ -50,8 +50,8 @@ for SFX, Q in PLANS:
             )
 
     # The calibration rule's outcome of a sweep table (kind calibrate): the learning rate of every recipe
-    # with `lr: calibrated`. It reads only what the rule reads (the measures and probes of the sweep), so
-    # the Stage-2 runs that wait for it do not wait for the scoring job.
+    # with `lr: calibrated`. It reads only what the rule reads (the measures, captions and probes of the
+    # sweep), so the Stage-2 runs that wait for it do not wait for the scoring job.
     rule:
         name:
             f"calibration_choice{SFX}"

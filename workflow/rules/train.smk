@@ -14,7 +14,7 @@ for SFX, Q in PLANS:
             f"{Q.out}/logs/stage1/{{stage1}}_s{{seed}}.log",
         benchmark:
             f"{Q.out}/benchmarks/stage1/{{stage1}}_s{{seed}}.tsv"
-        threads: 1
+        threads: Q.threads()
         resources:
             gpu=Q.gpus("train"),
         params:
@@ -22,10 +22,12 @@ for SFX, Q in PLANS:
             out=lambda wc, output: os.path.dirname(output.metrics),
             launch=Q.launcher("train"),
             gpus=Q.gpu_prefix("train"),
+            workers=Q.dataloader_workers(),
             evaluate=lambda wc, Q=Q: Q.fused_eval_args(f"stage1/{wc.stage1}/s{wc.seed}"),
         shell:
             logged(
                 "{params.gpus}{params.launch} train --spec {params.spec:q} --out {params.out:q} --threads {threads} "
+                "--dataloader-workers {params.workers} "
                 "{params.evaluate}"
             )
 
@@ -41,7 +43,7 @@ for SFX, Q in PLANS:
             f"{Q.out}/logs/stage2/{{stage1}}_s{{seed}}_{{stage2}}.log",
         benchmark:
             f"{Q.out}/benchmarks/stage2/{{stage1}}_s{{seed}}_{{stage2}}.tsv"
-        threads: 1
+        threads: Q.threads()
         resources:
             gpu=Q.gpus("train"),
         params:
@@ -49,11 +51,13 @@ for SFX, Q in PLANS:
             out=lambda wc, output: os.path.dirname(output.metrics),
             launch=Q.launcher("train"),
             gpus=Q.gpu_prefix("train"),
+            workers=Q.dataloader_workers(),
             evaluate=lambda wc, Q=Q: Q.fused_eval_args(
                 f"stage2/{wc.stage1}/s{wc.seed}/{wc.stage2}"
             ),
         shell:
             logged(
                 "{params.gpus}{params.launch} train --spec {params.spec:q} --out {params.out:q} --threads {threads} "
+                "--dataloader-workers {params.workers} "
                 "{params.evaluate}"
             )

@@ -1,8 +1,9 @@
 """A stand-in for the `vllm` package (tests only: the real one needs a CUDA torch). It records every call
-the sampler makes — engine arguments, each `generate` call's requests, sampling parameters and LoRA
-request — in `CALLS`, and answers each request with K texts that name their vLLM seed (`seed + j`, as
-vLLM seeds the j-th sample of a request with n = K)."""
+the sampler makes — engine arguments (and the process's VLLM_USE_FLASHINFER_SAMPLER), each `generate` call's
+requests, sampling parameters and LoRA request — in `CALLS`, and answers each request with K texts that name
+their vLLM seed (`seed + j`, as vLLM seeds the j-th sample of a request with n = K)."""
 import gc
+import os
 import weakref
 
 CALLS = {"engine": [], "generate": []}
@@ -27,7 +28,8 @@ class _Output:
 
 class LLM:
     def __init__(self, **kwargs):
-        CALLS["engine"].append(dict(kwargs))
+        flashinfer = os.environ.get("VLLM_USE_FLASHINFER_SAMPLER")
+        CALLS["engine"].append({**kwargs, "env:VLLM_USE_FLASHINFER_SAMPLER": flashinfer})
         self._earlier_images = []
 
     def generate(self, requests, params, lora_request=None, use_tqdm=True):
