@@ -254,6 +254,29 @@ def test_two_fresh_runs_give_byte_identical_metrics_and_tables(micro_run, tmp_pa
         os.chdir(cwd)
 
 
+def _session_processes(sid):
+    """(pid, argv) of every process in session `sid`, argv read whole from /proc (`ps` cuts its `args` column
+    to $COLUMNS when that is set, as on CI: a long venv path then hides the subcommand)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = open(f"/proc/{entry}/stat").read()
+            argv = open(f"/proc/{entry}/cmdline", "rb").read().decode(errors="replace").split("\0")
+        except OSError:  # ended meanwhile
+            continue
+        # the fields after ") " (the command name may hold spaces): state, ppid, pgrp, session
+        if int(stat.rsplit(") ", 1)[1].split()[3]) == sid:
+            found.append((int(entry), argv))
+    return found
+
+
+def _is_subcommand(argv, name):
+    """Whether argv runs `cwdpo <name> --spec ...` (through any interpreter or launcher)."""
+    return any(a == name and argv[i + 1:i + 2] == ["--spec"] for i, a in enumerate(argv))
+
+
 @pytest.mark.slow
 def test_killed_training_job_completes_with_rerun_incomplete_resuming_the_checkpoint(tmp_path):
     """SIGKILL the training process mid-pretraining (a node preemption): snakemake reports the job failed
@@ -281,8 +304,7 @@ def test_killed_training_job_completes_with_rerun_incomplete_resuming_the_checkp
     while proc.poll() is None and not saved():  # (no deadline: a busy machine is only slower)
         time.sleep(0.05)
     assert proc.poll() is None, f"snakemake ended (exit {proc.returncode}) before a checkpoint of step ≥ 40"
-    ps = subprocess.run(["ps", "-eo", "pid=,sid=,args="], capture_output=True, text=True).stdout.splitlines()
-    victims = [int(line.split()[0]) for line in ps if line.split()[1] == str(proc.pid) and " train --spec" in line]
+    victims = [pid for pid, argv in _session_processes(proc.pid) if _is_subcommand(argv, "train")]
     assert victims, "no training process found"
     for pid in victims:
         os.kill(pid, signal.SIGKILL)
