@@ -14,14 +14,13 @@ import re
 
 import yaml
 
+from .methods import METHODS, STAGE1_METHODS, STAGE2_METHODS  # noqa: F401 (re-exported: the config's method lists)
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # a name that becomes part of a path (experiment, recipes, sets, tables, figures): no separators, no leading
 # dot, no whitespace; checked with `re.fullmatch` (never `$`, which also accepts a trailing newline)
 NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]*"
 NAME_RULE = "letters, digits, '_', '.' and '-', starting with a letter or digit"
-STAGE1_METHODS = ("sft", "sft_c")
-STAGE2_METHODS = ("dpo", "focal_dpo", "cw_dpo")
-METHODS = STAGE1_METHODS + STAGE2_METHODS
 # the claims T-paper decides (cwdpo/resources/paper.json: the paper's, and ours)
 PAPER_CLAIM_IDS = ("cider_cw_gt_dpo", "cider_cw_gt_sft", "tv_cw_lt_dpo", "js_cw_lt_dpo", "ece_cw_lt_dpo",
                    "top1_cw_lt_dpo", "chair_s_cw_lt_dpo")

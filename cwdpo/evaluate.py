@@ -117,11 +117,13 @@ def caption_doc(model, encoder: Encoder, records: list, spec, objects: str | Non
 def cooling_settings(spec) -> tuple[float, float]:
     """(ℓ_floor, τ) of the held-out pairs' cooling weight w_c = σ((ℓ̄ − ℓ_floor)/τ) (docs/method.md § CW-DPO):
     a Stage-2 run's own, as it trained with them (its metrics.json: a resolved "mean" floor, a recipe's own
-    τ); the config's for other models. A metrics.json written before runs recorded τ gives the config's τ."""
+    τ, from its "hparams"); the config's for other models. A metrics.json written before runs recorded their
+    resolved hyperparameters gives its top-level ℓ_floor and, lacking τ, the config's τ."""
     if not spec.run_metrics:
         return float(spec.l_floor), float(spec.tau)
     m = read_json(spec.run_metrics)
-    return float(m["l_floor"]), float(m["tau"] if m.get("tau") is not None else spec.tau)
+    hp = m.get("hparams") or m
+    return float(hp["l_floor"]), float(hp["tau"] if hp.get("tau") is not None else spec.tau)
 
 
 def run(spec, captions_out: str, measures_out: str, threads: int = 0) -> None:

@@ -789,10 +789,12 @@ def arms_spec(plan, name: str, t: dict) -> dict:
             negset = hp["negatives"]
             entry["negatives"][run] = {
                 "set": negset, **{k: ap.c["negatives"]["sets"][negset][k] for k in ("rho", "beams")},
-                "l_floor": hp["l_floor"], "tau": hp["tau"], "method": hp["method"],
-                "files": [{f: ap.path(template, stage1=mk.stage1, seed=mk.seed, negset=negset)
-                           for f, template in (("pairs", "pairs"), ("summary", "pairs_summary"), ("ref", "ref_logps"))}
-                          for mk in map(ModelKey.parse, runs[run])]}
+                "method": hp["method"],
+                "files": [{**{f: ap.path(template, stage1=mk.stage1, seed=mk.seed, negset=negset)
+                              for f, template in (("pairs", "pairs"), ("summary", "pairs_summary"),
+                                                  ("ref", "ref_logps"))},
+                           "metrics": ap.run_file(key, "metrics")}
+                          for key, mk in ((k, ModelKey.parse(k)) for k in runs[run])]}
         spec["arms"].append(entry)
     return spec
 
@@ -816,18 +818,20 @@ def arms_inputs(plan, name: str) -> list:
 
 def _mean_w_c_by_source(neg: dict) -> dict:
     """{source: mean w_c at the start of Stage 2} of a run's pairs: σ((ℓ̄_ref(y_l) − ℓ_floor)/τ) under the
-    reference model, the cooling weight CW-DPO gives each negative at its first step (the mean over seeds).
+    reference model, the cooling weight CW-DPO gives each negative at its first step (the mean over seeds), with
+    the ℓ_floor (a "mean" resolved) and τ the run trained with (its metrics.json).
     (`losses.cooling_weight` in numpy: table jobs do not import torch.)"""
     from .data import read_jsonl
     per_seed = []
     for f in neg["files"]:
-        if not (os.path.isfile(f["pairs"]) and os.path.isfile(f["ref"])):
+        if not all(os.path.isfile(f[k]) for k in ("pairs", "ref", "metrics")):
             continue
         ref = read_json(f["ref"])["ref_rejected_avg"]
-        floor = float(np.mean(ref)) if neg["l_floor"] == "mean" else float(neg["l_floor"])
+        trained = read_json(f["metrics"])
+        floor, tau = float(trained["l_floor"]), float(trained["tau"])
         by: dict = {}
         for row, lp in zip(read_jsonl(f["pairs"]), ref):
-            by.setdefault(row["source"], []).append(1.0 / (1.0 + np.exp(-(lp - floor) / float(neg["tau"]))))
+            by.setdefault(row["source"], []).append(1.0 / (1.0 + np.exp(-(lp - floor) / tau)))
         per_seed.append({k: float(np.mean(v)) for k, v in by.items()})
     sources = sorted({k for d in per_seed for k in d})
     return {k: float(np.mean([d[k] for d in per_seed if k in d])) for k in sources}

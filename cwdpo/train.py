@@ -21,7 +21,9 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from . import losses as L
-from .config import CALIBRATED, METHODS, STAGE2_METHODS
+from .config import CALIBRATED
+from .methods import STAGE1_METHODS, STAGE2_METHODS
+from .methods import method as method_entry
 from .data import file_sha256, load_records, read_json, stage_records, write_json, write_rows_csv, write_text
 from .logprobs import Collator, Encoder, SeqBatch, completion_logps, make_encoder
 from .models import load_model, load_processor, set_threads, unwrap
@@ -52,12 +54,12 @@ class ListDataset(torch.utils.data.Dataset):
 
 
 class CWDPOTrainer(Trainer):
-    """`Trainer` with the paper's losses. `method` ∈ METHODS; `hparams` holds β, γ, τ, ℓ_floor, C, λ, filter."""
+    """`Trainer` with the paper's losses: `method` names a `cwdpo.methods` entry, whose loss `compute_loss` calls;
+    `hparams` holds the recipe's resolved settings (β, γ, τ, ℓ_floor, C, λ, filter)."""
 
     def __init__(self, *args, method: str, hparams: dict, encoder: Encoder, forward: str = "shared_prefix",
                  **kwargs):
-        if method not in METHODS:
-            raise ValueError(f"unknown method {method!r}; allowed: {', '.join(METHODS)}")
+        method_entry(method)  # a ValueError naming the known methods
         if forward not in ("shared_prefix", "concat"):
             raise ValueError(f"unknown forward {forward!r}; allowed: shared_prefix, concat")
         self.method, self.hparams, self.encoder, self.forward = method, hparams, encoder, forward
@@ -78,7 +80,6 @@ class CWDPOTrainer(Trainer):
         batch = SeqBatch.from_dict(inputs["batch"])
         n = int(inputs["n"])
         hp = self.hparams
-        n_neg = n
         if self.method == "sft_c" and float(hp["penalty_fraction"]) < 1.0:
             # cheaper Stage 1: forward only a random subset of the negatives (the paper's open question:
             # SFT-C doubles the per-step cost); the subset is a function of (seed, step), so resume-safe
@@ -87,27 +88,14 @@ class CWDPOTrainer(Trainer):
             chosen = sorted(torch.randperm(n, generator=g)[:n_neg].tolist())
             batch = batch.select(list(range(n)) + [n + i for i in chosen])
         out = self.forward_logps(model, batch)
-        if self.method == "sft":
-            loss, info = L.sft_loss(-out.means)
-        elif self.method == "sft_c":
-            lam = float(hp["hard_lam"]) if hp["hard"] else float(hp["lam"])
-            loss, info = L.sft_c_loss(-out.means[:n], -out.means[n:], margin=float(hp["margin"]), lam=lam)
+        loss_fn = method_entry(self.method).loss
+        if self.method in STAGE1_METHODS:
+            loss, info = loss_fn(-out.means[:n], -out.means[n:], hp)
         else:
             pc, pr = out.sums[:n], out.sums[n:]
             avg_r = out.means[n:]
             rc, rr = (x.to(pc.dtype) for x in self.reference_logps(inputs, batch, n))
-            beta = float(hp["beta"])
-            if self.method == "dpo":
-                losses, info = L.dpo_loss(pc, pr, rc, rr, beta=beta)
-            elif self.method == "focal_dpo":
-                losses, info = L.focal_dpo_loss(pc, pr, rc, rr, beta=beta, gamma=float(hp["gamma"]))
-            else:
-                if hp["cooling"]:
-                    losses, info = L.cw_dpo_loss(pc, pr, rc, rr, avg_r, beta=beta, l_floor=float(hp["l_floor"]),
-                                                 tau=float(hp["tau"]))
-                else:  # ablation "w/o cooling weight": w_c ≡ 1, everything else as CW-DPO
-                    losses, info = L.dpo_loss(pc, pr, rc, rr, beta=beta)
-                    info["w_c"] = torch.ones_like(avg_r)
+            losses, info = loss_fn(pc, pr, rc, rr, avg_r, hp)
             if hp["filter"]["enabled"]:
                 keep = L.negative_filter_keep(avg_r, l_floor=float(hp["l_floor"]), tau=float(hp["tau"]),
                                               k=float(hp["filter"]["k"])).to(losses.dtype)
@@ -442,14 +430,14 @@ def build_dataset(spec) -> tuple[list, str, dict]:
         return pairs, "pair", summary
     records = stage_records(load_records(spec.data), spec.data)
     summary["images"] = len(records)
-    if spec.method == "sft":
+    kind = method_entry(spec.method).batch
+    if kind == "sft":
         items = [{"image": r.path, "response": c} for r in records for c in r.captions]
-        summary["examples"] = len(items)
-        return items, "sft", summary
-    from .negatives import sft_c_items
-    items = sft_c_items(records, spec.negatives, seed=spec.data_seed)
+    else:  # SFT-C: each reference with a gentle negative
+        from .negatives import sft_c_items
+        items = sft_c_items(records, spec.negatives, seed=spec.data_seed)
     summary["examples"] = len(items)
-    return items, "sft_c", summary
+    return items, kind, summary
 
 
 def make_probe_callback(spec, encoder: Encoder, out_dir: str):
@@ -554,7 +542,9 @@ def run_training(spec, out_dir: str, threads: int = 0, workers: int = 0) -> dict
     summary["passes"] = (int(trainer.state.global_step) * int(hp["batch_size"]) * int(hp["grad_accum"])
                          * int(args.world_size) / len(items))
     metrics = {"method": spec.method, "steps": int(trainer.state.global_step), "seed": int(spec.seed),
-               "final_loss": last.get("loss"), "l_floor": hp.get("l_floor"), "tau": hp.get("tau"), "data": summary,
+               "final_loss": last.get("loss"), "l_floor": hp.get("l_floor"), "tau": hp.get("tau"),
+               "hparams": hp,  # every setting as resolved for training: a "mean" ℓ_floor, a calibrated lr and β
+               "data": summary,
                "resumed_from": os.path.basename(resume) if resume else None,
                "device": str(next(trainer.model.parameters()).device),  # where the weights trained
                # ZeRO-3 partitions parameters into placeholders: count their full sizes (ds_numel)

@@ -364,3 +364,23 @@ def test_every_stage2_run_of_the_default_and_the_overlays_makes_at_most_max_pass
             target = c["negatives"]["pairs_per_image"] * images
             worst = hp["steps"] * hp["batch_size"] * hp["grad_accum"] / (floor * target)
             assert floor >= c["regime"]["set_fill"] and worst <= c["regime"]["max_passes"], (names, name, worst)
+
+
+def test_negsource_w_c_at_the_start_uses_the_floor_and_tau_the_run_trained_with(tmp_path):
+    """T-negsource's "w_c at the start" per source reads ℓ_floor (a "mean" floor resolved by the training job)
+    and τ from the run's metrics.json — the values it trained with — not the config's."""
+    import json
+    import math
+    from cwdpo.report import _mean_w_c_by_source
+    pairs, ref, metrics = (str(tmp_path / n) for n in ("pairs.jsonl", "ref.json", "metrics.json"))
+    with open(pairs, "w") as f:
+        for source in ("onpolicy", "dataset", "onpolicy"):
+            f.write(json.dumps({"source": source}) + "\n")
+    json.dump({"ref_rejected_avg": [-2.0, -6.0, -4.0]}, open(ref, "w"))
+    json.dump({"l_floor": -3.5, "tau": 0.5}, open(metrics, "w"))
+    neg = {"method": "cw_dpo", "files": [{"pairs": pairs, "ref": ref, "metrics": metrics, "summary": "-"}]}
+
+    def w(lp):
+        return 1.0 / (1.0 + math.exp(-(lp - (-3.5)) / 0.5))
+    got = _mean_w_c_by_source(neg)
+    assert got == pytest.approx({"dataset": w(-6.0), "onpolicy": (w(-2.0) + w(-4.0)) / 2}, abs=1e-12)

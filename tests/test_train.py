@@ -166,6 +166,8 @@ def test_a_recipe_is_evaluated_with_the_tau_and_floor_it_trained_with(tiny_model
     metrics = read_json(os.path.join(out, "metrics.json"))
     floor = T.resolve_l_floor("mean", ref)
     assert metrics["tau"] == 0.5 and metrics["l_floor"] == pytest.approx(floor) and floor != -5.0
+    assert metrics["hparams"]["tau"] == 0.5 and metrics["hparams"]["l_floor"] == metrics["l_floor"]
+    assert metrics["hparams"]["beta"] == spec.hparams["beta"] and metrics["hparams"]["filter"] == spec.hparams["filter"]
     plan = specs.micro_plan()
     key = next(k for k in plan.eval_keys() if k.endswith("/cw_dpo"))
     default = plan.eval_spec(key)

@@ -15,6 +15,7 @@ from ..config import default_config_path, load_config, stage1_recipe, stage2_rec
 from ..data import load_karpathy
 from ..generation import generate_captions
 from ..logprobs import Collator, Encoder, completion_logps
+from ..methods import REGISTRY
 from ..metrics import CiderD, score_captions, simple_tokenize
 from ..models import build_tiny, load_model, load_processor
 from ..negatives import build_pairs, read_pairs, sft_c_items, write_pairs
@@ -78,7 +79,7 @@ class Workbench:
         return hp
 
     def trainer(self, method: str, model, hparams: dict, forward: str = "shared_prefix", ref_model=None):
-        kind = {"sft": "sft", "sft_c": "sft_c"}.get(method, "pair")
+        kind = REGISTRY[method].batch
         args = TrainingArguments(output_dir=os.path.join(self.root, "trainer"), report_to=[], use_cpu=True,
                                  per_device_train_batch_size=8, remove_unused_columns=False, disable_tqdm=True,
                                  dataloader_num_workers=0, seed=0)
