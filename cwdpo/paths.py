@@ -52,6 +52,32 @@ TEMPLATES = {
     "table": "{out}/tables/{table}",
     "figure": "{out}/figures/{figure}",
 }
+# each job kind's log file {out}/logs/<name>.log and benchmark file {out}/benchmarks/<name>.tsv (a rule's `log:`
+# and `benchmark:`, wildcards left in)
+LOGS, BENCHMARKS = "logs", "benchmarks"
+JOB_FILES = {
+    "fetch_model": "fetch_model",
+    "prepare_data": "prepare_data",
+    "validate_data": "validate_data",
+    "build_model": "build_model",
+    "pretrain": "pretrain",
+    "stability": "stability_s{seed}",
+    "stage1": "stage1/{stage1}_s{seed}",
+    "stage2": "stage2/{stage1}_s{seed}_{stage2}",
+    "onpolicy": "negatives/{stage1}_s{seed}_onpolicy",
+    "beams": "negatives/{stage1}_s{seed}_beams",
+    "pairs": "negatives/{stage1}_s{seed}_pairs_{negset}",
+    "ref_logps": "negatives/{stage1}_s{seed}_ref_{negset}",
+    "probe_set": "negatives/{stage1}_s{seed}_probe",
+    "heldout_pairs": "eval/heldout_pairs",
+    "evaluate": "eval/{key}/evaluate",
+    "trivial": "eval/trivial",
+    "coco_objects": "coco_objects_{source}",
+    "score": "score",
+    "calibration": "calibration_{table}",
+    "table": "tables/{table}",
+    "figure": "figures/{figure}",
+}
 # the files of a training run's folder
 RUN_FILES = {"model": "model", "metrics": "metrics.json", "train_log": "train_log.csv", "probes": "probes.csv"}
 TRIVIAL = "trivial"  # the eval key of the trivial baseline (most frequent caption; not a model)
@@ -75,6 +101,14 @@ class Layout:
     def path(self, name: str, file: str | None = None, **wildcards) -> str:
         """The path of `name` with every wildcard filled."""
         return self.pattern(name, file).format(**wildcards)
+
+    def log_file(self, job: str) -> str:
+        """The log file of job kind `job` (JOB_FILES), wildcards left in."""
+        return f"{self.out}/{LOGS}/{JOB_FILES[job]}.log"
+
+    def benchmark_file(self, job: str) -> str:
+        """The benchmark file of job kind `job` (JOB_FILES), wildcards left in."""
+        return f"{self.out}/{BENCHMARKS}/{JOB_FILES[job]}.tsv"
 
 
 @dataclass(frozen=True)

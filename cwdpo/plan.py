@@ -14,6 +14,7 @@ import re
 
 from .config import (ARMS_KINDS, CALIBRATED, arm_runs, onpolicy_share, stage1_recipe, stage2_recipe, validate_config,
                      variant_config)
+from .methods import REGISTRY
 from .paths import TRIVIAL, Layout, ModelKey
 from .specs import (BeamSpec, BuildModelSpec, CocoObjectsSpec, DataSpec, EvalSetSpec, EvalSpec, McqSpec,
                     NegativesSpec, PairsSpec, ProbeSetSpec, ProbesSpec, RefSpec, SampleSpec, StabilitySpec, TrainSpec,
@@ -79,6 +80,12 @@ class Plan:
 
     def path(self, name: str, file: str | None = None, **wildcards) -> str:
         return self.layout.path(name, file, **wildcards)
+
+    def log_file(self, job: str) -> str:
+        return self.layout.log_file(job)
+
+    def benchmark_file(self, job: str) -> str:
+        return self.layout.benchmark_file(job)
 
     # ---- data ----
     @property
@@ -500,7 +507,7 @@ class Plan:
     def stage1_spec(self, recipe: str, seed) -> TrainSpec:
         hp = stage1_recipe(self.c, recipe)
         method = hp.pop("method")
-        sft_c = method == "sft_c"  # only SFT-C reads negatives: other recipes do not rerun when they change
+        sft_c = REGISTRY[method].reads_negatives  # only SFT-C does: others do not rerun when negatives change
         return TrainSpec(method=method, init=self.base_model(), seed=int(seed), vlm=self.vlm(),
                          data=self.data_spec("finetune", stage="stage1"), hparams=hp, train=self.c["train"],
                          lora=self.c["model"]["lora"], probes=self.probes_spec("base", seed, stage=1),

@@ -196,3 +196,16 @@ def test_multi_gpu_launcher_runs_the_installed_package_not_the_working_directory
     argv = shlex.split(plan.launcher("train")) + ["validate-config", "--configfile", specs.MICRO_CONFIG]
     out = run(argv, cwd=str(tmp_path), env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
     assert "SHADOW" not in out.stdout + out.stderr and out.stdout.count("valid (experiment micro)") == 2
+
+
+def test_log_and_benchmark_paths_are_spelled_only_in_paths_py():
+    """Every rule's `log:` and `benchmark:` comes from cwdpo/paths.py's JOB_FILES (Plan.log_file /
+    benchmark_file): no rule file spells a logs/ or benchmarks/ path, and every entry is some rule's."""
+    import glob
+    from conftest import REPO
+    from cwdpo.paths import JOB_FILES
+    text = "".join(open(f).read() for f in glob.glob(os.path.join(REPO, "workflow", "rules", "*.smk")))
+    text += open(os.path.join(REPO, "Snakefile")).read()
+    assert "logs/" not in text and "benchmarks/" not in text
+    for job in JOB_FILES:
+        assert f'log_file("{job}")' in text, f"JOB_FILES[{job!r}] is no rule's log"

@@ -9,6 +9,8 @@ import subprocess
 import sys
 import time
 
+from ..paths import BENCHMARKS, LOGS
+
 
 def dag_timings(workdir: str, experiment_dir: str) -> dict:
     """`snakemake -n` seconds and, after a finished run, the no-op `snakemake --cores all` seconds."""
@@ -35,7 +37,7 @@ def pipeline_costs(experiment_dir: str) -> dict:
     from the earliest job start (a benchmark file's mtime minus its `s`, or the earliest log) to the
     newest benchmark, log, table or figure file. Snakemake records no run-level timing itself."""
     rows, starts, ends = [], [], []
-    for path in glob.glob(os.path.join(experiment_dir, "benchmarks", "**", "*.tsv"), recursive=True):
+    for path in glob.glob(os.path.join(experiment_dir, BENCHMARKS, "**", "*.tsv"), recursive=True):
         with open(path) as f:
             lines = f.read().strip().splitlines()
         if len(lines) >= 2:
@@ -46,13 +48,13 @@ def pipeline_costs(experiment_dir: str) -> dict:
             starts.append(end - float(row["s"]))
             ends.append(end)
     if not rows:
-        return {"na": f"no benchmark files under {experiment_dir}/benchmarks"}
-    for sub in ("logs", "tables", "figures"):
+        return {"na": f"no benchmark files under {experiment_dir}/{BENCHMARKS}"}
+    for sub in (LOGS, "tables", "figures"):
         for path in glob.glob(os.path.join(experiment_dir, sub, "**", "*"), recursive=True):
             if os.path.isfile(path):
                 t = os.path.getmtime(path)
                 ends.append(t)
-                if sub == "logs":
+                if sub == LOGS:
                     starts.append(t)
     seconds = sum(float(r["s"]) for r in rows)
     peak = max(float(r["max_rss"]) for r in rows if r.get("max_rss") not in (None, "", "NA"))
@@ -67,7 +69,7 @@ def startup_costs(experiment_dir: str) -> dict:
     """Start-up of the run's `cwdpo` jobs, from the line each writes to its log: start-up seconds (process
     start to the end of its imports), work seconds, and the start-up share of all job-seconds, by command."""
     by_command: dict = {}
-    for path in glob.glob(os.path.join(experiment_dir, "logs", "**", "*.log"), recursive=True):
+    for path in glob.glob(os.path.join(experiment_dir, LOGS, "**", "*.log"), recursive=True):
         with open(path, errors="replace") as f:
             for command, startup, work in STARTUP_LINE.findall(f.read()):
                 c = by_command.setdefault(command, {"jobs": 0, "startup_s": 0.0, "work_s": 0.0})

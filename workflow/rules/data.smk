@@ -11,7 +11,7 @@ for SFX, Q in PLANS:
                 json=Q.pattern("shapes_json"),
                 summary=Q.pattern("data_summary"),
             log:
-                f"{Q.out}/logs/prepare_data.log",
+                Q.log_file("prepare_data"),
             params:
                 spec=to_json(Q.shapes_spec()),
                 out=lambda wc, output: os.path.dirname(output.json),
@@ -28,7 +28,7 @@ for SFX, Q in PLANS:
         output:
             Q.pattern("validated"),
         log:
-            f"{Q.out}/logs/validate_data.log",
+            Q.log_file("validate_data"),
         params:
             spec=to_json(Q.validate_spec()),
         shell:

@@ -11,9 +11,9 @@ for SFX, Q in PLANS:
         output:
             **Q.eval_outputs("{key}"),
         log:
-            f"{Q.out}/logs/eval/{{key}}/evaluate.log",
+            Q.log_file("evaluate"),
         benchmark:
-            f"{Q.out}/benchmarks/eval/{{key}}/evaluate.tsv"
+            Q.benchmark_file("evaluate")
         wildcard_constraints:
             key=Q.evaluated_apart(),
         threads: Q.threads()
@@ -37,7 +37,7 @@ for SFX, Q in PLANS:
         output:
             Q.pattern("objects"),
         log:
-            f"{Q.out}/logs/coco_objects_{{source}}.log",
+            Q.log_file("coco_objects"),
         params:
             spec=lambda wc, Q=Q: to_json(Q.coco_objects_spec(wc.source)),
         shell:
@@ -52,7 +52,7 @@ for SFX, Q in PLANS:
         output:
             Q.path("captions", key=TRIVIAL),
         log:
-            f"{Q.out}/logs/eval/trivial.log",
+            Q.log_file("trivial"),
         params:
             spec=to_json(Q.trivial_spec()),
         shell:
@@ -69,7 +69,7 @@ for SFX, Q in PLANS:
         output:
             [s for _, s in Q.score_files()],
         log:
-            f"{Q.out}/logs/score.log",
+            Q.log_file("score"),
         params:
             metrics=",".join(Q.c["evaluate"]["metrics"]),
         shell:

@@ -9,7 +9,7 @@ if P.hub:
         output:
             P.fetch_marker(),
         log:
-            f"{OUT}/logs/fetch_model.log",
+            P.log_file("fetch_model"),
         localrule: True
         params:
             model=config["model"]["source"],
@@ -31,9 +31,9 @@ for SFX, Q in PLANS:
             output:
                 directory(Q.pattern("base_init")),
             log:
-                f"{Q.out}/logs/build_model.log",
+                Q.log_file("build_model"),
             benchmark:
-                f"{Q.out}/benchmarks/build_model.tsv"
+                Q.benchmark_file("build_model")
             params:
                 spec=to_json(Q.build_model_spec()),
             shell:
@@ -54,9 +54,9 @@ for SFX, Q in PLANS:
                 metrics=Q.pattern("pretrain_dir", "metrics"),
                 train_log=Q.pattern("pretrain_dir", "train_log"),
             log:
-                f"{Q.out}/logs/pretrain.log",
+                Q.log_file("pretrain"),
             benchmark:
-                f"{Q.out}/benchmarks/pretrain.tsv"
+                Q.benchmark_file("pretrain")
             threads: lambda wildcards: workflow.cores  # a callable: `snakemake --unlock` (no --cores) must parse
             # first among ready jobs: every later job waits for the base model (the stability seeds can wait)
             priority: 10
@@ -85,9 +85,9 @@ for SFX, Q in PLANS:
             output:
                 Q.pattern("stability"),
             log:
-                f"{Q.out}/logs/stability_s{{seed}}.log",
+                Q.log_file("stability"),
             benchmark:
-                f"{Q.out}/benchmarks/stability_s{{seed}}.tsv"
+                Q.benchmark_file("stability")
             threads: 1
             params:
                 spec=lambda wc, Q=Q: to_json(Q.stability_spec(wc.seed)),

@@ -13,9 +13,9 @@ for SFX, Q in PLANS:
             samples=Q.pattern("onpolicy"),
             summary=Q.pattern("onpolicy_summary"),
         log:
-            f"{Q.out}/logs/negatives/{{stage1}}_s{{seed}}_onpolicy.log",
+            Q.log_file("onpolicy"),
         benchmark:
-            f"{Q.out}/benchmarks/negatives/{{stage1}}_s{{seed}}_onpolicy.tsv"
+            Q.benchmark_file("onpolicy")
         threads: Q.threads()
         resources:
             gpu=Q.gpus("infer"),
@@ -39,9 +39,9 @@ for SFX, Q in PLANS:
             beams=Q.pattern("beams"),
             summary=Q.pattern("beams_summary"),
         log:
-            f"{Q.out}/logs/negatives/{{stage1}}_s{{seed}}_beams.log",
+            Q.log_file("beams"),
         benchmark:
-            f"{Q.out}/benchmarks/negatives/{{stage1}}_s{{seed}}_beams.tsv"
+            Q.benchmark_file("beams")
         threads: Q.threads()
         resources:
             gpu=Q.gpus("infer"),
@@ -63,7 +63,7 @@ for SFX, Q in PLANS:
             pairs=Q.pattern("pairs"),
             summary=Q.pattern("pairs_summary"),
         log:
-            f"{Q.out}/logs/negatives/{{stage1}}_s{{seed}}_pairs_{{negset}}.log",
+            Q.log_file("pairs"),
         params:
             spec=lambda wc, Q=Q: to_json(Q.pairs_spec(wc.stage1, wc.seed, wc.negset)),
             onpolicy=optional_flag("onpolicy", "beams"),  # the samples files the set mixes in
@@ -82,9 +82,9 @@ for SFX, Q in PLANS:
         output:
             Q.pattern("ref_logps"),
         log:
-            f"{Q.out}/logs/negatives/{{stage1}}_s{{seed}}_ref_{{negset}}.log",
+            Q.log_file("ref_logps"),
         benchmark:
-            f"{Q.out}/benchmarks/negatives/{{stage1}}_s{{seed}}_ref_{{negset}}.tsv"
+            Q.benchmark_file("ref_logps")
         threads: Q.threads()
         resources:
             gpu=Q.gpus("infer"),
@@ -106,7 +106,7 @@ for SFX, Q in PLANS:
         output:
             Q.pattern("probe_set"),
         log:
-            f"{Q.out}/logs/negatives/{{stage1}}_s{{seed}}_probe.log",
+            Q.log_file("probe_set"),
         params:
             spec=lambda wc, Q=Q: to_json(Q.probe_set_spec(wc.stage1, wc.seed)),
             onpolicy=optional_flag("onpolicy"),
@@ -126,7 +126,7 @@ for SFX, Q in PLANS:
             pairs=Q.pattern("heldout_pairs"),
             summary=Q.pattern("heldout_summary"),
         log:
-            f"{Q.out}/logs/eval/heldout_pairs.log",
+            Q.log_file("heldout_pairs"),
         params:
             spec=to_json(Q.heldout_spec()),
         shell:

@@ -17,7 +17,7 @@ for SFX, Q in PLANS:
             csv=Q.pattern("table") + ".csv",
             tex=Q.pattern("table") + ".tex",
         log:
-            f"{Q.out}/logs/tables/{{table}}.log",
+            Q.log_file("table"),
         params:
             spec=lambda wc, Q=Q: to_json(table_spec(Q, wc.table)),
             stem=lambda wc, output: output.md[: -len(".md")],
@@ -40,7 +40,7 @@ for SFX, Q in PLANS:
             ),
             pdf=Q.pattern("figure") + ".pdf",
         log:
-            f"{Q.out}/logs/figures/{{figure}}.log",
+            Q.log_file("figure"),
         params:
             spec=lambda wc, Q=Q: to_json(figure_spec(Q, wc.figure)),
             stem=lambda wc, output: output.png[: -len(".png")],
@@ -60,7 +60,7 @@ for SFX, Q in PLANS:
         output:
             Q.pattern("calibration_choice"),
         log:
-            f"{Q.out}/logs/calibration_{{table}}.log",
+            Q.log_file("calibration"),
         params:
             spec=lambda wc, Q=Q: to_json(table_spec(Q, wc.table)),
         shell:

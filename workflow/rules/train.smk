@@ -11,9 +11,9 @@ for SFX, Q in PLANS:
             model=directory(Q.pattern("stage1_dir", "model")),
             **Q.run_outputs("stage1"),
         log:
-            f"{Q.out}/logs/stage1/{{stage1}}_s{{seed}}.log",
+            Q.log_file("stage1"),
         benchmark:
-            f"{Q.out}/benchmarks/stage1/{{stage1}}_s{{seed}}.tsv"
+            Q.benchmark_file("stage1")
         threads: Q.threads()
         resources:
             gpu=Q.gpus("train"),
@@ -40,9 +40,9 @@ for SFX, Q in PLANS:
             model=directory(Q.pattern("stage2_dir", "model")),
             **Q.run_outputs("stage2"),
         log:
-            f"{Q.out}/logs/stage2/{{stage1}}_s{{seed}}_{{stage2}}.log",
+            Q.log_file("stage2"),
         benchmark:
-            f"{Q.out}/benchmarks/stage2/{{stage1}}_s{{seed}}_{{stage2}}.tsv"
+            Q.benchmark_file("stage2")
         threads: Q.threads()
         resources:
             gpu=Q.gpus("train"),
