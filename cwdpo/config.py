@@ -95,9 +95,30 @@ def schema_errors(config: dict, schema_file: str | None = None) -> list:
     return [format_error(e) for e in sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))]
 
 
+def resolve_recipe(config: dict, stage: str, name: str) -> dict:
+    """Recipe `name` of `stage` ("stage1" or "stage2") with every hyperparameter set: merged over the recipe it
+    `extends` (resolved the same way), or over `<stage>.defaults`. A ConfigError names an unknown or circular
+    `extends`."""
+    recipes, chain = config[stage]["recipes"], [name]
+    while recipes[chain[-1]].get("extends") is not None:
+        parent = recipes[chain[-1]]["extends"]
+        if parent not in recipes:
+            raise ConfigError(f"{stage}.recipes.{chain[-1]}.extends: unknown recipe {parent!r}; known: "
+                              f"{', '.join(recipes)}")
+        if parent in chain:
+            raise ConfigError(f"{stage}.recipes.{name}.extends: circular ({' -> '.join(chain + [parent])})")
+        chain.append(parent)
+    out = config[stage]["defaults"]
+    for r in reversed(chain):
+        out = deep_merge(out, {k: v for k, v in recipes[r].items() if k != "extends"})
+    if "method" not in out:
+        raise ConfigError(f"{stage}.recipes.{name}: no method (give `method`, or `extends` a recipe that has one)")
+    return out
+
+
 def stage2_recipe(config: dict, name: str) -> dict:
-    """A Stage-2 recipe merged over `stage2.defaults` (every hyperparameter set)."""
-    return deep_merge(config["stage2"]["defaults"], config["stage2"]["recipes"][name])
+    """A Stage-2 recipe with every hyperparameter set (`resolve_recipe`)."""
+    return resolve_recipe(config, "stage2", name)
 
 
 def onpolicy_share(negset: dict) -> float:
@@ -122,8 +143,8 @@ def variant_config(config: dict, name: str) -> dict:
 
 
 def stage1_recipe(config: dict, name: str) -> dict:
-    """A Stage-1 recipe merged over `stage1.defaults` (every hyperparameter set)."""
-    return deep_merge(config["stage1"]["defaults"], config["stage1"]["recipes"][name])
+    """A Stage-1 recipe with every hyperparameter set (`resolve_recipe`)."""
+    return resolve_recipe(config, "stage1", name)
 
 
 def name_keys(config: dict) -> list:
@@ -171,13 +192,13 @@ def check_config(config: dict, check_paths: bool = True) -> None:
     for name, r in s1.items():
         if name == "base":
             raise ConfigError("stage1.recipes: 'base' is reserved (the base model); rename the recipe")
-        if r["method"] not in STAGE1_METHODS:
-            raise ConfigError(f"stage1.recipes.{name}.method: {r['method']!r} is not one of "
-                              f"{', '.join(STAGE1_METHODS)}")
-    for name, r in s2.items():
-        if r["method"] not in STAGE2_METHODS:
-            raise ConfigError(f"stage2.recipes.{name}.method: {r['method']!r} is not one of "
-                              f"{', '.join(STAGE2_METHODS)}")
+        method = stage1_recipe(c, name)["method"]
+        if method not in STAGE1_METHODS:
+            raise ConfigError(f"stage1.recipes.{name}.method: {method!r} is not one of {', '.join(STAGE1_METHODS)}")
+    for name in s2:
+        method = stage2_recipe(c, name)["method"]
+        if method not in STAGE2_METHODS:
+            raise ConfigError(f"stage2.recipes.{name}.method: {method!r} is not one of {', '.join(STAGE2_METHODS)}")
     selections = [(f"tables.{t}.rows[{i}]", row) for t, table in c["tables"].items()
                   for i, row in enumerate(table.get("rows", []))]
     selections += [(f"figures.{f}.series.{label}", sel) for f, fig in c["figures"].items()

@@ -54,6 +54,14 @@ CONFIG_CASES = [
      r"invalid config: negatives\.sets: invalid name '\.hidden' " + NAME_RULE, "negatives.sets"),
     ("stage1-recipe-base", "stage1: {recipes: {base: {method: sft}}}",
      r"invalid config: stage1\.recipes: 'base' is reserved \(the base model\); rename the recipe", "reserved"),
+    # recipes that extend another
+    ("recipe-extends-unknown", "stage2: {recipes: {x: {extends: cw_dpoo, l_floor: -3.0}}}",
+     r"invalid config: stage2\.recipes\.x\.extends: unknown recipe 'cw_dpoo'; known: .*cw_dpo.*", "extends"),
+    ("recipe-extends-circular", "stage1: {recipes: {a: {extends: b}, b: {extends: a}}}",
+     r"invalid config: stage1\.recipes\.a\.extends: circular \(a -> b -> a\)", "circular"),
+    ("recipe-without-method", "stage2: {recipes: {x: {lr: 1.0e-4}}}",
+     r"invalid config: stage2\.recipes\.x: no method \(give `method`, or `extends` a recipe that has one\)",
+     "no method"),
     # seeds are unique wherever they are listed
     ("seeds-duplicate", "seeds: [0, 0]", r"invalid config: seeds: \[0, 0\] has non-unique elements", "seeds"),
     ("table-row-seeds-duplicate", "tables: {t: {rows: [{name: r, stage1: sft, seeds: [1, 1]}]}}",

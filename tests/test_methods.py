@@ -92,3 +92,23 @@ def test_stage2_entries_compute_the_papers_losses():
     assert torch.allclose(nocool, dpo) and torch.equal(info["w_c"], torch.ones_like(avg_r))
     # the registry calls cwdpo/losses.py (one implementation of each loss)
     assert torch.equal(cw, L.cw_dpo_loss(pc, pr, rc, rr, avg_r, beta=beta, l_floor=floor, tau=tau)[0])
+
+
+def test_a_recipe_extends_another_recipe_and_states_only_what_differs():
+    """`extends`: the parent's resolved settings (its own `extends` too), then the recipe's; the default config's
+    ablations state only the setting that differs from cw_dpo, and resolve to what they were written out as."""
+    from cwdpo.config import deep_merge, default_config_path, load_config, stage1_recipe, stage2_recipe
+    c = load_config(default_config_path())
+    full = stage2_recipe(c, "cw_dpo")
+    assert full["filter"] == {"enabled": True, "k": 2.0} and "extends" not in full
+    assert stage2_recipe(c, "cw_dpo_floor-3") == {**full, "l_floor": -3.0}
+    assert stage2_recipe(c, "cw_dpo_nofilter") == {**full, "filter": {"enabled": False, "k": 2.0}}
+    assert stage2_recipe(c, "cw_dpo_nocool") == {**full, "cooling": False}
+    assert stage1_recipe(c, "sft_c_hard") == {**stage1_recipe(c, "sft_c"), "hard": True}
+    # a chain: the grandparent's settings reach the grandchild, the nearest setting wins
+    c2 = deep_merge(c, {"stage2": {"recipes": {"a": {"extends": "cw_dpo_floor-3", "tau": 0.5},
+                                               "b": {"extends": "a", "l_floor": -4.0}}}})
+    assert stage2_recipe(c2, "b") == {**full, "l_floor": -4.0, "tau": 0.5}
+    # a change to the parent reaches every recipe that extends it
+    c3 = deep_merge(c, {"stage2": {"recipes": {"cw_dpo": {"filter": {"k": 3.0}}}}})
+    assert all(stage2_recipe(c3, r)["filter"]["k"] == 3.0 for r in ("cw_dpo_floor-3", "cw_dpo_rho0"))

@@ -71,10 +71,13 @@ class Workbench:
         self.sft_items = [{"image": r.path, "response": r.captions[0]} for r in self.records]
         self.sft_c_items = sft_c_items(self.records, negatives, seed=seed)[:: len(self.records[0].captions)]
 
+    def recipe(self, name: str) -> dict:
+        """A recipe of the default config (Stage 1 or Stage 2), every hyperparameter and its method set."""
+        return (stage1_recipe if name in self.config["stage1"]["recipes"] else stage2_recipe)(self.config, name)
+
     def hparams(self, recipe: str) -> dict:
-        """A recipe of the default config (Stage 1 or Stage 2) merged over its stage's defaults."""
-        stage = "stage1" if recipe in self.config["stage1"]["recipes"] else "stage2"
-        hp = stage1_recipe(self.config, recipe) if stage == "stage1" else stage2_recipe(self.config, recipe)
+        """A recipe's hyperparameters (without its method)."""
+        hp = self.recipe(recipe)
         hp.pop("method")
         return hp
 
@@ -101,8 +104,7 @@ def method_step_times(wb: Workbench, batch_size: int, steps: int, warmup: int, p
 
     def add(name, recipe, items, forward="shared_prefix", ref_model=None):
         hp = wb.hparams(recipe)
-        stage = "stage1" if recipe in wb.config["stage1"]["recipes"] else "stage2"
-        method = wb.config[stage]["recipes"][recipe]["method"]
+        method = wb.recipe(recipe)["method"]
         model = copy.deepcopy(base)
         tr = wb.trainer(method, model, hp, forward, ref_model)
         inputs = tr.data_collator(items)
