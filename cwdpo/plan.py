@@ -4,7 +4,8 @@ which must stay fast.
 
 Paths come from `cwdpo.paths.Layout` (each template written once); specs are the dataclasses of
 `cwdpo.specs`, complete because the schema filled every default; table and figure specs are built beside
-their writers (`cwdpo.report.table_spec`, `cwdpo.figures.figure_spec`).
+their writers (`cwdpo.report.table_spec`: the module of the table's kind in cwdpo/report/;
+`cwdpo.figures.figure_spec`).
 """
 from __future__ import annotations
 

@@ -186,7 +186,7 @@ class TrainSpec:
     """One training run: `hparams` is the recipe merged over its stage's defaults (every key set);
     `train` the config's `train` settings. Stage 2 reads `pairs` and their cached `ref_logps`; SFT-C
     builds its gentle negatives from `negatives` with `data_seed`. `lr_choice`: the calibration-choice file
-    a recipe with `lr: calibrated` takes its learning rate from (`cwdpo.report.write_calibration_choice`).
+    a recipe with `lr: calibrated` takes its learning rate from (`cwdpo.report.calibrate.write_calibration_choice`).
     `pairs_summary`: the summary make_pairs wrote beside `pairs`, whose count the pairs file must match."""
     method: str
     init: str

@@ -1,0 +1,100 @@
+"""Comparison tables (kind comparison: T-main, T-ablation, ...), as Markdown, CSV and LaTeX (tabulate).
+
+A table spec (built by `spec` from the plan) lists rows, each with the model keys of its seeds, and the
+columns to show. Each cell is mean ± std over seeds with a 95% interval: a t-interval over seeds (≥ 2 seeds),
+else a bootstrap over test images of the one run. A value that cannot be computed prints `n/a` and its reason
+goes under the table — never a placeholder number, never a paper value.
+No torch import.
+"""
+from __future__ import annotations
+
+from ..paths import TRIVIAL
+from ..stats import difference_ci, win_rate
+from .common import (NOT_A_MODEL, RunData, _carries_eval_sets, base_spec, cell_stats, finish_spec, render, row_inputs,
+                     table_rows, write_texts)
+
+
+def compute_table(spec: dict, data: RunData | None = None) -> tuple[list, list, dict]:
+    """(columns, [(row name, {column: stats})], {column: n/a reason}) of a comparison table."""
+    data = data or RunData(spec)
+    cols = spec["columns"]
+    rows, reasons = [], {}
+    first_cider = None
+    for r_i, row in enumerate(spec["rows"]):
+        keys = [TRIVIAL] if row.get("trivial") else row["keys"]
+        cells = {}
+        for col in cols:
+            vals, pers = [], []
+            if col == "win-rate vs SFT":
+                if row.get("trivial"):
+                    _add(reasons, col, NOT_A_MODEL)
+                for k, sft in zip(keys, row.get("sft_keys", [])):
+                    a, b = data.per_image_cider(k), data.per_image_cider(sft) if sft else None
+                    if a is None or b is None or row.get("trivial"):
+                        if not row.get("trivial"):
+                            _add(reasons, col, "needs the SFT run of the same seed (a `stage1: sft` recipe)")
+                        continue
+                    vals.append(win_rate(a, b))
+                cells[col] = cell_stats(vals, [])
+                continue
+            if col == "conv. step":
+                for k in keys:
+                    v, why = (None, NOT_A_MODEL) if k == TRIVIAL else data.convergence(k)
+                    if k == "base":
+                        why = "the base model has no training run to converge in this experiment"
+                    if v is None:
+                        _add(reasons, col, why)
+                    vals.append(v)
+                cells[col] = cell_stats(vals, [])
+                continue
+            if col == "Δ CIDEr vs first row":
+                cider = [data.value(k, "CIDEr")[0] for k in keys]
+                if r_i == 0:
+                    first_cider = (keys, cider)
+                    cells[col] = cell_stats([0.0] * len(keys), [])
+                    continue
+                runs_a = [{"value": v, "per_image": [x * spec["scale"] for x in (data.per_image_cider(k) or [])]
+                           or None} for k, v in zip(keys, cider)]
+                runs_b = [{"value": v, "per_image": [x * spec["scale"] for x in (data.per_image_cider(k) or [])]
+                           or None} for k, v in zip(*first_cider)]
+                d = difference_ci(runs_a, runs_b)
+                cells[col] = {"mean": d["diff"], "std": None, "n": d["n"], "lo": d["lo"], "hi": d["hi"]}
+                continue
+            for k in keys:
+                v, per, why = data.value(k, col)
+                if v is None and why:
+                    _add(reasons, col, why)
+                vals.append(v)
+                pers.append(per)
+            cells[col] = cell_stats(vals, pers)
+        rows.append((row["name"], cells))
+    return cols, rows, reasons
+
+
+def _add(reasons: dict, col: str, why):
+    """Collect the distinct n/a reasons of a column (several rows can have different ones)."""
+    if why and why not in reasons.setdefault(col, []):
+        reasons[col].append(why)
+
+
+def spec(plan, name: str, t: dict) -> dict:
+    """The spec of comparison table `name`: its rows and columns (SPICE only when scored; T-main and
+    T-ablation add the evaluation sets' columns)."""
+    spec = base_spec(plan, name, t)
+    spec["rows"] = table_rows(plan, t)
+    spec["columns"] = [c for c in t["columns"] if c not in ("SPICE", "top-5 SPICE")
+                       or "SPICE" in plan.c["evaluate"]["metrics"]]
+    if _carries_eval_sets(name, t):
+        spec["columns"] += list(spec["extra_columns"])
+    keys = [k for r in spec["rows"] for k in r["keys"] + [x for x in r.get("sft_keys", []) if x]]
+    return finish_spec(plan, spec, keys)
+
+
+def inputs(plan, name: str) -> list:
+    """Every file a comparison table reads."""
+    return sorted(set(row_inputs(plan, name)))
+
+
+def write(spec: dict, out_stem: str):
+    cols, rows, reasons = compute_table(spec)
+    write_texts(render(cols, rows, reasons, spec["title"]), out_stem)
