@@ -12,6 +12,24 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import specs  # noqa: E402  (tests/specs.py: job specs built through cwdpo.plan from the micro config)
 
 
+FAST_LOOP = "not slow and not train and not gpu_stack"  # the fast loop's marker expression (README § Developing)
+
+
+@pytest.fixture(autouse=True)
+def _no_training_in_the_fast_loop(request, monkeypatch):
+    """In the fast loop (`-m FAST_LOOP`) a test that trains a model fails, naming the mark it lacks:
+    `transformers.Trainer.train` refuses. (Training in a subprocess is not seen: the tests that start training
+    jobs through the CLI or Snakemake are marked too.)"""
+    if "not train" not in (request.config.getoption("markexpr") or "") or request.node.get_closest_marker("train"):
+        return
+    from transformers import Trainer
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"{request.node.nodeid} trains a model: mark it @pytest.mark.train (the fast loop, "
+                             f"-m {FAST_LOOP!r}, runs no training)")
+    monkeypatch.setattr(Trainer, "train", refuse)
+
+
 @pytest.fixture(scope="session")
 def shapes_dir(tmp_path_factory):
     from cwdpo import shapes

@@ -392,6 +392,7 @@ def test_every_name_bearing_key_is_known_and_every_path_wildcard_comes_from_one(
                          "source"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("section", list(NAME_SECTIONS))
 def test_names_that_become_paths_are_checked_at_every_key(section):
     from cwdpo.config import ConfigError, load_config

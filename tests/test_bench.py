@@ -76,6 +76,7 @@ def test_estimate_matches_a_hand_computation_for_the_tiny_config():
     assert est["total"]["gpu_hours"] == pytest.approx(sum(r["gpu_hours"] for r in est["rules"]))
 
 
+@pytest.mark.slow
 def test_estimate_prices_the_paper_config_without_downloading(tmp_path):
     out = subprocess.run(["cwdpo", "estimate", "--configfile", os.path.join(REPO, "config", "paper.yaml"), "--json",
                           str(tmp_path / "e.json")], capture_output=True, text=True, cwd=REPO,
@@ -86,6 +87,7 @@ def test_estimate_prices_the_paper_config_without_downloading(tmp_path):
     assert est["total"]["gpu_hours"] > 100 and "total" in out.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["qwen3b", "paper"])
 def test_gpu_configs_validate_and_dry_run_with_placeholder_paths(tmp_path, name):
     wf = copy_workflow(tmp_path / "wf")

@@ -315,6 +315,7 @@ def _smk(wf, *args, shim=True, check=True, env_extra=None):
     return subprocess.run(cmd, cwd=str(wf), env=env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("configfile", [None, "micro.yaml"], ids=["default", "micro"])
 def test_dry_run_with_a_local_sif(wf, configfile):
     """Default `container: containers/cwdpo.sif`: Snakemake checks the apptainer binary and uses the local
@@ -326,6 +327,7 @@ def test_dry_run_with_a_local_sif(wf, configfile):
     assert "will be pulled" not in out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("configfile", [None, "micro.yaml"], ids=["default", "micro"])
 def test_dry_run_with_a_docker_uri_plans_one_pull(wf, configfile):
     uri = "docker://ghcr.io/example/cwdpo:0.1.0"
@@ -337,12 +339,14 @@ def test_dry_run_with_a_docker_uri_plans_one_pull(wf, configfile):
     assert out.count(f"Singularity image {uri} will be pulled.") == 1, out[-3000:]
 
 
+@pytest.mark.slow
 def test_dry_run_without_apptainer_says_what_is_missing(wf):
     p = _smk(wf, "-n", "--use-singularity", shim=False, check=False)
     assert p.returncode != 0
     assert "apptainer or singularity command has to be available" in p.stdout + p.stderr
 
 
+@pytest.mark.slow
 def test_apptainer_args_need_the_equals_form(wf):
     """The pitfall containers/README.md documents: a value that starts with '-' needs `=`."""
     bad = _smk(wf, "-n", "--use-singularity", "--apptainer-args", "--nv", check=False)
@@ -350,6 +354,7 @@ def test_apptainer_args_need_the_equals_form(wf):
     _smk(wf, "-n", "--use-singularity", "--apptainer-args=--nv --bind /tmp")
 
 
+@pytest.mark.slow
 def test_a_job_runs_inside_the_image_with_nv(wf):
     """One real job (prepare_data of the micro config) through the shim: Snakemake wraps the command in
     `apptainer exec --home <workdir> --nv <args> containers/cwdpo.sif bash -c '<command>'`."""
@@ -367,6 +372,7 @@ def test_a_job_runs_inside_the_image_with_nv(wf):
     assert (wf / target).exists()
 
 
+@pytest.mark.slow
 def test_a_job_refuses_an_image_whose_cwdpo_differs_from_the_checkout(wf, tmp_path):
     """Snakemake plans with the checkout's cwdpo; the image runs its own copy, frozen at build time. Every job
     gets the planning copy's stamp (version + source hash) and refuses to run in an image built from other

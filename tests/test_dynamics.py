@@ -100,6 +100,7 @@ def test_stats_helpers():
     assert r["diff"] == pytest.approx(7 / 3) and "t-interval" in r["method"]
 
 
+@pytest.mark.train
 def test_probe_callback_runs_on_the_tiny_model_and_writes_finite_values(tiny_model_dir, shapes_dir, shapes_records,
                                                                        tmp_path):
     import json

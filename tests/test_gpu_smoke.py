@@ -47,6 +47,7 @@ def tiny(tmp_path_factory):
     return res
 
 
+@pytest.mark.train
 def test_tiny_cpu_run_trains_generates_and_reports(tiny):
     assert FIELDS <= set(tiny)
     assert tiny["device"] == "cpu" and tiny["precision"] == "fp32" and tiny["zero_stage"] is None
@@ -62,6 +63,7 @@ def test_tiny_cpu_run_trains_generates_and_reports(tiny):
     assert 0 < tiny["mfu_split"] < 1
 
 
+@pytest.mark.train
 def test_deepspeed_zero2_path_matches_the_plain_run(tiny):
     res = _run("--preset", "tiny", "--device", "cpu", "--steps", "4", "--deepspeed",
                os.path.join(REPO, "workflow", "deepspeed", "zero2.json"), "--no-generate", deepspeed_no_shm=True)

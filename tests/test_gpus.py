@@ -5,6 +5,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 import specs
 from conftest import copy_workflow, run
 
@@ -19,6 +21,7 @@ def _start(tmp_path, name, n, seconds, env):
     return subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True), out
 
 
+@pytest.mark.slow
 def test_concurrent_jobs_never_share_a_gpu(tmp_path):
     """Two visible GPUs (CWDPO_GPUS, as nvidia-smi would list them), five jobs started at once — one of them
     wants both: each job's CUDA_VISIBLE_DEVICES is its own, overlapping jobs hold disjoint GPUs, and jobs
@@ -59,6 +62,7 @@ def test_cpu_machine_and_exit_codes(tmp_path):
     assert p.returncode != 0 and "needs 2 GPU(s) but 1 are visible" in p.stderr
 
 
+@pytest.mark.slow
 def test_gpu_rules_start_through_the_slot_wrapper_and_cpu_configs_do_not(tmp_path):
     from cwdpo.config import load_config
     from cwdpo.plan import Plan

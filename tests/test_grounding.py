@@ -136,6 +136,7 @@ def test_coco_instances_are_read_into_categories_per_image(tmp_path):
     assert G.load_coco_instances([str(path)], ["7", "9"]) == {"7": ["dog", "person"], "9": []}
 
 
+@pytest.mark.slow
 def test_per_image_recall_terms_average_to_the_pooled_recall_and_their_interval_holds_it():
     """Images with 1 and 2 objects: the mean of per-image ratios (0.75 here) is not the pooled recall (2/3);
     the per-image terms the tables bootstrap average to the pooled value, so its interval contains it."""

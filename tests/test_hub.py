@@ -38,6 +38,7 @@ def test_published_snapshot_is_found_offline_and_fetch_downloads_nothing(hf_home
     assert not hub.is_hub_id(tiny_model_dir) and not hub.is_hub_id("./models/x")
 
 
+@pytest.mark.slow
 def test_ref_logps_of_a_hub_id_runs_offline_and_keys_on_the_snapshot(hf_home, shapes_records, tmp_path):
     """Stage 2 from the base model (`stage1: base`, the "DPO (from base)" row): the reference is the hub id.
     `model_fingerprint` listed a directory named like the hub id (FileNotFoundError); it now keys the
@@ -161,6 +162,7 @@ def _smk(wf, *args):
     return run(["snakemake", *args], cwd=wf, env=env)
 
 
+@pytest.mark.slow
 def test_qwen3b_dry_run_fetches_the_model_once_before_every_job_that_loads_it(qwen3b_wf):
     out = _smk(qwen3b_wf, "-n", "--use-singularity", "--configfile", "config/qwen3b.yaml")
     text = out.stdout + out.stderr
@@ -176,6 +178,7 @@ def test_qwen3b_dry_run_fetches_the_model_once_before_every_job_that_loads_it(qw
             assert marker not in inp, rule
 
 
+@pytest.mark.slow
 def test_tiny_scale_gets_no_fetch_rule_and_no_hf_environment(tmp_path):
     from conftest import copy_workflow, run
     wf = copy_workflow(tmp_path / "wf")
@@ -187,6 +190,7 @@ def test_tiny_scale_gets_no_fetch_rule_and_no_hf_environment(tmp_path):
     assert not plan.hub and plan.hf_env() == "" and plan.model_inputs() == []
 
 
+@pytest.mark.slow
 def test_fetch_runs_locally_then_every_job_reads_the_workflow_cache_offline(qwen3b_wf):
     """Through the apptainer shim (as `apptainer exec --home <workdir>`): fetch_model finds the model in the
     workflow's cache (it was published there; a real run downloads it) and writes its marker; a job that

@@ -126,6 +126,7 @@ def per_rotation_predictions(model, processor, item):
     return preds
 
 
+@pytest.mark.slow
 def test_circular_evaluation_with_the_tiny_model(model64, processor, shapes_records):
     # hand-made items whose "answer" is what the model picks in the source order, chosen where the model's
     # pick changes under rotation: plain accuracy counts them, circular evaluation does not
@@ -148,6 +149,7 @@ def test_circular_evaluation_with_the_tiny_model(model64, processor, shapes_reco
 
 # ---- scoring agrees with a direct log-likelihood computation ----
 
+@pytest.mark.slow
 def test_option_scores_equal_the_stock_hf_forward(model64, processor, shapes_records):
     items = shapes_mcq(shapes_records[:1], seed=0, per_image=1)
     a = Image.open(shapes_records[2].path).convert("RGB")
@@ -185,6 +187,7 @@ def test_option_scores_equal_the_stock_hf_forward(model64, processor, shapes_rec
             assert p1["pred_letter"] == p2["pred_letter"]
 
 
+@pytest.mark.slow
 def test_generate_scoring_parses_the_greedy_output(model64, processor, shapes_records):
     import copy
     from cwdpo.generation import generate_captions

@@ -54,6 +54,7 @@ def test_spice_is_n_a_with_a_reason_when_corenlp_is_missing(monkeypatch, tmp_pat
     assert 0 < out["corpus"]["BLEU-4"] <= 1
 
 
+@pytest.mark.slow
 def test_all_metrics_finite_and_perfect_caption_scores_high():
     perfect = {k: v[0] for k, v in GTS.items()}
     out = metrics.score_captions(GTS, perfect, metrics=["BLEU-4", "METEOR", "ROUGE-L", "CIDEr"])
@@ -76,6 +77,7 @@ def test_ptb_memo_tokenizes_each_caption_once_and_agrees_with_one_shot_tokenizat
     assert metrics.ptb_tokenize({"z": caps["b"][::-1]}) == {"z": first["b"][::-1]}
 
 
+@pytest.mark.slow
 def test_meteor_pool_equals_pycocoevalcap_and_reuses_segment_statistics():
     from pycocoevalcap.meteor.meteor import Meteor
     g = metrics.ptb_tokenize(GTS)

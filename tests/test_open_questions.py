@@ -180,6 +180,7 @@ def test_pairs_of_a_set_with_beams_need_the_beams_file_before_any_work(tmp_path)
 # ---------------------------------------------------------------------------------------------------
 # the calibrated learning rate
 
+@pytest.mark.slow
 def test_a_calibrated_recipe_reads_the_rule_outcome_of_its_sweep():
     plan = Plan(overlay("config/scale.yaml"))
     spec = plan.stage2_spec("sft_c", 0, "cw_dpo_cal")
@@ -201,6 +202,7 @@ def test_a_calibrated_recipe_reads_the_rule_outcome_of_its_sweep():
             {"name": "SFT", "stage1": "sft"}, {"name": "c", "stage1": "sft_c", "stage2": "dpo_cal"}]}}})
 
 
+@pytest.mark.train
 def test_training_takes_the_calibrated_lr_and_records_it(tmp_path, tiny_model_dir, shapes_dir):
     """A Stage-2 run with `lr: calibrated` trains at the lr of the rule's outcome file (its Trainer's lr) and
     says so in metrics.json; a run with a set lr keeps its metrics' keys."""
@@ -267,6 +269,7 @@ def test_bad_variants_and_arms_are_named(patch, needle):
     assert needle in str(e.value)
 
 
+@pytest.mark.slow
 def test_config_scale_sizes_span_ten_times_the_parameters(shapes_records, tmp_path):
     """config/scale.yaml: at least three sizes, the largest ≥ 10× the smallest in parameters (built and
     counted with the code that builds them)."""
@@ -283,6 +286,7 @@ def test_config_scale_sizes_span_ten_times_the_parameters(shapes_records, tmp_pa
     assert len(counts) >= 3 and counts == sorted(counts) and counts[-1] >= 10 * counts[0], counts
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,rules", [
     ("scale", ["stage2__h32", "pretrain__h64", "calibration_choice", "calibration_choice__h32", "figure"]),
     ("modality", ["pretrain__text", "stage2__text", "score__text"]),
@@ -309,24 +313,11 @@ def test_each_overlay_plans_its_runs_table_and_figure(tmp_path, name, rules):
     assert "Congratulations" in lint.stdout + lint.stderr, lint.stdout[-3000:]
 
 
+@pytest.mark.slow
 def test_overlays_validate_as_files():
     for name in ("scale", "modality", "negsource"):
         cfg = load_config(os.path.join(REPO, "config", f"{name}.yaml"), check_paths=False)
         assert cfg["tables"][name]["kind"] == name
-
-
-def test_readme_and_config_readme_point_at_the_overlays_and_their_keys():
-    readme = open(os.path.join(REPO, "README.md"), encoding="utf-8").read()
-    section = readme.split("## Open questions", 1)[1].split("\n## ", 1)[0]
-    for name in ("scale", "modality", "negsource"):
-        assert (f"`snakemake --cores all --configfile config/config.yaml --configfile config/{name}.yaml`"
-                in section), name
-    assert "min" in section  # their run times on 2 cores
-    doc = open(os.path.join(REPO, "config", "README.md"), encoding="utf-8").read()
-    for key in ("## `variants`", "| `input` |", "`sets.<name>.beams`", "| `beams` |", "`lr: calibrated`",
-                "`stage2.calibration`", "`arms`", "`runs`", "`claims`", "chair_s_cw_lt_sft", "top1_dpo_gt_sft",
-                "`scale` (F-scale)"):
-        assert key in doc, key
 
 
 def test_negsource_info_rows_give_pairs_per_seed_to_one_decimal():

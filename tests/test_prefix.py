@@ -93,6 +93,7 @@ def pair_rows(recs, n):
     return chosen + rejected
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
 def test_pair_batch_equals_plain_forward(model64, encoder, shapes_records, exact64, method):
     recs = shapes_records[:3]
@@ -102,6 +103,7 @@ def test_pair_batch_equals_plain_forward(model64, encoder, shapes_records, exact
     check(model64, b, encoder.image_token_id, method)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
 def test_groups_of_three_interleaved(model64, encoder, shapes_records, exact64, method):
     recs = shapes_records[3:5]
@@ -147,6 +149,7 @@ def test_same_image_different_prompt_and_empty_rows(model64, encoder, shapes_rec
     check(model64, b, encoder.image_token_id, method)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
 def test_only_end_of_turn_completions(model64, encoder, processor, shapes_records, exact64, method):
     from cwdpo.logprobs import Encoder

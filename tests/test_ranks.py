@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 import specs
 from conftest import REPO
 from cwdpo.specs import to_json
@@ -62,6 +64,7 @@ def _checkpoint(ckpt, step):
     (d / "trainer_state.json").write_text(json.dumps({"global_step": step}))
 
 
+@pytest.mark.slow
 def test_only_rank_0_prepares_checkpoints_the_others_wait_and_resume_alike(tmp_path, monkeypatch):
     from cwdpo.train import spec_fingerprint
     monkeypatch.setenv("WORLD_SIZE", "2")  # (the fingerprint counts the processes: the ranks' own)
@@ -79,6 +82,7 @@ def test_only_rank_0_prepares_checkpoints_the_others_wait_and_resume_alike(tmp_p
     assert rank0[-1][1] == rank1[0][1] == "checkpoint-4"
 
 
+@pytest.mark.slow
 def test_a_fresh_start_under_torchrun_deletes_the_checkpoints_on_rank_0_only(tmp_path, monkeypatch):
     """The probe-rows fallback (the final checkpoint's probe rows are lost: train again) under torchrun: rank 0
     deletes the folder and starts it again, the other rank waits and also starts from step 0."""

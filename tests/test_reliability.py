@@ -66,6 +66,7 @@ def test_sigkill_mid_training_then_resume_gives_identical_final_metrics(tiny_mod
     assert len(glob.glob(os.path.join(killed, "checkpoints", "checkpoint-*"))) <= 2
 
 
+@pytest.mark.train
 def test_stale_checkpoints_of_another_spec_are_not_resumed(tiny_model_dir, shapes_dir, shapes_records, tmp_path):
     from cwdpo.train import run_training
     pairs, ref = _pairs_and_ref(tiny_model_dir, shapes_records, tmp_path)
@@ -77,6 +78,7 @@ def test_stale_checkpoints_of_another_spec_are_not_resumed(tiny_model_dir, shape
     assert m["resumed_from"] is None  # the lr changed: the old checkpoints were discarded
 
 
+@pytest.mark.train
 def test_injected_nan_stops_training_naming_step_and_method(tiny_model_dir, shapes_dir, shapes_records, tmp_path):
     from cwdpo.train import TrainingDiverged, run_training
     pairs, ref = _pairs_and_ref(tiny_model_dir, shapes_records, tmp_path)
@@ -136,6 +138,7 @@ def _truncate(path):
     open(path, "wb").write(data[: len(data) // 2])
 
 
+@pytest.mark.train
 @pytest.mark.parametrize("damage", [
     lambda ck: _truncate(os.path.join(ck, "model.safetensors")),
     lambda ck: _truncate(os.path.join(ck, "optimizer.pt")),
@@ -160,6 +163,7 @@ def test_unreadable_newest_checkpoint_falls_back_to_the_previous_one(whole_run, 
     assert all((wa[k] == wb[k]).all() for k in wa)  # the same weights as the run that was never interrupted
 
 
+@pytest.mark.train
 def test_training_errors_end_the_job_with_one_line_after_the_traceback(tiny_model_dir, shapes_dir, shapes_records,
                                                                         tmp_path):
     """`cwdpo train` (as a rule runs it): a diverged run and a batch too large for the data each end with
@@ -281,6 +285,7 @@ def wf(tmp_path_factory):
     return copy_workflow(tmp_path_factory.mktemp("wf"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("text,key,allowed", BAD_CONFIGS, ids=[c[1] for c in BAD_CONFIGS])
 def test_bad_config_fails_before_any_job_naming_key_and_allowed(wf, tmp_path, text, key, allowed):
     cfg = tmp_path / "bad.yaml"

@@ -37,6 +37,7 @@ def _prepare(plan):
     validate_data(plan.validate_spec(), plan.path("validated"))
 
 
+@pytest.mark.train
 def test_a_data_change_never_resumes_the_checkpoint_of_other_data(tiny_model_dir, tmp_path, monkeypatch):
     """Issue 24 item 1: with a local base model the init folder does not change when the data does; the
     fingerprint covered only the spec's text and its init/pairs files, so the rerun resumed the old final
@@ -152,6 +153,7 @@ def test_a_kill_during_the_fused_evaluation_then_a_rerun_restores_every_file(tin
         assert open(os.path.join(whole, out), "rb").read() == open(os.path.join(killed, out), "rb").read(), out
 
 
+@pytest.mark.train
 def test_a_final_checkpoint_whose_probe_rows_are_lost_is_trained_again(tiny_model_dir, tmp_path, monkeypatch):
     from cwdpo.train import run_training
     monkeypatch.chdir(tmp_path)
@@ -429,6 +431,7 @@ def test_known_pass_through_keys_pass():
 # ---------------------------------------------------------------------------------------------------
 # item 7: the smaller ones
 
+@pytest.mark.train
 def test_a_pairs_file_missing_lines_is_refused_against_its_summary(tiny_model_dir, shapes_dir, shapes_records,
                                                                    tmp_path):
     from test_reliability import _cw_spec, _pairs_and_ref
@@ -465,6 +468,7 @@ def test_a_failed_run_is_asked_for_again(tmp_path, monkeypatch):
                                               f"{plan.out}/stage2/sft_c/s0/cw_dpo/metrics.json"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("argv,line", [
     (["train", "--spec", "{not json", "--out", "x"],
      "cwdpo train: --spec: not valid JSON (line 1 column 2: Expecting property name enclosed in double quotes)"),

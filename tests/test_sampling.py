@@ -15,6 +15,7 @@ def hf_sampler(tiny_model_dir):
     return sampling.HFSampler(tiny_model_dir, specs.vlm(), batch_size=8)
 
 
+@pytest.mark.slow
 def test_hf_samples_are_real_seeded_and_reproducible(hf_sampler, shapes_records):
     paths = [r.path for r in shapes_records[:4]]
     kw = dict(k=3, temperature=1.0, top_p=1.0, max_new_tokens=8)
@@ -151,6 +152,7 @@ def lora_policy(tiny_model_dir, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_vllm_sampling_chunks_seeds_lora_and_decoding(fake_vllm, lora_policy, tiny_model_dir, shapes_dir, tmp_path):
     """The vLLM path of `cwdpo sample-onpolicy`, every call recorded: images go in chunks of
     `onpolicy.batch_size` (each chunk's images opened for its call only), one seed per image such that no
@@ -199,6 +201,7 @@ def test_vllm_sampling_chunks_seeds_lora_and_decoding(fake_vllm, lora_policy, ti
     assert len(streams) == 2 * 13 * 3
 
 
+@pytest.mark.slow
 def test_hf_decoding_ignores_the_models_generation_config(tiny_model_dir, shapes_records, tmp_path):
     """A hub model's generation_config (Qwen2.5-VL-Instruct: top_k 1, repetition_penalty 1.05) must not
     change what `generate_captions` decodes: a model whose config sets hostile values samples and beams
@@ -297,6 +300,7 @@ def test_select_auto_is_grounding_on_shapes_and_relative_without_attribute_recor
         sampling.select_rule("grounding", bare)
 
 
+@pytest.mark.slow
 def test_logprob_parity_rescores_the_sampled_tokens_with_the_trainers_forward(tiny_model_dir, shapes_records):
     """`logprob_parity` against an independent path: "sampler" log-probs from the stock processor and
     `model(**inputs)` forward agree with the trainer's forward to float32 round-off; a wrong log-prob shows as

@@ -297,6 +297,7 @@ def test_profile_without_environment_leaves_partition_and_account_to_slurm():
     assert all("gpu_model" not in r for r in prof["set-resources"].values())
 
 
+@pytest.mark.slow
 def test_profile_dry_run_applies_the_resources_and_ignores_unknown_rules(tmp_path):
     """`--workflow-profile profiles/slurm` on the micro config with 2 GPUs per training job: every rule
     gets its resources (the GPU count from the config, the rest from the profile); `report`, named in the
@@ -354,6 +355,7 @@ def _dry_run_jobs(workdir, *args, env=None):
     return jobs, p.stdout + p.stderr
 
 
+@pytest.mark.slow
 def test_profile_resources_and_threads_reach_variant_rules_and_beam_negatives(tmp_path):
     """Snakemake keys set-resources / set-threads by exact rule name: the variants' copies of the rules
     (`<rule>__<variant>`, here the modality overlay's `text`) and `beam_negatives` (the negsource overlay) get
@@ -377,6 +379,7 @@ def test_profile_resources_and_threads_reach_variant_rules_and_beam_negatives(tm
     assert jobs["score__text"][0]["mem_mb"] == "16000"
 
 
+@pytest.mark.slow
 def test_gpu_rules_take_threads_and_data_loader_workers_from_the_config(tmp_path):
     """Without a profile (one GPU box): the GPU rules' threads and the training jobs' data-loader workers come
     from config `compute` (threads capped at --cores by Snakemake); CPU rules keep one thread."""

@@ -31,6 +31,7 @@ def _spec(method, init, data_json, hparams=None, **changes):
                        train={"logging_steps": 1, "save_steps": 100}, **changes)
 
 
+@pytest.mark.slow
 def test_reference_logps_computed_once_and_cached(tiny_model_dir, pairs_file, tmp_path, monkeypatch):
     calls = {"n": 0}
     real = R.completion_logps
@@ -55,6 +56,7 @@ def test_reference_logps_computed_once_and_cached(tiny_model_dir, pairs_file, tm
     assert calls["n"] == 4
 
 
+@pytest.mark.train
 @pytest.mark.parametrize("method", ["dpo", "focal_dpo", "cw_dpo"])
 def test_stage2_reuses_cached_reference_across_epochs(tiny_model_dir, shapes_dir, pairs_file, tmp_path, method):
     ref = str(tmp_path / "ref.json")
@@ -108,6 +110,7 @@ def test_stage2_refuses_reference_of_other_pairs(tiny_model_dir, shapes_dir, pai
         T.run_training(spec, str(tmp_path / "run"), threads=1)
 
 
+@pytest.mark.train
 @pytest.mark.parametrize("method", ["sft", "sft_c"])
 def test_stage1_methods_train(tiny_model_dir, shapes_dir, tmp_path, method):
     spec = _spec(method, tiny_model_dir, os.path.join(shapes_dir, "dataset_shapes.json"))
@@ -122,6 +125,7 @@ def test_stage1_methods_train(tiny_model_dir, shapes_dir, tmp_path, method):
         assert float(log[0]["neg_nll"]) > 4.0
 
 
+@pytest.mark.train
 def test_sft_c_hard_constraint_uses_hard_lambda(tiny_model_dir, shapes_dir, tmp_path):
     spec = _spec("sft_c", tiny_model_dir, os.path.join(shapes_dir, "dataset_shapes.json"),
                  hparams=dict(margin=10.0, lam=0.5, hard=True, hard_lam=100.0, steps=1))
@@ -131,6 +135,7 @@ def test_sft_c_hard_constraint_uses_hard_lambda(tiny_model_dir, shapes_dir, tmp_
     assert float(row["penalty"]) == pytest.approx(100.0 * (10.0 - float(row["neg_nll"])), rel=1e-5)
 
 
+@pytest.mark.train
 def test_lora_stage1_then_stage2_continues_the_adapter(tiny_model_dir, shapes_dir, pairs_file, tmp_path):
     lora = {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
     spec = _spec("sft", tiny_model_dir, os.path.join(shapes_dir, "dataset_shapes.json"), lora=lora,
@@ -149,6 +154,7 @@ def test_lora_stage1_then_stage2_continues_the_adapter(tiny_model_dir, shapes_di
     assert os.path.isfile(os.path.join(tmp_path, "s2", "model", "adapter_config.json"))
 
 
+@pytest.mark.train
 def test_a_recipe_is_evaluated_with_the_tau_and_floor_it_trained_with(tiny_model_dir, shapes_dir, pairs_file,
                                                                       tmp_path):
     """A CW-DPO recipe with its own τ (0.5, not stage2.defaults' 1.0) and ℓ_floor "mean": its metrics.json

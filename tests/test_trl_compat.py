@@ -7,6 +7,7 @@ import specs
 from cwdpo.negatives import build_pairs, write_pairs
 
 
+@pytest.mark.train
 def test_trl_dpo_trainer_reads_our_pairs_file(tiny_model_dir, shapes_records, tmp_path):
     datasets = pytest.importorskip("datasets", reason="datasets is in the test extra")
     trl = pytest.importorskip("trl", reason="trl is in the test extra")

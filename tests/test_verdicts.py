@@ -139,6 +139,7 @@ def _claims(md):
     return out
 
 
+@pytest.mark.slow
 def test_t_paper_decides_claims_with_delta_and_t_regime_shows_the_preconditions(tmp_path):
     root, seeds, rows = str(tmp_path), SEEDS, MAIN_ROWS
     _write(root, "base", 200, 0.70, 0.0, 0.3)
@@ -189,6 +190,7 @@ def _row(rows: dict, start: str):
     return hit
 
 
+@pytest.mark.slow
 def test_t_regime_checks_that_stage2_is_fed_and_the_control_keeps_task_and_fluency(tmp_path):
     """The rows of a fed Stage 2 (smallest set fill, most passes) and of a control in the paper's regime (its
     CIDEr ≥ 0.9 × the Stage-1 model's, ≤ 2% broken captions): pass on a healthy run, fail — and say so — on a

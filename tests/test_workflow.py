@@ -26,6 +26,7 @@ def workdir(tmp_path):
     return copy_workflow(tmp_path / "wf")
 
 
+@pytest.mark.slow
 def test_dry_run_parses_without_torch_and_fast(tmp_path, workdir):
     (tmp_path / "sitecustomize.py").write_text(BLOCK_TORCH)
     env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
@@ -37,6 +38,7 @@ def test_dry_run_parses_without_torch_and_fast(tmp_path, workdir):
     assert elapsed < 20
 
 
+@pytest.mark.slow
 def test_unlock_and_cleanup_work_without_cores(workdir):
     """`snakemake --unlock` after a killed run takes no --cores: the Snakefile must parse without them."""
     locks = Path(workdir) / ".snakemake" / "locks"
@@ -47,19 +49,28 @@ def test_unlock_and_cleanup_work_without_cores(workdir):
     assert not list(locks.glob("*.lock"))
 
 
-def test_readme_says_what_to_do_when_a_run_is_interrupted():
-    """After snakemake itself was killed, its lock stays: the README says to run `snakemake --unlock`."""
+def test_readme_quick_start_is_two_one_line_commands_in_one_bash_block():
+    """README § Quick start: one fenced bash block of exactly two one-line commands — install + run the default
+    pipeline, install + run the tests (.ci/run runs the second as CI's test command)."""
+    import re
     from conftest import REPO
-    text = open(os.path.join(REPO, "README.md")).read()
-    section = text.split("## When a run is interrupted", 1)[1].split("\n## ", 1)[0]
-    assert "`snakemake --unlock`" in section and "--rerun-incomplete" in section
+    text = open(os.path.join(REPO, "README.md"), encoding="utf-8").read()
+    section = text.split("\n## Quick start\n", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```(\w*)\n(.*?)```", section, re.S)
+    assert [lang for lang, _ in blocks] == ["bash"]
+    lines = [line for line in blocks[0][1].splitlines() if line.strip()]
+    assert len(lines) == 2 and not any(line.rstrip().endswith("\\") for line in lines)
+    assert "pip install" in lines[0] and "snakemake" in lines[0]
+    assert "pip install" in lines[1] and "pytest" in lines[1]
 
 
+@pytest.mark.slow
 def test_lint_is_clean(workdir):
     out = run([sys.executable, "-m", "snakemake", "--lint"], cwd=workdir)
     assert "Congratulations" in out.stdout + out.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("override,needle", [
     ("data: {source: shape}", "data.source"),
     ("trainn: {}", "trainn"),
@@ -135,6 +146,7 @@ def _job_counts(workdir, *configs):
     return {line.split()[0]: int(line.split()[1]) for line in table.splitlines()[3:] if line.strip()}
 
 
+@pytest.mark.slow
 def test_stability_pretraining_waits_for_the_base_model(workdir):
     """The base model's pretraining takes every core: the one-core stability pretrainings (T-regime) depend on
     it in the DAG, so neither of them can start first and keep it (and every later job) waiting."""
@@ -148,6 +160,7 @@ def test_stability_pretraining_waits_for_the_base_model(workdir):
     assert all((pretrain[0], n) in edges for n in stability), (pretrain, stability)
 
 
+@pytest.mark.slow
 def test_training_jobs_evaluate_their_own_models_at_the_tiny_scale_only(workdir, tmp_path):
     """Fewer, fuller processes at the tiny scale: a Stage-1/Stage-2 job evaluates the model it trained, so the
     `evaluate` rule runs for the base model alone; set apart (the GPU scales) every model has its own job."""
@@ -178,6 +191,7 @@ def test_the_schema_names_what_the_code_defines():
     assert set(props["claims"]["properties"]["min_effect"]["default"]) == set(CLAIM_IDS)
 
 
+@pytest.mark.slow
 def test_multi_gpu_launcher_runs_the_installed_package_not_the_working_directory(tmp_path):
     """torchrun / accelerate start the `cwdpo` console script (`--no-python`), like single-GPU jobs: a
     `cwdpo/` folder in the working directory (a checkout of another version) is never what they import
