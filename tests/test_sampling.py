@@ -163,7 +163,7 @@ def test_vllm_sampling_chunks_seeds_lora_and_decoding(fake_vllm, lora_policy, ti
     data_json = os.path.join(shapes_dir, "dataset_shapes.json")
     onpolicy = {**specs.config()["negatives"]["onpolicy"], "backend": "vllm", "k": 3, "batch_size": 4,
                 "temperature": 0.9, "top_p": 0.8, "max_new_tokens": 7, "vllm": {"gpu_memory_utilization": 0.5},
-                "parity_samples": 0}  # (the stand-in has no log-probs: the real engine's parity is tests/test_vllm.py)
+                "parity_samples": 0}  # (a stand-in without log-probs: real parity in tests/test_gpu_stack.py)
     streams = {}
     for run_seed in (0, 1):
         spec = SampleSpec(vlm=specs.vlm(base=tiny_model_dir), model=lora_policy, onpolicy=onpolicy, seed=run_seed,
