@@ -10,8 +10,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-RUN_STAGE1 = "{out}/stage1/{stage1}/s{seed}"
-RUN_STAGE2 = "{out}/stage2/{stage1}/s{seed}/{stage2}"
+# the model keys of trained models (ModelKey); a training run's folder is {out}/<its key>
+KEY_TEMPLATES = {"stage1": "stage1/{stage1}/s{seed}", "stage2": "stage2/{stage1}/s{seed}/{stage2}"}
+RUN_STAGE1 = "{out}/" + KEY_TEMPLATES["stage1"]
+RUN_STAGE2 = "{out}/" + KEY_TEMPLATES["stage2"]
 NEGATIVES = "{out}/negatives/{stage1}/s{seed}"
 EVAL = "{out}/eval/{key}"
 
@@ -121,7 +123,8 @@ class ModelKey:
     seed: int | None = None
     stage2: str | None = None
 
-    PATTERN = r"base|stage1/[^/]+/s\d+|stage2/[^/]+/s\d+/[^/]+"
+    PATTERN = "|".join(["base"] + [re.escape(t).replace(r"\{seed\}", r"\d+").replace(r"\{stage1\}", "[^/]+")
+                                   .replace(r"\{stage2\}", "[^/]+") for t in KEY_TEMPLATES.values()])
 
     @classmethod
     def parse(cls, text: str) -> "ModelKey":
@@ -139,9 +142,12 @@ class ModelKey:
             return "stage2"
         return "base" if self.seed is None else "stage1"
 
+    @classmethod
+    def of_wildcards(cls, wildcards) -> "ModelKey":
+        """The key of a training rule's job from its wildcards (stage1, seed and, for Stage 2, stage2)."""
+        return cls(wildcards.stage1, int(wildcards.seed), getattr(wildcards, "stage2", None))
+
     def __str__(self) -> str:
         if self.kind == "base":
             return "base"
-        if self.kind == "stage1":
-            return f"stage1/{self.stage1}/s{self.seed}"
-        return f"stage2/{self.stage1}/s{self.seed}/{self.stage2}"
+        return KEY_TEMPLATES[self.kind].format(stage1=self.stage1, seed=self.seed, stage2=self.stage2)

@@ -16,7 +16,7 @@ import re
 from .config import (ARMS_KINDS, CALIBRATED, arm_runs, onpolicy_share, stage1_recipe, stage2_recipe, validate_config,
                      variant_config)
 from .methods import REGISTRY
-from .paths import TRIVIAL, Layout, ModelKey
+from .paths import KEY_TEMPLATES, TRIVIAL, Layout, ModelKey
 from .specs import (BeamSpec, BuildModelSpec, CocoObjectsSpec, DataSpec, EvalSetSpec, EvalSpec, McqSpec,
                     NegativesSpec, PairsSpec, ProbeSetSpec, ProbesSpec, RefSpec, SampleSpec, StabilitySpec, TrainSpec,
                     TrivialSpec, ValidateSpec, Vlm)
@@ -431,8 +431,7 @@ class Plan:
         evaluates its model, the model's evaluation files."""
         outputs = {file: self.pattern(f"{stage}_dir", file) for file in ("metrics", "train_log", "probes")}
         if self.evaluate_in_training_job:
-            key = {"stage1": "stage1/{stage1}/s{seed}", "stage2": "stage2/{stage1}/s{seed}/{stage2}"}[stage]
-            outputs.update(self.eval_outputs(key))
+            outputs.update(self.eval_outputs(KEY_TEMPLATES[stage]))
         return outputs
 
     def eval_outputs(self, key: str) -> dict:
@@ -448,8 +447,10 @@ class Plan:
         evaluate their own models."""
         return "base" if self.evaluate_in_training_job else ModelKey.PATTERN
 
-    def fused_eval_args(self, key: str) -> str:
-        """The `cwdpo train` flags that evaluate the trained model in the same job ("" when not fused)."""
+    def fused_eval_args(self, key) -> str:
+        """The `cwdpo train` flags that evaluate the trained model in the same job ("" when not fused); `key`: the
+        model key, or the training job's wildcards."""
+        key = key if isinstance(key, str) else str(ModelKey.of_wildcards(key))
         if not self.evaluate_in_training_job:
             return ""
         from shlex import quote

@@ -223,3 +223,22 @@ def test_log_and_benchmark_paths_are_spelled_only_in_paths_py():
     assert "logs/" not in text and "benchmarks/" not in text
     for job in JOB_FILES:
         assert f'log_file("{job}")' in text, f"JOB_FILES[{job!r}] is no rule's log"
+
+
+def test_a_model_key_is_spelled_once_and_names_its_run_folder():
+    """paths.KEY_TEMPLATES is the one spelling of a trained model's key: ModelKey prints and parses it, and a
+    training run's folder is results/<experiment>/<key>."""
+    import re
+    from types import SimpleNamespace
+    from cwdpo.paths import KEY_TEMPLATES, Layout, ModelKey
+    for text in ("base", "stage1/sft_c/s0", "stage2/sft_c/s12/cw_dpo", "stage2/base/s1/dpo"):
+        assert str(ModelKey.parse(text)) == text
+    for bad in ("stage1/a/b", "stage3/x/s1", "stage1/x/s1/y", "stage2/x/s1", "base/s0"):
+        assert not re.fullmatch(ModelKey.PATTERN, bad)
+        with pytest.raises(ValueError, match="unknown model key"):
+            ModelKey.parse(bad)
+    wc = SimpleNamespace(stage1="sft_c", seed="2", stage2="dpo")
+    key = ModelKey.of_wildcards(wc)
+    assert str(key) == KEY_TEMPLATES["stage2"].format(**vars(wc)) == "stage2/sft_c/s2/dpo"
+    assert Layout("results/e").path("stage2_dir", stage1="sft_c", seed=2, stage2="dpo") == f"results/e/{key}"
+    assert str(ModelKey.of_wildcards(SimpleNamespace(stage1="sft", seed="0"))) == "stage1/sft/s0"

@@ -23,7 +23,7 @@ for SFX, Q in PLANS:
             launch=Q.launcher("train"),
             gpus=Q.gpu_prefix("train"),
             workers=Q.dataloader_workers(),
-            evaluate=lambda wc, Q=Q: Q.fused_eval_args(f"stage1/{wc.stage1}/s{wc.seed}"),
+            evaluate=lambda wc, Q=Q: Q.fused_eval_args(wc),
         shell:
             logged(
                 "{params.gpus}{params.launch} train --spec {params.spec:q} --out {params.out:q} --threads {threads} "
@@ -52,9 +52,7 @@ for SFX, Q in PLANS:
             launch=Q.launcher("train"),
             gpus=Q.gpu_prefix("train"),
             workers=Q.dataloader_workers(),
-            evaluate=lambda wc, Q=Q: Q.fused_eval_args(
-                f"stage2/{wc.stage1}/s{wc.seed}/{wc.stage2}"
-            ),
+            evaluate=lambda wc, Q=Q: Q.fused_eval_args(wc),
         shell:
             logged(
                 "{params.gpus}{params.launch} train --spec {params.spec:q} --out {params.out:q} --threads {threads} "
