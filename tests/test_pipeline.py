@@ -331,10 +331,11 @@ def test_calibration_overlay_sweeps_the_control_and_writes_f_calibrate(micro_run
     run([sys.executable, "-m", "snakemake", "results/micro/figures/calibrate.png", "results/micro/tables/calibrate.md",
          "--cores", "2", "--configfile", "micro.yaml", "calibrate.yaml", "micro_calibrate.yaml"], cwd=micro_run)
     rows = list(csv.DictReader(open(os.path.join(res, "tables", "calibrate.csv"))))
-    from cwdpo.config import deep_merge, default_config_path, read_config_file, stage2_recipe
-    config = functools.reduce(deep_merge, (read_config_file(f) for f in (
+    from cwdpo.config import deep_merge, default_config_path, read_config_file, stage2_recipe, validate_config
+    config = validate_config(functools.reduce(deep_merge, (read_config_file(f) for f in (
         default_config_path(), *(os.path.join(micro_run, f) for f in ("micro.yaml", "calibrate.yaml",
-                                                                       "micro_calibrate.yaml")))))
+                                                                       "micro_calibrate.yaml"))))),
+        check_paths=False)  # (the defaults filled: stage2.defaults lives in the schema)
     swept = [stage2_recipe(config, r["stage2"]) for r in config["tables"]["calibrate"]["rows"] if "stage2" in r]
     assert len({s["beta"] for s in swept}) == 3 and [(float(r["lr"]), float(r["beta"])) for r in rows] == [
         (float(s["lr"]), float(s["beta"])) for s in swept]
