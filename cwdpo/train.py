@@ -22,10 +22,10 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from . import losses as L
 from .config import CALIBRATED
-from .methods import STAGE1_METHODS, STAGE2_METHODS
-from .methods import method as method_entry
 from .data import file_sha256, load_records, read_json, stage_records, write_json, write_rows_csv, write_text
 from .logprobs import Collator, Encoder, SeqBatch, completion_logps, make_encoder
+from .methods import STAGE1_METHODS, STAGE2_METHODS
+from .methods import method as method_entry
 from .models import load_model, load_processor, set_threads, unwrap
 from .specs import to_dict
 
