@@ -359,7 +359,7 @@ def markdown_names(c: dict) -> list:
 
 def _check_markdown_names(c: dict) -> None:
     """A name printed into a Markdown table is one line: a line break or other control character would cut
-    the table (a `|` is escaped when written: cwdpo.report.common.md_cell)."""
+    the table (a `|` is escaped when written: cwdpo.report.render.md_cell)."""
     for key, text in markdown_names(c):
         if isinstance(text, str) and re.search(r"[\x00-\x1f\x7f]", text):
             raise ConfigError(f"{key}: {text!r} holds a line break or another control character (it is printed "

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-import specs
+import micro_specs as specs
 from conftest import REPO, copy_workflow, run
 from cwdpo.specs import to_json
 
@@ -316,10 +316,10 @@ def test_a_non_finite_value_in_an_evaluation_file_stops_the_table_job_naming_fil
 
 
 def test_a_pipe_in_a_row_name_stays_in_its_cell(tmp_path):
-    from cwdpo.report import compute_table, render
+    from cwdpo.report import comparison_document, compute_table, render
     spec = _table_spec(tmp_path, {"corpus": {"CIDEr": 0.5}, "per_image": {"CIDEr": {"1": 0.5, "2": 0.4}}},
                        {"test": {"ece": 0.1}})
-    md = render(*compute_table(spec), "t")["md"]
+    md = render(comparison_document(*compute_table(spec), "t"))["md"]
     rows = [line for line in md.splitlines() if line.startswith("|")]
     assert len(rows) == 3 and "SFT \\| one" in md
     assert {len(re.findall(r"(?<!\\)\|", line)) for line in rows} == {4}  # 3 cells on every line

@@ -10,7 +10,20 @@ import numpy as np
 import pytest
 
 from cwdpo import stats
-from cwdpo.report import calibrate_table, paper_table
+from cwdpo.report import arms, calibrate, paper, render
+
+
+def paper_table(spec: dict) -> dict:
+    return render(paper.document(spec))
+
+
+def calibrate_table(spec: dict) -> dict:
+    return render(calibrate.document(spec))
+
+
+def arms_table(spec: dict) -> dict:
+    return render(arms.document(spec))
+
 
 N_IMAGES = 60
 
@@ -354,7 +367,7 @@ def test_arms_table_decides_each_arm_and_derives_its_answer_from_the_verdicts(tm
     """T-scale on synthetic runs whose answers are known: CW-DPO beats DPO clearly at one size and falls behind it
     at the other; each verdict is the one `verdict` gives for the interval and δ the CSV prints, the question
     stands above the table and the answer below it follows the verdicts."""
-    from cwdpo.report import arms_table, claim_pattern
+    from cwdpo.report import claim_pattern
     root = str(tmp_path)
     for arm, cw_cider, cw_tv in (("small", 260, 0.10), ("large", 220, 0.35)):
         os.makedirs(os.path.join(root, arm), exist_ok=True)

@@ -13,37 +13,37 @@
   difference and verdict, the parts of a spec built from the plan).
 
 Each kind module has `spec(plan, name, table)` (the spec of `cwdpo table`, built from the plan at workflow
-parse time), `inputs(plan, name)` (every file the table reads: its rule's inputs) and `write(spec, out_stem)`
-(the .md, .csv and .tex); `KINDS` maps each kind to its module, so a new kind is one module and one line here.
+parse time), `inputs(plan, name)` (every file the table reads: its rule's inputs) and `document(spec)` (its
+headings, prose, rows and CSV records: a `render.Document`); `render` writes every kind's .md, .csv and .tex.
+`KINDS` maps each kind to its module, so a new kind is one module and one line here.
 No torch import.
 """
 from __future__ import annotations
 
 from . import arms, calibrate, comparison, paper
 from .arms import (ARM_NOUN, QUESTIONS, _info_rows, _mean_w_c_by_source, arms_answer, arms_inputs, arms_results,
-                   arms_spec, arms_table, claim_pattern)
-from .calibrate import (calibrate_table, calibration_choice, calibration_inputs, calibration_outcome, calibration_rows,
+                   arms_spec, claim_pattern)
+from .calibrate import (calibration_choice, calibration_inputs, calibration_outcome, calibration_rows,
                         write_calibration_choice)
 from .common import (COLUMNS, GROUNDING_COLUMNS, NOT_A_MODEL, QUANTITY_COLUMN, RUN_FILE_KINDS, SPECIAL, RunData,
-                     cell_stats, claim_difference, decide, digits_of, eval_set_columns, fmt, load_paper, md_cell,
-                     md_table, non_finite, read_evaluation_file, render, run_files, table_rows, tables_read_by)
-from .comparison import compute_table
-from .paper import paper_table
+                     cell_stats, claim_difference, decide, digits_of, eval_set_columns, fmt, load_paper, non_finite,
+                     read_evaluation_file, run_files, table_rows, tables_read_by)
+from .comparison import comparison_document, compute_table
+from .render import Document, Table, md_cell, md_table, render, write_document
 
 __all__ = [
-    "KINDS", "table_spec", "table_inputs", "write_table",
+    "KINDS", "table_spec", "table_inputs", "table_document", "write_table",
     "ARM_NOUN", "QUESTIONS", "_info_rows", "_mean_w_c_by_source", "arms_answer", "arms_inputs", "arms_results",
-    "arms_spec", "arms_table", "claim_pattern",
-    "calibrate_table", "calibration_choice", "calibration_inputs", "calibration_outcome", "calibration_rows",
-    "write_calibration_choice",
+    "arms_spec", "claim_pattern",
+    "calibration_choice", "calibration_inputs", "calibration_outcome", "calibration_rows", "write_calibration_choice",
     "COLUMNS", "GROUNDING_COLUMNS", "NOT_A_MODEL", "QUANTITY_COLUMN", "RUN_FILE_KINDS", "SPECIAL", "RunData",
-    "cell_stats", "claim_difference", "decide", "digits_of", "eval_set_columns", "fmt", "load_paper", "md_cell",
-    "md_table", "non_finite", "read_evaluation_file", "render", "run_files", "table_rows", "tables_read_by",
-    "compute_table", "paper_table",
+    "cell_stats", "claim_difference", "decide", "digits_of", "eval_set_columns", "fmt", "load_paper", "non_finite",
+    "read_evaluation_file", "run_files", "table_rows", "tables_read_by",
+    "comparison_document", "compute_table", "Document", "Table", "md_cell", "md_table", "render", "write_document",
 ]
 
 # table kind (config `tables.<name>.kind`) -> its module: spec(plan, name, table), inputs(plan, name),
-# write(spec, out_stem)
+# document(spec)
 KINDS = {"comparison": comparison, "paper": paper, "calibrate": calibrate,
          "scale": arms, "modality": arms, "negsource": arms}
 
@@ -59,6 +59,11 @@ def table_inputs(plan, name: str) -> list:
     return KINDS[plan.c["tables"][name]["kind"]].inputs(plan, name)
 
 
+def table_document(spec: dict) -> Document:
+    """The document of a table spec, by its kind."""
+    return KINDS[spec["kind"]].document(spec)
+
+
 def write_table(spec: dict, out_stem: str):
-    """`cwdpo table`: the .md, .csv and .tex of a table spec, by its kind's writer."""
-    KINDS[spec["kind"]].write(spec, out_stem)
+    """`cwdpo table`: the .md, .csv and .tex of a table spec."""
+    write_document(table_document(spec), out_stem)

@@ -5,8 +5,6 @@ No torch import.
 """
 from __future__ import annotations
 
-import csv
-import io
 import os
 
 import numpy as np
@@ -14,8 +12,8 @@ import numpy as np
 from ..config import arm_runs, load_claims, stage2_recipe
 from ..data import read_json
 from ..paths import ModelKey
-from .common import (QUANTITY_COLUMN, RunData, _fmt_diff, _r, cell_stats, claim_difference, decide, digits_of, fmt,
-                     md_table, write_texts)
+from .common import QUANTITY_COLUMN, RunData, _fmt_diff, _r, cell_stats, claim_difference, decide, digits_of, fmt
+from .render import Document, Table
 
 
 QUESTIONS = {
@@ -294,44 +292,34 @@ def _claim_cell(c: dict, digits: int) -> str:
     return f"{d}{delta}: {c['verdict']}"
 
 
-def arms_table(spec: dict) -> dict:
+def document(spec: dict) -> Document:
     """A table across arms: its question above, the info rows and one row per claim (A − B [95% CI]; δ:
     verdict) with a column per arm, and below it the answer derived from the verdicts."""
-    from tabulate import tabulate
     results = arms_results(spec)
     names = [r["name"] for r in results]
     info = _info_rows(spec, results)
     claim_rows = [[f"{c['claim']}: {c['a']} − {c['b']}"] + [_claim_cell(r["claims"][i], digits_of(c["column"]))
                                                             for r in results]
                   for i, c in enumerate(spec["claims"])]
-    headers = [""] + names
     answer = arms_answer(spec, results)
     how = {"hierarchical": "a bootstrap over seeds and, within each seed, over the same test images for A and B "
                            "(2000 resamples)", "t": "a t-interval over seeds"}[spec["interval"]]
     methods = sorted({c["method"] for r in results for c in r["claims"]})
-    md = f"### {spec['title']}\n\n**Question.** {spec['question']}\n\n"
-    md += md_table(info + claim_rows, headers) + "\n\n"
-    md += f"**Answer.** {answer}\n\n"
-    md += ("A claim holds when the 95% interval of its effect (A − B, or B − A for a claim that A is lower) lies above "
-           "0, does not hold when it lies below δ, its smallest effect of interest (config `claims.min_effect`, a "
-           f"share of B's value), and is inconclusive otherwise. Interval: {how}. Intervals computed: "
-           + "; ".join(methods) + ".\n")
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["section", "row", "arm", "value", "lo", "hi", "delta", "verdict", "method"])
-    for row in info:
-        for name, cell in zip(names, row[1:]):
-            w.writerow(["info", row[0], name, cell, "", "", "", "", ""])
+    blocks = [f"### {spec['title']}", f"**Question.** {spec['question']}", Table([""] + names, info + claim_rows),
+              f"**Answer.** {answer}",
+              "A claim holds when the 95% interval of its effect (A − B, or B − A for a claim that A is lower) lies "
+              "above 0, does not hold when it lies below δ, its smallest effect of interest (config "
+              "`claims.min_effect`, a share of B's value), and is inconclusive otherwise. Interval: "
+              f"{how}. Intervals computed: " + "; ".join(methods) + "."]
+    csv_rows = [["info", row[0], name, cell, "", "", "", "", ""] for row in info for name, cell in zip(names, row[1:])]
     for i, c in enumerate(spec["claims"]):
         for r in results:
             x = r["claims"][i]
-            w.writerow(["claim", c["id"], r["name"], _r(x["diff"]), _r(x["lo"]), _r(x["hi"]), _r(x["delta"]),
-                        x["verdict"], x["method"]])
-    w.writerow(["answer", "", "", answer, "", "", "", "", ""])
-    tex = (f"% Question: {spec['question']}\n"
-           + tabulate(info + claim_rows, headers=headers, tablefmt="latex_booktabs", disable_numparse=True)
-           + f"\n% Answer: {answer}\n")
-    return {"md": md, "csv": buf.getvalue(), "tex": tex}
+            csv_rows.append(["claim", c["id"], r["name"], _r(x["diff"]), _r(x["lo"]), _r(x["hi"]), _r(x["delta"]),
+                             x["verdict"], x["method"]])
+    csv_rows.append(["answer", "", "", answer, "", "", "", "", ""])
+    return Document(blocks, ["section", "row", "arm", "value", "lo", "hi", "delta", "verdict", "method"], csv_rows,
+                    tex_before=[f"% Question: {spec['question']}"], tex_after=[f"% Answer: {answer}"])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -339,7 +327,3 @@ def arms_table(spec: dict) -> dict:
 
 spec = arms_spec
 inputs = arms_inputs
-
-
-def write(spec: dict, out_stem: str):
-    write_texts(arms_table(spec), out_stem)

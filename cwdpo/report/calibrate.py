@@ -6,12 +6,10 @@ No torch import.
 """
 from __future__ import annotations
 
-import csv
-import io
-
 from ..config import stage2_recipe
-from .common import (RunData, _fmt_diff, _r, base_spec, cell_stats, claim_difference, finish_spec, fmt, md_table,
-                     row_inputs, table_rows, write_texts)
+from .common import (RunData, _fmt_diff, _r, base_spec, cell_stats, claim_difference, finish_spec, fmt, row_inputs,
+                     table_rows)
+from .render import Document, Table
 
 
 def calibration_rows(spec: dict) -> list:
@@ -82,8 +80,8 @@ def _pct(x) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}%"
 
 
-def calibrate_table(spec: dict) -> dict:
-    from tabulate import tabulate
+def document(spec: dict) -> Document:
+    """The sweep of the control arm, one row per setting, with the calibration rule and its outcome above."""
     rows = calibration_rows(spec)
     choice, how = calibration_choice(rows, spec["control_tv"])
     body = [[r["name"], f"{r['lr']:g}", f"{r['beta']:g}", _fmt_diff(r["gain"], 3), fmt(r["dlogp"], 3),
@@ -102,19 +100,14 @@ def calibrate_table(spec: dict) -> dict:
             f"outside the caption grammar. If no row meets both, the row whose TV to the reference is nearest "
             f"{spec['control_tv']} (the paper's vanilla DPO) among those that keep task and fluency. Outcome: "
             + (f"lr = {choice['lr']:g}, β = {choice['beta']:g} ({choice['name']}), by {how}." if choice else how + "."))
-    md = f"### {spec['title']}\n\n{rule}\n\n" + md_table(body, headers) + "\n"
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["control", "lr", "beta", "top1_gain", "top1_gain_lo", "top1_gain_hi", "dlogp_positive", "signature",
-                "task", "broken", "kept", "tv", "cider", "chair_s", "meets", "chosen", "chosen_by"])
-    for r in rows:
-        w.writerow([r["name"], repr(r["lr"]), repr(r["beta"]), _r(r["gain"]["diff"]), _r(r["gain"]["lo"]),
-                    _r(r["gain"]["hi"]),
-                    _r(r["dlogp"]["mean"]), r["signature"], _r(r["task"]), _r(r["broken"]), r["kept"],
-                    _r(r["tv"]["mean"]), _r(r["cider"]["mean"]), _r(r["chair_s"]["mean"]), r["meets"],
-                    choice is r, how if choice is r else ""])
-    tex = tabulate(body, headers=headers, tablefmt="latex_booktabs", disable_numparse=True) + "\n"
-    return {"md": md, "csv": buf.getvalue(), "tex": tex}
+    csv_rows = [[r["name"], repr(r["lr"]), repr(r["beta"]), _r(r["gain"]["diff"]), _r(r["gain"]["lo"]),
+                 _r(r["gain"]["hi"]), _r(r["dlogp"]["mean"]), r["signature"], _r(r["task"]), _r(r["broken"]),
+                 r["kept"], _r(r["tv"]["mean"]), _r(r["cider"]["mean"]), _r(r["chair_s"]["mean"]), r["meets"],
+                 choice is r, how if choice is r else ""] for r in rows]
+    return Document([f"### {spec['title']}", rule, Table(headers, body)],
+                    ["control", "lr", "beta", "top1_gain", "top1_gain_lo", "top1_gain_hi", "dlogp_positive",
+                     "signature", "task", "broken", "kept", "tv", "cider", "chair_s", "meets", "chosen", "chosen_by"],
+                    csv_rows)
 
 
 def calibration_outcome(rows: list, control_tv: float) -> dict:
@@ -186,7 +179,3 @@ def inputs(plan, name: str) -> list:
     """Every file a calibrate table reads: its rows' evaluation files and probes, and what its rule reads (the
     controls' Stage-1 models: `calibration_inputs`)."""
     return sorted(set(row_inputs(plan, name) + calibration_inputs(plan, name)))
-
-
-def write(spec: dict, out_stem: str):
-    write_texts(calibrate_table(spec), out_stem)

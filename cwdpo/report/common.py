@@ -1,5 +1,5 @@
 """What the table kinds share: the evaluation files a table reads (`RunData`), the cell statistics and their
-formatting, the comparison renderer, Markdown escaping, the claims' difference interval and verdict, and the
+formatting, the claims' difference interval and verdict, and the
 pieces of a table spec built from the plan (rows, evaluation-set columns, run files, row inputs).
 
 A table spec lists rows, each with the model keys of its seeds, and the columns to show. Each cell is mean ±
@@ -11,13 +11,12 @@ No torch import.
 from __future__ import annotations
 
 import csv
-import io
 import json
 import os
 
 import numpy as np
 
-from ..data import read_json, write_text
+from ..data import read_json
 from ..metrics import MEAN_OF_IMAGES, METRIC_NAMES
 from ..paths import TRIVIAL
 from ..stats import convergence_step, difference_ci, ece_difference_ci, paired_bootstrap_ci, seed_ci, verdict
@@ -210,54 +209,8 @@ def digits_of(col: str) -> int:
     return 0 if col == "conv. step" else (3 if col == "win-rate vs SFT" else 1)
 
 
-def render(cols: list, rows: list, reasons: dict, title: str, note: str = "") -> dict:
-    """{"md", "csv", "tex"} texts: cells "mean ± std [95% CI]"; CSV holds the numbers in separate columns."""
-    from tabulate import tabulate
-    headers = ["method"] + cols
-    body = [[name] + [fmt(cells[c], digits_of(c)) for c in cols] for name, cells in rows]
-    notes = [f"- {c}: n/a — {'; '.join(r)}" for c, r in sorted(reasons.items()) if r]
-    md = f"### {title}\n\n"
-    if note:
-        md += note + "\n\n"
-    md += md_table(body, headers) + "\n"
-    md += "\nCells: mean ± std over seeds [95% CI: t over seeds; one seed: bootstrap over test images].\n"
-    if notes:
-        md += "\n" + "\n".join(notes) + "\n"
-    tex = tabulate([[name] + [fmt(cells[c], digits_of(c), with_ci=False) for c in cols] for name, cells in rows],
-                   headers=headers, tablefmt="latex_booktabs", disable_numparse=True) + "\n"
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["method"] + [h for c in cols for h in (c, f"{c}_std", f"{c}_n", f"{c}_ci_lo", f"{c}_ci_hi")])
-    for name, cells in rows:
-        vals = []
-        for c in cols:
-            s = cells[c]
-            vals += ["n/a" if s["mean"] is None else repr(s["mean"]), _r(s["std"]), s["n"], _r(s["lo"]), _r(s["hi"])]
-        w.writerow([name] + vals)
-    return {"md": md, "csv": buf.getvalue(), "tex": tex}
-
-
-def md_cell(text) -> str:
-    """A cell of a Markdown table: a `|` escaped (it would start a new cell); the config refuses line
-    breaks in the names it prints (cwdpo.config.markdown_names)."""
-    return str(text).replace("|", "\\|")
-
-
-def md_table(rows: list, headers: list) -> str:
-    """A GitHub-Markdown table whose every cell and header is `md_cell`-escaped."""
-    from tabulate import tabulate
-    return tabulate([[md_cell(c) for c in row] for row in rows], headers=[md_cell(h) for h in headers],
-                    tablefmt="github", disable_numparse=True)
-
-
 def _r(x) -> str:
     return "" if x is None else repr(float(x))
-
-
-def write_texts(texts: dict, out_stem: str):
-    """A table's texts ({"md", "csv", "tex"}) as <out_stem>.md, .csv and .tex."""
-    for ext, text in texts.items():
-        write_text(f"{out_stem}.{ext}", text)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from ..paths import TRIVIAL
 from ..stats import difference_ci, win_rate
-from .common import (NOT_A_MODEL, RunData, _carries_eval_sets, base_spec, cell_stats, finish_spec, render, row_inputs,
-                     table_rows, write_texts)
+from .common import (NOT_A_MODEL, RunData, _carries_eval_sets, _r, base_spec, cell_stats, digits_of, finish_spec, fmt,
+                     row_inputs, table_rows)
+from .render import Document, Table
 
 
 def compute_table(spec: dict, data: RunData | None = None) -> tuple[list, list, dict]:
@@ -95,6 +96,27 @@ def inputs(plan, name: str) -> list:
     return sorted(set(row_inputs(plan, name)))
 
 
-def write(spec: dict, out_stem: str):
-    cols, rows, reasons = compute_table(spec)
-    write_texts(render(cols, rows, reasons, spec["title"]), out_stem)
+def comparison_document(cols: list, rows: list, reasons: dict, title: str) -> Document:
+    """Cells "mean ± std [95% CI]" (LaTeX: without the interval), the n/a reasons under the table; the CSV holds
+    each cell's numbers in separate columns."""
+    headers = ["method"] + cols
+    body = [[name] + [fmt(cells[c], digits_of(c)) for c in cols] for name, cells in rows]
+    tex_body = [[name] + [fmt(cells[c], digits_of(c), with_ci=False) for c in cols] for name, cells in rows]
+    blocks = [f"### {title}", Table(headers, body, tex_rows=tex_body),
+              "Cells: mean ± std over seeds [95% CI: t over seeds; one seed: bootstrap over test images]."]
+    notes = [f"- {c}: n/a — {'; '.join(r)}" for c, r in sorted(reasons.items()) if r]
+    if notes:
+        blocks.append("\n".join(notes))
+    csv_rows = []
+    for name, cells in rows:
+        vals = []
+        for c in cols:
+            s = cells[c]
+            vals += ["n/a" if s["mean"] is None else repr(s["mean"]), _r(s["std"]), s["n"], _r(s["lo"]), _r(s["hi"])]
+        csv_rows.append([name] + vals)
+    csv_header = ["method"] + [h for c in cols for h in (c, f"{c}_std", f"{c}_n", f"{c}_ci_lo", f"{c}_ci_hi")]
+    return Document(blocks, csv_header, csv_rows)
+
+
+def document(spec: dict) -> Document:
+    return comparison_document(*compute_table(spec), spec["title"])

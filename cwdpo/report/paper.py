@@ -8,13 +8,10 @@ No torch import.
 """
 from __future__ import annotations
 
-import csv
-import io
-
 from ..config import PAPER_CLAIM_IDS
 from .common import (COLUMNS, QUANTITY_COLUMN, RunData, _fmt_diff, base_spec, cell_stats, claim_difference, decide,
-                     digits_of, finish_spec, fmt, load_paper, md_table, row_inputs, table_rows, tables_read_by,
-                     write_texts)
+                     digits_of, finish_spec, fmt, load_paper, row_inputs, table_rows, tables_read_by)
+from .render import Document, Table
 
 
 def _paper_numbers(spec: dict, data: RunData, paper: dict) -> tuple:
@@ -197,10 +194,9 @@ def _pass(ok: bool) -> str:
     return "pass" if ok else "fail"
 
 
-def paper_table(spec: dict) -> dict:
+def document(spec: dict) -> Document:
     """T-regime (the testbed's preconditions), then T-paper: the paper's numbers next to ours, and a verdict
     per claim decided by its interval and smallest effect of interest."""
-    from tabulate import tabulate
     paper = load_paper()
     data = RunData(spec)
     body, reasons = _paper_numbers(spec, data, paper)
@@ -216,29 +212,20 @@ def paper_table(spec: dict) -> dict:
                                                     "test images for A and B (2000 resamples)",
                                     "t": "a t-interval over seeds"}[spec["claims"]["interval"]] +
                     "; ablation rows: one seed, a paired bootstrap over test images.")
-    md = "### T-regime: the testbed's preconditions (measured before any verdict)\n\n"
-    md += md_table(regime, ["precondition", "measured", "target", "pass"]) + "\n\n"
-    md += "### T-paper: paper vs reproduced\n\n" + note + "\n\n"
-    md += md_table(body, ["quantity", "method", "paper", "ours", "paper source"]) + "\n\n"
-    md += "#### Claims\n\n" + verdict_note + "\n\n"
-    headers = ["claim", "whose", "paper", "ours: A − B [95% CI]", "δ", "verdict", "interval"]
-    md += md_table(claim_rows, headers) + "\n"
+    blocks = ["### T-regime: the testbed's preconditions (measured before any verdict)",
+              Table(["precondition", "measured", "target", "pass"], regime),
+              "### T-paper: paper vs reproduced", note,
+              Table(["quantity", "method", "paper", "ours", "paper source"], body,
+                    tex_headers=["quantity", "method", "paper", "ours", "source"]),
+              "#### Claims", verdict_note,
+              Table(["claim", "whose", "paper", "ours: A − B [95% CI]", "δ", "verdict", "interval"], claim_rows)]
     if reasons:
-        md += "\n" + "\n".join(f"- {k}: n/a — {v}" for k, v in sorted(reasons.items())) + "\n"
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["section", "quantity_or_claim", "method_or_whose", "paper_or_target", "ours", "delta", "verdict",
-                "source_or_interval"])
-    for r in regime:
-        w.writerow(["regime", r[0], "", r[2], r[1], "", r[3], ""])
-    for r in body:
-        w.writerow(["number", r[0], r[1], r[2], r[3], "", "", r[4]])
-    for r in claim_rows:
-        w.writerow(["claim", r[0], r[1], r[2], r[3], r[4], r[5], r[6]])
-    tex = "\n".join(tabulate(rows, headers=h, tablefmt="latex_booktabs", disable_numparse=True) for rows, h in (
-        (regime, ["precondition", "measured", "target", "pass"]),
-        (body, ["quantity", "method", "paper", "ours", "source"]), (claim_rows, headers))) + "\n"
-    return {"md": md, "csv": buf.getvalue(), "tex": tex}
+        blocks.append("\n".join(f"- {k}: n/a — {v}" for k, v in sorted(reasons.items())))
+    csv_rows = ([["regime", r[0], "", r[2], r[1], "", r[3], ""] for r in regime]
+                + [["number", r[0], r[1], r[2], r[3], "", "", r[4]] for r in body]
+                + [["claim", r[0], r[1], r[2], r[3], r[4], r[5], r[6]] for r in claim_rows])
+    return Document(blocks, ["section", "quantity_or_claim", "method_or_whose", "paper_or_target", "ours", "delta",
+                             "verdict", "source_or_interval"], csv_rows)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -270,7 +257,3 @@ def inputs(plan, name: str) -> list:
     files += [plan.run_file(k, "probes") for k in control["keys"] if plan.run_file(k)]
     files += [plan.path("stability", seed=s) for s in plan.stability_seeds()]
     return sorted(set(files))
-
-
-def write(spec: dict, out_stem: str):
-    write_texts(paper_table(spec), out_stem)
