@@ -1,6 +1,7 @@
 """`cwdpo <command>`: the only surface the Snakefile touches.
 
-Each command parses its arguments and calls one function of the module that owns the work. Rules pass
+Each command parses its arguments and calls one function of the module that owns the work; it is declared
+once, by `@command` above its function (`COMMANDS`, from which `build_parser` builds the parser). Rules pass
 a JSON `--spec` (a `cwdpo.specs` dataclass, built by `cwdpo.plan`) and explicit input/output paths. Heavy
 imports (torch, transformers) happen inside the modules that need them, so `cwdpo score` or `cwdpo table`
 start in well under a second.
@@ -12,6 +13,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass
 
 _CLOCK = {}  # process start and the moment the command's work began (see `main`)
 
@@ -78,8 +80,40 @@ def _spec(name: str, text: str):
         raise SpecError(f"--spec: {e}") from None
 
 
-# ---- commands ----
+# ---- commands: each one declared by `command` above its function (`COMMANDS`, the parser's only source) ----
 
+@dataclass(frozen=True)
+class Command:
+    """A `cwdpo` command: its function and help, whether it takes --spec, --out and --threads, whether it loads
+    a Hugging Face model (`hf`: offline, quiet), whether the rules run it (`job`: its errors also print the
+    traceback, kept in the job's log; the commands people type say one line only), and its own arguments."""
+    fn: object
+    help: str
+    spec: bool = True
+    out: bool = True
+    threads: bool = False
+    hf: bool = False
+    job: bool = True
+    args: tuple = ()
+
+
+COMMANDS: dict = {}  # name -> Command, in the order of `cwdpo --help`
+
+
+def arg(*flags, **kwargs) -> tuple:
+    """One argument of a command: `add_argument`'s flags and keywords."""
+    return flags, kwargs
+
+
+def command(name: str, help_: str, **options):
+    """Declare the function below as command `name` (options: `Command`'s fields)."""
+    def register(fn):
+        COMMANDS[name] = Command(fn, help_, **options)
+        return fn
+    return register
+
+
+@command("prepare-data", "generate the embedded `shapes` dataset (Karpathy format)")
 def cmd_prepare_data(a):
     from .shapes import ShapesSpec, write_dataset
     from .specs import from_json
@@ -87,6 +121,7 @@ def cmd_prepare_data(a):
     write_dataset(from_json(ShapesSpec, a.spec), a.out)
 
 
+@command("validate-data", "check every image and caption once (missing, corrupt, empty)")
 def cmd_validate_data(a):
     from .data import validate_data
     _started()
@@ -94,12 +129,19 @@ def cmd_validate_data(a):
         print(f"[cwdpo validate-data] skipped {item['where']}: {item['reason']}", file=sys.stderr)
 
 
+@command("build-model", "build the tiny random-init Qwen2.5-VL + tokenizer + processor", hf=True)
 def cmd_build_model(a):
     from .models import build_base_init
     _started()
     print(json.dumps(build_base_init(_spec("BuildModelSpec", a.spec), a.out)))
 
 
+@command("train", "train one model (pretrain/SFT/SFT-C/DPO/Focal-DPO/CW-DPO)", threads=True, hf=True, args=(
+    arg("--dataloader-workers", type=int, default=0,
+        help="data-loader worker processes per training process (rules: compute.dataloader_workers)"),
+    arg("--evaluate", default=None, help="an evaluation spec: evaluate the trained model in this job"),
+    arg("--captions", default=None, help="with --evaluate: the captions file"),
+    arg("--measures", default=None, help="with --evaluate: the measures file")))
 def cmd_train(a):
     from .train import run_training
     _started()
@@ -110,30 +152,39 @@ def cmd_train(a):
         run(_spec("EvalSpec", a.evaluate), a.captions, a.measures, threads=a.threads)
 
 
+@command("stability", "pretrain the tiny model from another seed and measure its captions", threads=True,
+         hf=True)
 def cmd_stability(a):
     from .stability import run
     _started()
     run(_spec("StabilitySpec", a.spec), a.out, threads=a.threads)
 
 
+@command("evaluate", "beam-search captions + teacher-forced measures of one model", out=False, threads=True, hf=True,
+         args=(arg("--captions", required=True), arg("--measures", required=True)))
 def cmd_evaluate(a):
     from .evaluate import run
     _started()
     run(_spec("EvalSpec", a.spec), a.captions, a.measures, threads=a.threads)
 
 
+@command("sample-onpolicy", "K samples per Stage-2 image from a model (hf or vllm)", threads=True, hf=True,
+         args=(arg("--summary", required=True),))
 def cmd_sample_onpolicy(a):
     from .sampling import run
     _started()
     run(_spec("SampleSpec", a.spec), a.out, a.summary, threads=a.threads)
 
 
+@command("beam-negatives", "the model's k beams per Stage-2 image, the wrong ones kept", threads=True, hf=True,
+         args=(arg("--summary", required=True),))
 def cmd_beam_negatives(a):
     from .sampling import run_beams
     _started()
     run_beams(_spec("BeamSpec", a.spec), a.out, a.summary, threads=a.threads)
 
 
+@command("calibration-choice", "the calibration rule's outcome of a sweep table (its lr)")
 def cmd_calibration_choice(a):
     from .report import write_calibration_choice
     _started()
@@ -141,18 +192,26 @@ def cmd_calibration_choice(a):
     print(f"calibration {doc['table']}: {doc['outcome']} -> {a.out}")
 
 
+@command("probe-set", "the fixed probe set (positives + gentle/easy/on-policy negatives)",
+         args=(arg("--onpolicy", default=None),))
 def cmd_probe_set(a):
     from .negatives import write_probe_set
     _started()
     write_probe_set(_spec("ProbeSetSpec", a.spec), a.onpolicy, a.out)
 
 
+@command("make-pairs", "preference pairs (TRL vision format) from dataset/on-policy negatives", args=(
+    arg("--onpolicy", default=None),
+    arg("--beams", default=None, help="the model's grounded beams (cwdpo beam-negatives)"),
+    arg("--summary", required=True)))
 def cmd_make_pairs(a):
     from .negatives import make_pairs
     _started()
     make_pairs(_spec("PairsSpec", a.spec), a.onpolicy, a.out, a.summary, beams=a.beams)
 
 
+@command("ref-logps", "cache the reference model's log-probs of a pairs file", threads=True, hf=True,
+         args=(arg("--pairs", required=True),))
 def cmd_ref_logps(a):
     from .reference import run
     _started()
@@ -160,6 +219,9 @@ def cmd_ref_logps(a):
     print(f"reference log-probs of {doc['n_pairs']} pairs -> {a.out}")
 
 
+@command("fetch-model", "put a hub model into the workflow's Hugging Face cache (network)", spec=False, args=(
+    arg("--model", required=True, help="hub id, e.g. Qwen/Qwen2.5-VL-3B-Instruct"),
+    arg("--cache", required=True, help="HF_HOME of the workflow (config model.cache)")))
 def cmd_fetch_model(a):
     from .data import write_json
     from .hub import fetch
@@ -168,6 +230,10 @@ def cmd_fetch_model(a):
     print(f"{a.model}: snapshot {doc['commit']} in {a.cache} ({'downloaded' if doc['downloaded'] else 'cached'})")
 
 
+@command("gpus", "run a command on GPUs of its own (CUDA_VISIBLE_DEVICES from free GPU slots)", spec=False,
+         out=False, job=False, args=(
+             arg("--n", type=int, required=True, help="GPUs the command needs (0: run it as it is)"),
+             arg("command", nargs=argparse.REMAINDER, help="-- the command and its arguments")))
 def cmd_gpus(a):
     from .config import ConfigError
     from .gpus import run
@@ -176,42 +242,61 @@ def cmd_gpus(a):
     run(a.n, a.command[1:] if a.command[:1] == ["--"] else a.command)
 
 
+@command("trivial", "the trivial baseline: the most frequent training caption for every image")
 def cmd_trivial(a):
     from .data import write_trivial
     _started()
     write_trivial(_spec("TrivialSpec", a.spec), a.out)
 
 
+@command("coco-objects", "the COCO categories of a data source's images (for CHAIR)")
 def cmd_coco_objects(a):
     from .grounding import write_coco_objects
     _started()
     write_coco_objects(_spec("CocoObjectsSpec", a.spec), a.out)
 
 
+@command("score", "score caption files with pycocoevalcap (one JVM for all files)", spec=False, out=False, args=(
+    arg("--captions", nargs="+", required=True), arg("--out", nargs="+", required=True),
+    arg("--metrics", default=None, help="comma-separated subset of BLEU-4,METEOR,ROUGE-L,CIDEr,SPICE")))
 def cmd_score(a):
     from .metrics import METRIC_NAMES, score_files
     _started()
     score_files(a.captions, a.out, a.metrics.split(",") if a.metrics else list(METRIC_NAMES))
 
 
+@command("table", "write a comparison table (Markdown, CSV, LaTeX)", out=False,
+         args=(arg("--out", required=True, help="output stem: writes <out>.md, <out>.csv, <out>.tex"),))
 def cmd_table(a):
     from .report import write_table
     _started()
     write_table(_spec_json(a.spec), a.out)
 
 
+@command("figure", "draw a figure (PNG + PDF) from the runs' probes and measures", out=False,
+         args=(arg("--out", required=True, help="output stem: writes <out>.png and <out>.pdf"),))
 def cmd_figure(a):
     from .figures import write_figure
     _started()
     write_figure(_spec_json(a.spec), a.out)
 
 
+@command("convert-nocaps", "NoCaps annotations (COCO style) -> Karpathy format with domains", spec=False, job=False,
+         args=(arg("--annotations", required=True, help="e.g. nocaps_val_4500_captions.json"),
+               arg("--split", default="val")))
 def cmd_convert_nocaps(a):
     from .data import convert_nocaps
     _started()
     print(json.dumps(convert_nocaps(a.annotations, a.out, a.split)))
 
 
+@command("bench", "step-time ratios, cached reference, TRL peer, shared prefix, throughput", spec=False, out=False,
+         threads=True, hf=True, job=False, args=(
+             arg("--quick", action="store_true", help="tiny model only, few steps (for CI)"),
+             arg("--out", default="results/bench"),
+             arg("--no-large", action="store_true", help="skip the larger random-init model"),
+             arg("--workdir", default=".", help="the workflow folder for the DAG timings"),
+             arg("--experiment-dir", default="results/tiny", help="a finished run for the pipeline costs")))
 def cmd_bench(a):
     from .bench import run_bench
     _started()
@@ -221,6 +306,12 @@ def cmd_bench(a):
     print(f"wrote {a.out}/bench.json and bench.md (peak RSS {report['peak_rss_mb']:.0f} MB)")
 
 
+@command("estimate", "tokens, FLOPs and GPU-hours of a config's whole DAG", spec=False, out=False, job=False, args=(
+    arg("--configfile", required=True),
+    arg("--mfu", type=float, default=0.40, help="assumed model FLOPs utilisation (gpu_smoke measures it)"),
+    arg("--peak-tflops", type=float, default=None, help="peak bf16 TFLOP/s per GPU (default H100: 989)"),
+    arg("--image-size", default=None, help="WxH of the typical image for Karpathy data (default 640x480)"),
+    arg("--json", default=None, help="also write the estimate as JSON")))
 def cmd_estimate(a):
     """Tokens, FLOPs and GPU-hours of a config's DAG, per rule and in total."""
     from .config import load_config
@@ -236,6 +327,8 @@ def cmd_estimate(a):
         write_json(a.json, est)
 
 
+@command("validate-config", "validate a config file against the workflow schema", spec=False, out=False,
+         job=False, args=(arg("--configfile", required=True),))
 def cmd_validate_config(a):
     from .config import load_config
     _started()
@@ -244,93 +337,21 @@ def cmd_validate_config(a):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The parser of every command in `COMMANDS`: --spec (a job's JSON spec), --out and --threads where the
+    command declares them, then its own arguments."""
     p = argparse.ArgumentParser(prog="cwdpo", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
-
-    def add(name, fn, help_, spec=True, out=True, threads=False, hf=False, job=True):
-        """`job`: a command the rules run (its errors also print the traceback, kept in the job's log);
-        the commands people type (validate-config, estimate, ...) say one line only."""
-        sp = sub.add_parser(name, help=help_)
-        sp.set_defaults(fn=fn, hf=hf, job=job, name=name)  # (`gpus` has a positional `command`)
-        if spec:
+    for name, c in COMMANDS.items():
+        sp = sub.add_parser(name, help=c.help)
+        sp.set_defaults(fn=c.fn, hf=c.hf, job=c.job, name=name)  # (`gpus` has a positional `command`)
+        if c.spec:
             sp.add_argument("--spec", required=True, help="the job's JSON spec (or @file)")
-        if out:
+        if c.out:
             sp.add_argument("--out", required=True)
-        if threads:  # torch commands: the rules pass Snakemake's `threads` here
+        if c.threads:  # torch commands: the rules pass Snakemake's `threads` here
             sp.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-        return sp
-
-    add("prepare-data", cmd_prepare_data, "generate the embedded `shapes` dataset (Karpathy format)")
-    add("validate-data", cmd_validate_data, "check every image and caption once (missing, corrupt, empty)")
-    add("build-model", cmd_build_model, "build the tiny random-init Qwen2.5-VL + tokenizer + processor", hf=True)
-    sp = add("train", cmd_train, "train one model (pretrain/SFT/SFT-C/DPO/Focal-DPO/CW-DPO)", threads=True, hf=True)
-    sp.add_argument("--dataloader-workers", type=int, default=0,
-                    help="data-loader worker processes per training process (rules: compute.dataloader_workers)")
-    sp.add_argument("--evaluate", default=None, help="an evaluation spec: evaluate the trained model in this job")
-    sp.add_argument("--captions", default=None, help="with --evaluate: the captions file")
-    sp.add_argument("--measures", default=None, help="with --evaluate: the measures file")
-    add("stability", cmd_stability, "pretrain the tiny model from another seed and measure its captions",
-        threads=True, hf=True)
-    sp = add("evaluate", cmd_evaluate, "beam-search captions + teacher-forced measures of one model", out=False,
-             threads=True, hf=True)
-    sp.add_argument("--captions", required=True)
-    sp.add_argument("--measures", required=True)
-    sp = add("sample-onpolicy", cmd_sample_onpolicy, "K samples per Stage-2 image from a model (hf or vllm)",
-             threads=True, hf=True)
-    sp.add_argument("--summary", required=True)
-    sp = add("beam-negatives", cmd_beam_negatives, "the model's k beams per Stage-2 image, the wrong ones kept",
-             threads=True, hf=True)
-    sp.add_argument("--summary", required=True)
-    add("calibration-choice", cmd_calibration_choice, "the calibration rule's outcome of a sweep table (its lr)")
-    sp = add("probe-set", cmd_probe_set, "the fixed probe set (positives + gentle/easy/on-policy negatives)")
-    sp.add_argument("--onpolicy", default=None)
-    sp = add("make-pairs", cmd_make_pairs, "preference pairs (TRL vision format) from dataset/on-policy negatives")
-    sp.add_argument("--onpolicy", default=None)
-    sp.add_argument("--beams", default=None, help="the model's grounded beams (cwdpo beam-negatives)")
-    sp.add_argument("--summary", required=True)
-    sp = add("ref-logps", cmd_ref_logps, "cache the reference model's log-probs of a pairs file", threads=True,
-             hf=True)
-    sp.add_argument("--pairs", required=True)
-    sp = add("fetch-model", cmd_fetch_model, "put a hub model into the workflow's Hugging Face cache (network)",
-             spec=False)
-    sp.add_argument("--model", required=True, help="hub id, e.g. Qwen/Qwen2.5-VL-3B-Instruct")
-    sp.add_argument("--cache", required=True, help="HF_HOME of the workflow (config model.cache)")
-    sp = add("gpus", cmd_gpus, "run a command on GPUs of its own (CUDA_VISIBLE_DEVICES from free GPU slots)",
-             spec=False, out=False, job=False)
-    sp.add_argument("--n", type=int, required=True, help="GPUs the command needs (0: run it as it is)")
-    sp.add_argument("command", nargs=argparse.REMAINDER, help="-- the command and its arguments")
-    add("trivial", cmd_trivial, "the trivial baseline: the most frequent training caption for every image")
-    add("coco-objects", cmd_coco_objects, "the COCO categories of a data source's images (for CHAIR)")
-    sp = add("score", cmd_score, "score caption files with pycocoevalcap (one JVM for all files)", spec=False,
-             out=False)
-    sp.add_argument("--captions", nargs="+", required=True)
-    sp.add_argument("--out", nargs="+", required=True)
-    sp.add_argument("--metrics", default=None, help="comma-separated subset of BLEU-4,METEOR,ROUGE-L,CIDEr,SPICE")
-    sp = add("table", cmd_table, "write a comparison table (Markdown, CSV, LaTeX)", out=False)
-    sp.add_argument("--out", required=True, help="output stem: writes <out>.md, <out>.csv, <out>.tex")
-    sp = add("figure", cmd_figure, "draw a figure (PNG + PDF) from the runs' probes and measures", out=False)
-    sp.add_argument("--out", required=True, help="output stem: writes <out>.png and <out>.pdf")
-    sp = add("convert-nocaps", cmd_convert_nocaps, "NoCaps annotations (COCO style) -> Karpathy format with domains",
-             spec=False, job=False)
-    sp.add_argument("--annotations", required=True, help="e.g. nocaps_val_4500_captions.json")
-    sp.add_argument("--split", default="val")
-    sp = add("bench", cmd_bench, "step-time ratios, cached reference, TRL peer, shared prefix, throughput",
-             spec=False, out=False, threads=True, hf=True, job=False)
-    sp.add_argument("--quick", action="store_true", help="tiny model only, few steps (for CI)")
-    sp.add_argument("--out", default="results/bench")
-    sp.add_argument("--no-large", action="store_true", help="skip the larger random-init model")
-    sp.add_argument("--workdir", default=".", help="the workflow folder for the DAG timings")
-    sp.add_argument("--experiment-dir", default="results/tiny", help="a finished run for the pipeline costs")
-    sp = add("estimate", cmd_estimate, "tokens, FLOPs and GPU-hours of a config's whole DAG", spec=False, out=False,
-             job=False)
-    sp.add_argument("--configfile", required=True)
-    sp.add_argument("--mfu", type=float, default=0.40, help="assumed model FLOPs utilisation (gpu_smoke measures it)")
-    sp.add_argument("--peak-tflops", type=float, default=None, help="peak bf16 TFLOP/s per GPU (default H100: 989)")
-    sp.add_argument("--image-size", default=None, help="WxH of the typical image for Karpathy data (default 640x480)")
-    sp.add_argument("--json", default=None, help="also write the estimate as JSON")
-    sp = add("validate-config", cmd_validate_config, "validate a config file against the workflow schema",
-             spec=False, out=False, job=False)
-    sp.add_argument("--configfile", required=True)
+        for flags, kwargs in c.args:
+            sp.add_argument(*flags, **kwargs)
     return p
 
 
