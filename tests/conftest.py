@@ -9,7 +9,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import specs  # noqa: E402  (tests/specs.py: job specs built through cwdpo.plan from the micro config)
+import micro_specs as specs  # noqa: E402  (tests/micro_specs.py: job specs built through cwdpo.plan from the micro config)
 
 
 FAST_LOOP = "not slow and not train and not gpu_stack"  # the fast loop's marker expression (README § Developing)

@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-import specs
+import micro_specs as specs
 from conftest import copy_workflow
 from cwdpo.specs import DataSpec, PairsSpec, TrivialSpec, ValidateSpec, to_json
 

@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-import specs
+import micro_specs as specs
 from cwdpo.chat import CompletionCounter, assistant_affixes, chat_template
 from cwdpo.logprobs import Encoder, assistant_turn
 from cwdpo.models import QWEN2_5_VL_CHAT_TEMPLATE, load_processor

@@ -110,7 +110,7 @@ def test_duplicate_id_under_skip_keeps_the_first_entry_in_every_job(tmp_path):
     Under `skip` the later entry is left out — in the report and in every job — and the first is kept."""
     from cwdpo.data import load_records, validate_data
     from cwdpo.specs import ValidateSpec
-    import specs
+    import micro_specs as specs
     path, root = _write_karpathy(tmp_path)
     doc = json.load(open(path))
     dup = json.loads(json.dumps(doc["images"][0]))
@@ -171,7 +171,7 @@ def test_pairs_file_not_utf8_names_file_and_line(tmp_path):
 
 def test_empty_split_names_the_file_and_its_splits(tmp_path):
     from cwdpo.data import load_records
-    import specs
+    import micro_specs as specs
     path, root = _write_karpathy(tmp_path)
     with pytest.raises(DataError, match=r"no images in split\(s\) val, probe; the file's splits: restval \(1\), "
                                         r"test \(1\), train \(1\)"):

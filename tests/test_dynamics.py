@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-import specs
+import micro_specs as specs
 from cwdpo import dynamics as D
 from cwdpo import stats
 

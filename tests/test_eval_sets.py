@@ -7,7 +7,7 @@ import pytest
 
 from cwdpo import shapes
 from cwdpo.data import load_karpathy
-import specs
+import micro_specs as specs
 from conftest import run
 
 HELD = (("red", "star"), ("blue", "cross"), ("green", "triangle"), ("yellow", "circle"), ("purple", "square"))

@@ -14,7 +14,7 @@ import os
 
 import pytest
 
-import specs
+import micro_specs as specs
 from cwdpo import sampling
 
 pytestmark = pytest.mark.gpu_stack

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-import specs
+import micro_specs as specs
 from conftest import copy_workflow, run
 
 CHILD = ("import json, os, sys, time; t0 = time.time(); time.sleep(float(sys.argv[2])); "

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-import specs
+import micro_specs as specs
 from cwdpo import hub
 
 REPO_ID = "cwdpo-test/Qwen2.5-VL-tiny"

@@ -8,7 +8,7 @@ import pytest
 from cwdpo import negatives as N
 from cwdpo import shapes as S
 from cwdpo.data import DataError, ImageRecord
-import specs
+import micro_specs as specs
 
 
 def _diff(a, b):

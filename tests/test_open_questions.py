@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-import specs
+import micro_specs as specs
 from conftest import REPO, copy_workflow, run
 from cwdpo import negatives as N
 from cwdpo.config import (ConfigError, deep_merge, load_config, read_config_file, stage2_recipe, validate_config,

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-import specs
+import micro_specs as specs
 from conftest import REPO
 from cwdpo.specs import to_json
 

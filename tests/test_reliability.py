@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-import specs
+import micro_specs as specs
 from conftest import REPO, copy_workflow, run
 from cwdpo.specs import to_json
 

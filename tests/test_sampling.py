@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 
-import specs
+import micro_specs as specs
 from cwdpo import sampling
 from cwdpo.metrics import corpus_scorer
 

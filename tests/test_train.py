@@ -6,7 +6,7 @@ import os
 import pytest
 
 
-import specs
+import micro_specs as specs
 from cwdpo import reference as R
 from cwdpo import train as T
 from cwdpo.data import read_json

@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-import specs
+import micro_specs as specs
 from cwdpo.negatives import build_pairs, write_pairs
 
 

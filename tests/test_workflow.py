@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-import specs
+import micro_specs as specs
 from conftest import copy_workflow, run
 
 BLOCK_TORCH = '''
