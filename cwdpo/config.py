@@ -14,7 +14,7 @@ import re
 
 import yaml
 
-from .methods import METHODS, STAGE1_METHODS, STAGE2_METHODS  # noqa: F401 (re-exported: the config's method lists)
+from .methods import METHODS, REGISTRY, STAGE1_METHODS, STAGE2_METHODS  # noqa: F401 (re-exported: the config's method lists)
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # a name that becomes part of a path (experiment, recipes, sets, tables, figures): no separators, no leading
@@ -518,12 +518,62 @@ def _check_paths(c: dict) -> None:
             raise ConfigError(f"{key}: {path!r} does not exist")
 
 
+def _short(x: float) -> str:
+    """A learning rate or β as config names spell it: 5e-5, 1e-2, 0.3, 1."""
+    if x < 0.1:
+        mantissa, exponent = f"{x:e}".split("e")
+        return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+    return f"{x:g}"
+
+
+def expand_sweeps(config: dict) -> bool:
+    """Expand every table's `sweep` (config tables.<name>.sweep, validated) into Stage-2 recipes and rows, in
+    place, and drop the key (so expanding again adds nothing). A recipe of the same name must say the same.
+    Returns whether anything was added (the config is then validated again to fill the new entries' defaults)."""
+    added = False
+    recipes = config.setdefault("stage2", {}).setdefault("recipes", {})
+    for tname, table in (config.get("tables") or {}).items():
+        sweep = table.pop("sweep", None) if isinstance(table, dict) else None
+        if not sweep:
+            continue
+        if sweep["method"] not in STAGE2_METHODS:
+            raise ConfigError(f"tables.{tname}.sweep.method: {sweep['method']!r} is not one of "
+                              f"{', '.join(STAGE2_METHODS)}")
+        stage1 = (config.get("stage1") or {}).get("recipes") or {}
+        if sweep["stage1"] not in stage1:
+            raise ConfigError(f"tables.{tname}.sweep.stage1: unknown Stage-1 recipe {sweep['stage1']!r}; known: "
+                              f"{', '.join(stage1)}")
+        label = REGISTRY[sweep["method"]].label
+        for grid in sweep["grids"]:
+            for beta in grid.get("beta", [None]):
+                for lr in grid["lr"]:
+                    name = f"{sweep['method']}_lr{_short(lr)}" + ("" if beta is None else f"_b{_short(beta)}")
+                    recipe = {"method": sweep["method"], "lr": lr, **({} if beta is None else {"beta": beta})}
+                    have = recipes.get(name)
+                    if have is not None and {k: have.get(k) for k in recipe} != recipe:
+                        raise ConfigError(f"tables.{tname}.sweep: it makes Stage-2 recipe {name!r} ({recipe}), "
+                                          f"but stage2.recipes.{name} says otherwise ({have}); rename or drop it")
+                    recipes.setdefault(name, recipe)
+                    row_name = f"{label}, lr {_short(lr)}" + ("" if beta is None else f", β {_short(beta)}")
+                    row = {"name": row_name, "stage1": sweep["stage1"], "stage2": name}
+                    if "seeds" in sweep:
+                        row["seeds"] = sweep["seeds"]
+                    table.setdefault("rows", []).append(row)
+                    added = True
+    return added
+
+
 def validate_config(config: dict, schema_file: str | None = None, check_paths: bool = True) -> dict:
-    """Validate `config` in place (filling defaults) and check it across keys; raise `ConfigError`."""
+    """Validate `config` in place (filling defaults; tables' `sweep` expanded: `expand_sweeps`) and check it
+    across keys; raise `ConfigError`."""
     errors = schema_errors(config, schema_file)
     if errors:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
     try:
+        if expand_sweeps(config):
+            errors = schema_errors(config, schema_file)
+            if errors:
+                raise ConfigError("\n  ".join(errors))
         check_config(config, check_paths=check_paths)
     except ConfigError as e:
         raise ConfigError(f"invalid config:\n  {e}") from None

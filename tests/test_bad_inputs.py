@@ -106,6 +106,15 @@ CONFIG_CASES = [
      r"invalid config: data\.shapes\.object_counts_by_split: unknown split\(s\) trian; known: .*", "trian"),
     ("table-row-unknown-recipe", "tables: {t: {rows: [{name: r, stage1: sft_x}]}}",
      r"invalid config: tables\.t\.rows\[0\]\.stage1: unknown Stage-1 recipe 'sft_x'; known: .*", "sft_x"),
+    # a calibrate table's sweep (cwdpo.config.expand_sweeps)
+    ("sweep-recipe-conflict", "stage2: {recipes: {dpo_lr1e-3: {method: dpo, lr: 5.0e-4}}}\ntables: {c: {kind: "
+     "calibrate, rows: [{name: SFT, stage1: sft}], sweep: {stage1: sft_c, method: dpo, grids: [{lr: [1.0e-3]}]}}}",
+     r"invalid config: tables\.c\.sweep: it makes Stage-2 recipe 'dpo_lr1e-3' \(.*\), but stage2\.recipes\.dpo_lr1e-3 "
+     r"says otherwise \(.*\); rename or drop it", "says otherwise"),
+    ("sweep-unknown-method", "tables: {c: {kind: calibrate, sweep: {stage1: sft_c, method: ppo, grids: [{lr: [1]}]}}}",
+     r"invalid config: tables\.c\.sweep\.method: 'ppo' is not one of dpo, .*", "'ppo'"),
+    ("sweep-unknown-stage1", "tables: {c: {kind: calibrate, sweep: {stage1: sftc, method: dpo, grids: [{lr: [1]}]}}}",
+     r"invalid config: tables\.c\.sweep\.stage1: unknown Stage-1 recipe 'sftc'; known: .*", "'sftc'"),
     ("model-source-unknown", "model: {source: 'not a model'}\npretrain: {enabled: false}",
      r"invalid config: model\.source: 'not a model' is neither tiny, a hub id \(org/name\) nor an existing model "
      r"folder", "neither tiny"),

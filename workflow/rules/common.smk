@@ -12,6 +12,7 @@ from cwdpo.config import (
     NAME_PATTERN,
     check_config,
     check_config_files,
+    expand_sweeps,
     schema_errors,
 )
 from cwdpo.figures import figure_inputs, figure_spec
@@ -35,6 +36,9 @@ except WorkflowError:
     )
     raise WorkflowError("invalid config:\n  " + "\n  ".join(errors)) from None
 try:
+    # tables' `sweep` -> Stage-2 recipes and rows (validated again: the new entries' defaults)
+    if expand_sweeps(config):
+        validate(config, "../schemas/config.schema.yaml")
     check_config(config)
 except ConfigError as e:
     raise WorkflowError(f"invalid config:\n  {e}") from None
