@@ -258,11 +258,17 @@ def cmd_coco_objects(a):
 
 @command("score", "score caption files with pycocoevalcap (one JVM for all files)", spec=False, out=False, args=(
     arg("--captions", nargs="+", required=True), arg("--out", nargs="+", required=True),
-    arg("--metrics", default=None, help="comma-separated subset of BLEU-4,METEOR,ROUGE-L,CIDEr,SPICE")))
+    arg("--metrics", default=None, help="comma-separated subset of BLEU-4,METEOR,ROUGE-L,CIDEr,SPICE"),
+    arg("--chair", default="reference", help="CHAIR's count on COCO-style data: reference or distinct "
+                                             "(config evaluate.chair)")))
 def cmd_score(a):
+    from .config import ConfigError
+    from .grounding import CHAIR_VARIANTS
     from .metrics import METRIC_NAMES, score_files
+    if a.chair not in CHAIR_VARIANTS:
+        raise ConfigError(f"--chair {a.chair}: one of {', '.join(CHAIR_VARIANTS)} (config evaluate.chair)")
     _started()
-    score_files(a.captions, a.out, a.metrics.split(",") if a.metrics else list(METRIC_NAMES))
+    score_files(a.captions, a.out, a.metrics.split(",") if a.metrics else list(METRIC_NAMES), chair=a.chair)
 
 
 @command("table", "write a comparison table (Markdown, CSV, LaTeX)", out=False,

@@ -289,7 +289,7 @@ def _singular(word: str, vocab: dict) -> str:
 
 def coco_objects(text: str, vocab: dict) -> set:
     """COCO categories a caption names: two-word phrases first ("hot dog" is not a dog), then single words
-    (plurals singularised), each through the synonym list."""
+    (plurals singularised), each through the synonym list (CHAIR variant `distinct`)."""
     words = [_singular(w, vocab) for w in caption_tokens(text)]
     found, i = set(), 0
     while i < len(words):
@@ -304,29 +304,75 @@ def coco_objects(text: str, vocab: dict) -> set:
     return found
 
 
-def chair_scores(captions: dict, references: dict, objects: dict) -> dict:
+# The reference implementation's special cases (Rohrbach et al. 2018, utils/chair.py of their code): two
+# consecutive words read as one — COCO's two-word objects, and qualifiers that would otherwise name a person
+# ("baby elephant" is an elephant, "passenger jet" a jet) or another object ("toilet seat" is the toilet).
+_REFERENCE_PAIRS = {
+    **{p: p for p in ("motor bike", "motor cycle", "air plane", "traffic light", "street light", "traffic signal",
+                      "stop light", "fire hydrant", "stop sign", "parking meter", "suit case", "sports ball",
+                      "baseball bat", "baseball glove", "tennis racket", "wine glass", "hot dog", "cell phone",
+                      "mobile phone", "teddy bear", "hair drier", "potted plant", "laptop computer", "home plate")},
+    **{f"{q} {a}": a for q in ("baby", "adult") for a in ("bird", "cat", "dog", "horse", "sheep", "cow",
+                                                          "elephant", "bear", "zebra", "giraffe", "animal", "cub")},
+    "passenger jet": "jet", "passenger train": "train", "bow tie": "tie", "toilet seat": "toilet",
+}
+CHAIR_VARIANTS = ("reference", "distinct")
+
+
+def coco_mentions(text: str, vocab: dict) -> list:
+    """The COCO category of every object mention of a caption, in order, repeats kept, by the reference's rules
+    (CHAIR variant `reference`): words singularised, the pairs of `_REFERENCE_PAIRS` read as one word,
+    "seat" dropped from a caption that names a toilet, then every word of the synonym list is a mention."""
+    words = [_singular(w, vocab) for w in caption_tokens(text)]
+    merged, i = [], 0
+    while i < len(words):
+        pair = f"{words[i]} {words[i + 1]}" if i + 1 < len(words) else None
+        if pair in _REFERENCE_PAIRS:
+            merged.append(_REFERENCE_PAIRS[pair])
+            i += 2
+        else:
+            merged.append(words[i])
+            i += 1
+    if "toilet" in merged:
+        merged = [w for w in merged if w != "seat"]
+    return [vocab[w] for w in merged if w in vocab]
+
+
+def chair_scores(captions: dict, references: dict, objects: dict, variant: str = "reference") -> dict:
     """CHAIR_i and CHAIR_s of `captions` {id: text} on COCO-style images: an image's objects are the COCO
     categories of its instance annotations (`objects` {id: [category names]}) and those its reference
-    captions name (as Rohrbach et al. do); a caption's object categories that are not among them are
-    hallucinated. CHAIR_i = hallucinated categories / named categories (per caption, summed over captions);
-    CHAIR_s = share of captions with one; recall = share of annotated categories the caption names."""
+    captions name (as Rohrbach et al. do); a caption's object mentions whose category is not among them are
+    hallucinated. CHAIR_s = share of captions with one; recall = share of annotated categories the caption
+    names; length = mean words per caption (CHAIR falls as captions get shorter).
+
+    - variant `reference` (the reference implementation, and lmms-eval): every mention counts, repeats
+      included, by `coco_mentions`' rules — CHAIR_i = hallucinated mentions / mentions;
+    - variant `distinct`: each caption's distinct categories (`coco_objects`) — CHAIR_i = hallucinated
+      categories / named categories, summed over captions."""
+    if variant not in CHAIR_VARIANTS:
+        raise ValueError(f"CHAIR variant {variant!r}: one of {', '.join(CHAIR_VARIANTS)}")
     vocab = coco_synonyms()
+    said_of = coco_mentions if variant == "reference" else (lambda text, v: sorted(coco_objects(text, v)))
     ids = sorted(captions, key=str)
-    named = halluc = recalled = annotated = with_halluc = 0
+    named = halluc = recalled = annotated = with_halluc = words = 0
     per_s = {}
     for i in ids:
-        truth = set(objects.get(i, [])) | {o for r in references[i] for o in coco_objects(r, vocab)}
-        said = coco_objects(captions[i], vocab)
-        wrong = said - truth
+        annotated_here = {vocab.get(o, o) for o in objects.get(i, [])}
+        truth = annotated_here | {o for r in references[i] for o in said_of(r, vocab)}
+        said = said_of(captions[i], vocab)
+        wrong = [o for o in said if o not in truth]
         named += len(said)
         halluc += len(wrong)
-        annotated += len(set(objects.get(i, [])))
-        recalled += len(said & set(objects.get(i, [])))
+        annotated += len(annotated_here)
+        recalled += len(set(said) & annotated_here)
         with_halluc += bool(wrong)
+        words += len(caption_tokens(captions[i]))
         per_s[str(i)] = float(bool(wrong))
     corpus = {"CHAIR_i": halluc / named if named else None, "CHAIR_s": with_halluc / len(ids) if ids else None,
-              "recall": recalled / annotated if annotated else None, "broken": None}
-    return {"corpus": corpus, "per_image": {"CHAIR_s": per_s}, "counts": {"images": len(ids), "named": named},
+              "recall": recalled / annotated if annotated else None, "broken": None,
+              "length": words / len(ids) if ids else None}
+    return {"corpus": corpus, "per_image": {"CHAIR_s": per_s},
+            "counts": {"images": len(ids), "named": named, "hallucinated": halluc}, "variant": variant,
             "na_reasons": {"broken": BROKEN_NA}}
 
 

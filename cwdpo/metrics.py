@@ -416,19 +416,20 @@ def score_beams(gts: dict, beams: dict, metrics=("CIDEr", "SPICE")) -> dict:
     return {"corpus": corpus, "na_reasons": {m: v for m, v in na.items() if v}}
 
 
-def grounding_of(doc: dict) -> dict:
-    """{"grounding": ...} of a captions file: the shapes grammar against attribute records, CHAIR against
-    COCO objects; or the reason grounding is n/a (in na_reasons of the grounding columns)."""
+def grounding_of(doc: dict, chair: str = "reference") -> dict:
+    """{"grounding": ...} of a captions file: the shapes grammar against attribute records, CHAIR (variant
+    `chair`: config evaluate.chair) against COCO objects; or the reason grounding is n/a (in na_reasons of the
+    grounding columns)."""
     from .grounding import chair_scores, grounding_scores
     if doc.get("attributes"):
         return {"grounding": grounding_scores(doc["captions"], doc["attributes"])}
     if doc.get("objects") is not None:
-        return {"grounding": chair_scores(doc["captions"], doc["references"], doc["objects"])}
+        return {"grounding": chair_scores(doc["captions"], doc["references"], doc["objects"], variant=chair)}
     return {"grounding": {"na": "no attribute records (shapes) or COCO instance annotations (config "
                                 "data.karpathy.instances / eval_sets.<name>.instances) for these images"}}
 
 
-def caption_quality(doc: dict) -> dict:
+def caption_quality(doc: dict, chair: str = "reference") -> dict:
     """What the control's calibration rule reads of a captions file, without Java — so its job never waits for
     the scoring job, which scores the runs that wait for the rule: CIDEr-D with the Java-free tokenizer and
     the document frequencies of these references (1.0 = 100; the scoring job's CIDEr-D tokenizes with PTB),
@@ -437,11 +438,11 @@ def caption_quality(doc: dict) -> dict:
     refs = [[simple_tokenize(r) for r in doc["references"][i]] for i in ids]
     scorer = CiderD(refs)
     cider = float(np.mean([scorer.score_one(simple_tokenize(doc["captions"][i]), r) for i, r in zip(ids, refs)]))
-    corpus = grounding_of(doc)["grounding"].get("corpus", {})
+    corpus = grounding_of(doc, chair)["grounding"].get("corpus", {})
     return {"CIDEr": cider, "broken": corpus.get("broken"), "CHAIR_s": corpus.get("CHAIR_s")}
 
 
-def score_files(caption_paths: list, out_paths: list, metrics=METRIC_NAMES) -> None:
+def score_files(caption_paths: list, out_paths: list, metrics=METRIC_NAMES, chair: str = "reference") -> None:
     """`cwdpo score`: every caption file (captions, references, optional beams and per-image domains)
     scored into its scores file. One PTB-tokenizer JVM for every caption of every file, one METEOR JVM;
     a file with domains (NoCaps) is also scored per domain, each domain with its own document frequencies.
@@ -449,10 +450,10 @@ def score_files(caption_paths: list, out_paths: list, metrics=METRIC_NAMES) -> N
     if len(caption_paths) != len(out_paths):
         raise ValueError("give one scores path per captions file")
     with spice_cache():
-        _score_files(caption_paths, out_paths, metrics)
+        _score_files(caption_paths, out_paths, metrics, chair)
 
 
-def _score_files(caption_paths: list, out_paths: list, metrics) -> None:
+def _score_files(caption_paths: list, out_paths: list, metrics, chair: str) -> None:
     import sys
     docs = [read_json(p) for p in caption_paths]
     ptb_tokenize({f"{n}:{kind}:{k}": v if isinstance(v, list) else [v]
@@ -473,7 +474,7 @@ def _score_files(caption_paths: list, out_paths: list, metrics) -> None:
         else:
             results[n].setdefault("domains", {})[domain] = scored
     for cap_path, out_path, doc, result in zip(caption_paths, out_paths, docs, results):
-        result.update(grounding_of(doc))
+        result.update(grounding_of(doc, chair))
         if doc.get("beams"):
             result["beams"] = score_beams(doc["references"], doc["beams"],
                                           [m for m in ("CIDEr", "SPICE") if m in metrics])

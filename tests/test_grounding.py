@@ -1,5 +1,6 @@
 """Grounding: the shapes grammar parsed back from captions against attribute records, and COCO CHAIR."""
 import json
+import subprocess
 import random
 
 import pytest
@@ -126,6 +127,61 @@ def test_coco_chair_with_synonyms_two_word_names_and_reference_objects():
     assert out["corpus"]["recall"] == pytest.approx(4 / 5)
 
 
+def test_coco_mentions_follow_the_reference_rules_repeats_kept():
+    vocab = G.coco_synonyms()
+    assert G.coco_mentions("a dog chases another dog and a cat", vocab) == ["dog", "dog", "cat"]
+    assert G.coco_mentions("a baby elephant and an adult giraffe", vocab) == ["elephant", "giraffe"]
+    assert G.coco_mentions("a passenger jet and a passenger train", vocab) == ["airplane", "train"]
+    assert G.coco_mentions("a man in a bow tie", vocab) == ["person", "tie"]
+    assert G.coco_mentions("a toilet seat", vocab) == ["toilet"]
+    assert G.coco_mentions("the seat of the toilet is up", vocab) == ["toilet"]  # "seat" is no chair here
+    assert G.coco_mentions("a seat by the window", vocab) == ["chair"]
+    assert G.coco_mentions("two hot dogs", vocab) == ["hot dog"]
+    # the distinct count reads the same captions without the qualifier rules
+    assert G.coco_objects("a baby elephant", vocab) == {"person", "elephant"}
+    assert G.coco_objects("the seat of the toilet is up", vocab) == {"chair", "toilet"}
+
+
+# Worked by hand from the reference's rules: caption, its references, annotated objects; then per variant
+# (named, hallucinated) — reference: every mention; distinct: each caption's categories once.
+CHAIR_CASES = [
+    # dog named twice, cat once; only the dog is there: reference 1 of 3 mentions, distinct 1 of 2 categories
+    ("a dog chases a dog and a cat", ["a dog running"], ["dog"], (3, 1), (2, 1)),
+    # "baby elephant" is the elephant: no person; the distinct count reads "baby" as a person
+    ("a baby elephant", ["an elephant walking"], ["elephant"], (1, 0), (2, 1)),
+    # "passenger jet": the airplane, no person
+    ("a passenger jet on the runway", ["a plane at the airport"], ["airplane"], (1, 0), (2, 1)),
+    # "seat" beside a toilet is not a chair
+    ("a toilet with its seat up and a toilet brush", ["a small bathroom"], ["toilet"], (2, 0), (2, 1)),
+    # a hallucinated cat twice: reference 2 of 3 mentions; distinct 1 of 2
+    ("a cat and a man and another cat", ["a man standing"], ["person"], (3, 2), (2, 1)),
+]
+
+
+@pytest.mark.parametrize("variant,index", [("reference", 3), ("distinct", 4)])
+def test_chair_variants_count_as_worked_by_hand(variant, index):
+    caps = {str(n): c[0] for n, c in enumerate(CHAIR_CASES)}
+    refs = {str(n): c[1] for n, c in enumerate(CHAIR_CASES)}
+    objs = {str(n): c[2] for n, c in enumerate(CHAIR_CASES)}
+    out = G.chair_scores(caps, refs, objs, variant=variant)
+    named = sum(c[index][0] for c in CHAIR_CASES)
+    halluc = sum(c[index][1] for c in CHAIR_CASES)
+    assert (out["counts"]["named"], out["counts"]["hallucinated"]) == (named, halluc)
+    assert out["corpus"]["CHAIR_i"] == pytest.approx(halluc / named)
+    assert out["corpus"]["CHAIR_s"] == pytest.approx(sum(c[index][1] > 0 for c in CHAIR_CASES) / len(CHAIR_CASES))
+    assert out["variant"] == variant
+    words = [8, 3, 6, 10, 8]
+    assert out["corpus"]["length"] == pytest.approx(sum(words) / len(words))
+    # the hand-worked totals: reference 10 mentions, 3 hallucinated (CHAIR_i 0.30, CHAIR_s 0.4); distinct
+    # 10 categories, 5 hallucinated (0.50, 1.0) — the two counts differ on the same captions
+    assert (named, halluc) == {"reference": (10, 3), "distinct": (10, 5)}[variant]
+
+
+def test_an_unknown_chair_variant_is_refused():
+    with pytest.raises(ValueError, match="CHAIR variant 'mean'"):
+        G.chair_scores({"1": "a dog"}, {"1": ["a dog"]}, {"1": ["dog"]}, variant="mean")
+
+
 def test_coco_instances_are_read_into_categories_per_image(tmp_path):
     inst = {"images": [{"id": 7}, {"id": 8}, {"id": 9}], "categories": [{"id": 1, "name": "person"},
                                                                          {"id": 18, "name": "dog"}],
@@ -181,3 +237,25 @@ def test_grounding_scores_report_the_broken_share():
     g = grounding_scores(caps, {k: scene for k in caps})
     assert g["corpus"]["broken"] == 0.5 and g["counts"]["empty"] == 1 and g["counts"]["oov"] == 1
     assert g["per_image"]["broken"] == {"1": 0.0, "2": 1.0, "3": 1.0, "4": 0.0}
+
+
+def test_the_score_command_counts_chair_by_the_configured_variant(tmp_path):
+    """`cwdpo score --chair` (config evaluate.chair, the score rule passes it): the reference count by default,
+    the distinct count when asked, a bad value refused in one line."""
+    doc = {"captions": {str(n): c[0] for n, c in enumerate(CHAIR_CASES)},
+           "references": {str(n): c[1] for n, c in enumerate(CHAIR_CASES)},
+           "objects": {str(n): c[2] for n, c in enumerate(CHAIR_CASES)}}
+    cpath = tmp_path / "captions.json"
+    cpath.write_text(json.dumps(doc))
+    got = {}
+    for variant in (None, "distinct"):
+        spath = tmp_path / f"scores_{variant}.json"
+        cmd = ["cwdpo", "score", "--captions", str(cpath), "--out", str(spath), "--metrics", "BLEU-4"]
+        subprocess.run(cmd + (["--chair", variant] if variant else []), check=True, capture_output=True)
+        got[variant] = json.loads(spath.read_text())["grounding"]
+    assert (got[None]["variant"], got[None]["corpus"]["CHAIR_i"]) == ("reference", pytest.approx(3 / 10))
+    assert (got["distinct"]["variant"], got["distinct"]["corpus"]["CHAIR_i"]) == ("distinct", pytest.approx(5 / 10))
+    bad = subprocess.run(["cwdpo", "score", "--captions", str(cpath), "--out", str(tmp_path / "x.json"), "--chair",
+                          "mean"], capture_output=True, text=True)
+    assert bad.returncode == 1 and bad.stderr.splitlines()[-1] == (
+        "cwdpo score: --chair mean: one of reference, distinct (config evaluate.chair)")

@@ -33,7 +33,7 @@ def calibration_rows(spec: dict) -> list:
         for k in keys:
             if k not in quality:
                 doc = data.doc(k, "captions")
-                quality[k] = caption_quality(doc) if doc else {}
+                quality[k] = caption_quality(doc, spec.get("chair", "reference")) if doc else {}
         vals = [quality[k].get(name) for k in keys]
         return cell_stats([None if v is None else v * factor for v in vals], [])
 
@@ -171,6 +171,7 @@ def spec(plan, name: str, t: dict) -> dict:
     r = plan.c["regime"]
     spec["interval"], spec["top1_gain"] = plan.c["claims"]["interval"], r["top1_gain"]
     spec["control_tv"], spec["task_share"], spec["max_broken"] = r["control_tv"], r["task_share"], r["max_broken"]
+    spec["chair"] = plan.c["evaluate"]["chair"]  # CHAIR_s of COCO-style captions (caption_quality)
     keys = [k for r in spec["rows"] for k in r["keys"] + r.get("init_keys", [])]
     return finish_spec(plan, spec, keys)
 

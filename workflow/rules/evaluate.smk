@@ -72,7 +72,9 @@ for SFX, Q in PLANS:
             Q.log_file("score"),
         params:
             metrics=",".join(Q.c["evaluate"]["metrics"]),
+            chair=Q.c["evaluate"]["chair"],
         shell:
             logged(
                 "cwdpo score --captions {input.captions:q} --out {output:q} --metrics {params.metrics:q}"
+                " --chair {params.chair:q}"
             )
