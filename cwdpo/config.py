@@ -23,7 +23,7 @@ NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]*"
 NAME_RULE = "letters, digits, '_', '.' and '-', starting with a letter or digit"
 # the claims T-paper decides (cwdpo/resources/paper.json: the paper's, and ours)
 PAPER_CLAIM_IDS = ("cider_cw_gt_dpo", "cider_cw_gt_sft", "tv_cw_lt_dpo", "js_cw_lt_dpo", "ece_cw_lt_dpo",
-                   "top1_cw_lt_dpo", "chair_s_cw_lt_dpo")
+                   "top1_cw_lt_dpo", "mcq_cw_noninferior_sft", "chair_s_cw_lt_dpo")
 # claims only the open-question tables decide (paper.json "open_claims")
 CLAIM_IDS = PAPER_CLAIM_IDS + ("chair_s_cw_lt_sft", "top1_dpo_gt_sft")
 # tables that decide claims side by side in several arms (the open questions: config/scale.yaml, modality.yaml,

@@ -103,15 +103,24 @@ def difference_ci(a_runs: list, b_runs: list, min_seeds_for_t: int = 3, level: f
 
 
 def verdict(lo, hi, direction: str, delta: float | None = None) -> str:
-    """The verdict on the claim A − B > 0 (direction '>') or < 0 ('<') from the 95% interval [lo, hi] of
-    A − B. The claim's effect is A − B ('>') or B − A ('<'): 'holds' when its interval lies above 0, 'does
-    not hold' when it lies below `delta` (no effect as large as the smallest that would matter; without a
-    delta: below 0), 'inconclusive' otherwise."""
-    if direction not in (">", "<"):
+    """The verdict on a claim from the 95% interval [lo, hi] of A − B. The claim's effect e is A − B
+    (direction '>' or '>=') or B − A ('<' or '<=').
+
+    - superiority, A > B ('>') or A < B ('<'): 'holds' when the interval of e lies above 0, 'does not hold'
+      when it lies below `delta` (no effect as large as the smallest that would matter; without a delta:
+      below 0);
+    - non-inferiority, A ≥ B − δ ('>=') or A ≤ B + δ ('<='), `delta` the margin δ > 0 (required): 'holds'
+      when the interval of e lies above −δ (A is at most δ worse), 'does not hold' when it lies below −δ;
+    'inconclusive' otherwise."""
+    if direction not in (">", "<", ">=", "<="):
         raise ValueError(direction)
+    if direction in (">=", "<=") and (delta is None or not delta > 0):
+        raise ValueError(f"a non-inferiority claim ({direction}) needs its margin δ > 0, got {delta}")
     if lo is None or hi is None:
         return "inconclusive"
-    e_lo, e_hi = (lo, hi) if direction == ">" else (-hi, -lo)
+    e_lo, e_hi = (lo, hi) if direction.startswith(">") else (-hi, -lo)
+    if direction in (">=", "<="):
+        return "holds" if e_lo > -delta else "does not hold" if e_hi < -delta else "inconclusive"
     if e_lo > 0:
         return "holds"
     if e_hi < (0.0 if delta is None else float(delta)):

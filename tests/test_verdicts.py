@@ -400,3 +400,42 @@ def test_arms_table_decides_each_arm_and_derives_its_answer_from_the_verdicts(tm
     params = [r for r in rows if r["section"] == "info" and r["row"].startswith("parameters")]
     assert [p["value"] for p in params] == ["1,000 (10)", "20,000 (10)"]
     assert out["tex"].startswith("% Question:") and "% Answer: " + answer in out["tex"]
+
+
+def test_non_inferiority_holds_above_minus_the_margin_and_fails_below_it():
+    # A ≥ B − δ ('>='): the interval of A − B against −δ
+    assert stats.verdict(-0.5, 1.0, ">=", delta=1.0) == "holds"
+    assert stats.verdict(-2.0, -1.5, ">=", delta=1.0) == "does not hold"
+    assert stats.verdict(-1.5, 0.5, ">=", delta=1.0) == "inconclusive"
+    # A ≤ B + δ ('<='): the interval of B − A against −δ
+    assert stats.verdict(-1.0, 0.5, "<=", delta=1.0) == "holds"
+    assert stats.verdict(1.5, 2.0, "<=", delta=1.0) == "does not hold"
+    # a superiority claim on the same interval would not hold: non-inferiority asks less
+    assert stats.verdict(-0.5, 1.0, ">", delta=1.0) == "inconclusive"
+    with pytest.raises(ValueError, match="margin"):
+        stats.verdict(0.0, 1.0, ">=")
+
+
+@pytest.mark.parametrize("cw_mcq,expected", [(80.0, "holds"), (60.0, "does not hold")])
+def test_t_paper_decides_the_mcq_claim_as_non_inferiority_on_the_first_mcq_set(tmp_path, cw_mcq, expected):
+    """CW-DPO's MCQ accuracy against SFT's (81%) with the config's margin (5% of SFT's = 4.05 points): one point
+    below SFT is non-inferior, twenty-one below is not; the row prints the margin."""
+    from cwdpo.report import RunData, load_paper
+    from cwdpo.report.paper import _claims
+    root = str(tmp_path)
+    rows = {"SFT": [f"sft/{s}" for s in SEEDS], "CW-DPO": [f"cw/{s}" for s in SEEDS]}
+    for name, acc in (("sft", 81.0), ("cw", cw_mcq)):
+        for s in SEEDS:
+            d = os.path.join(root, "eval", f"{name}/{s}")
+            os.makedirs(d)
+            json.dump({"accuracy": (acc + (s - 1) * 0.2) / 100}, open(os.path.join(d, "mcq_shapes_mcq.json"), "w"))
+    spec = _spec(root, {"main": rows}, {}, [])
+    spec["files"]["mcq_shapes_mcq"] = os.path.join(root, "eval", "{key}", "mcq_shapes_mcq.json")
+    spec["extra_columns"] = {"shapes_mcq acc.": ["mcq_shapes_mcq", ["accuracy"], True, 1, None]}
+    spec["mcq_column"] = "shapes_mcq acc."
+    claims = {r[0]: r for r in _claims(spec, RunData(spec), load_paper())}
+    row = claims["CW-DPO keeps general ability: MCQ accuracy ≥ SFT's − δ (non-inferiority)"]
+    assert row[5] == expected and row[4] == "margin 4.0 (5.0% of SFT)", row
+    spec["mcq_column"] = None  # no MCQ set configured: n/a with the reason
+    row = {r[0]: r for r in _claims(spec, RunData(spec), load_paper())}[row[0]]
+    assert (row[3], row[5], row[6]) == ("n/a", "inconclusive", "no MCQ set configured (config mcq_sets)")

@@ -235,6 +235,7 @@ def _runs(data: RunData, keys: list, col: str, scale: float) -> list:
 QUANTITY_COLUMN = {"CIDEr": "CIDEr", "BLEU-4": "BLEU-4", "METEOR": "METEOR", "SPICE": "SPICE", "TV": "TV", "JS": "JS",
                    "ECE": "ECE", "top-1 mass": "top-1", "CIDEr (ablation)": "CIDEr", "top-1": "top-1",
                    "MMMU acc.": "mmmu acc.", "MMBench1.1 acc.": "mmbench acc.", "CHAIR_s": "CHAIR_s"}
+MCQ_QUANTITY = "MCQ acc."  # a claim's quantity: the accuracy on the experiment's first MCQ set (T-paper's spec)
 
 
 def claim_difference(data: RunData, a: list, b: list, col: str, interval: str) -> dict:
@@ -251,8 +252,11 @@ def claim_difference(data: RunData, a: list, b: list, col: str, interval: str) -
 
 
 def decide(d: dict, direction: str, delta_share: float | None, b_mean) -> tuple:
-    """(verdict, δ) of a claim whose difference interval is `d`: δ = `delta_share` × |mean of B|."""
+    """(verdict, δ) of a claim whose difference interval is `d`: δ = `delta_share` × |mean of B| (a
+    non-inferiority claim, '>=' / '<=', whose margin cannot be computed is inconclusive)."""
     delta = None if delta_share is None or b_mean is None else float(delta_share) * abs(b_mean)
+    if direction in (">=", "<=") and not delta:
+        return "inconclusive", None
     return verdict(d["lo"], d["hi"], direction, delta), delta
 
 

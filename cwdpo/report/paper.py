@@ -9,8 +9,9 @@ No torch import.
 from __future__ import annotations
 
 from ..config import PAPER_CLAIM_IDS
-from .common import (COLUMNS, QUANTITY_COLUMN, RunData, _fmt_diff, base_spec, cell_stats, claim_difference, decide,
-                     digits_of, finish_spec, fmt, load_paper, row_inputs, table_rows, tables_read_by)
+from .common import (COLUMNS, MCQ_QUANTITY, QUANTITY_COLUMN, RunData, _fmt_diff, base_spec, cell_stats,
+                     claim_difference, decide, digits_of, finish_spec, fmt, load_paper, row_inputs, table_rows,
+                     tables_read_by)
 from .render import Document, Table
 
 
@@ -44,17 +45,19 @@ def _claims(spec: dict, data: RunData, paper: dict) -> list:
     rows = []
     for c in paper["claims"] + paper["our_claims"]:
         whose = "ours (not the paper's)" if c in paper["our_claims"] else "paper"
-        col = QUANTITY_COLUMN.get(c["quantity"], c["quantity"])
+        col = spec.get("mcq_column") if c["quantity"] == MCQ_QUANTITY else QUANTITY_COLUMN.get(c["quantity"],
+                                                                                              c["quantity"])
         a, b = main.get(c["a"]), main.get(c["b"])
-        if not a or not b:
-            rows.append([c["claim"], whose, c["paper"], "n/a", "—", "inconclusive",
-                         f"rows {c['a']}/{c['b']} not configured"])
+        if not a or not b or col is None:
+            why = f"rows {c['a']}/{c['b']} not configured" if col else "no MCQ set configured (config mcq_sets)"
+            rows.append([c["claim"], whose, c["paper"], "n/a", "—", "inconclusive", why])
             continue
         d = claim_difference(data, a, b, col, cfg["interval"])
         b_mean = cell_stats([data.value(k, col)[0] for k in b], [])["mean"]
         result, delta = decide(d, c["direction"], cfg["min_effect"].get(c["id"]), b_mean)
         rows.append([c["claim"], whose, c["paper"], _fmt_diff(d, digits_of(col)),
-                     _fmt_delta(delta, cfg["min_effect"].get(c["id"]), c["b"], digits_of(col)), result, d["method"]])
+                     _fmt_delta(delta, cfg["min_effect"].get(c["id"]), c["b"], digits_of(col),
+                                margin=c["direction"] in (">=", "<=")), result, d["method"]])
     abl = spec["rows_by_name"].get("ablation", {})
     if "full" in abl:
         cider = {x["method"]: x["value"] for x in paper["numbers"] if x["quantity"] == "CIDEr (ablation)"}
@@ -70,10 +73,10 @@ def _claims(spec: dict, data: RunData, paper: dict) -> list:
     return rows
 
 
-def _fmt_delta(delta, share, b_name: str, digits: int) -> str:
+def _fmt_delta(delta, share, b_name: str, digits: int, margin: bool = False) -> str:
     if delta is None:
         return "—"
-    return f"{delta:.{digits}f} ({100 * share:.1f}% of {b_name})"
+    return ("margin " if margin else "") + f"{delta:.{digits}f} ({100 * share:.1f}% of {b_name})"
 
 
 def _regime(spec: dict, data: RunData, claim_rows: list) -> list:
@@ -207,7 +210,9 @@ def document(spec: dict) -> Document:
             "seeds [95% CI].")
     verdict_note = ("A claim holds when the 95% interval of its effect (A − B, or B − A for a claim that A is "
                     "lower) lies above 0, does not hold when it lies below δ, its smallest effect of interest "
-                    "(fixed in the config before any run: config `claims`), and is inconclusive otherwise. "
+                    "(fixed in the config before any run: config `claims`), and is inconclusive otherwise; a "
+                    "non-inferiority claim (A ≥ B − δ) holds when the interval of A − B lies above −δ, its margin, "
+                    "and does not hold when it lies below −δ. "
                     "Interval: " + {"hierarchical": "a bootstrap over seeds and, within each seed, over the same "
                                                     "test images for A and B (2000 resamples)",
                                     "t": "a t-interval over seeds"}[spec["claims"]["interval"]] +
@@ -244,6 +249,8 @@ def spec(plan, name: str, t: dict) -> dict:
     spec["claims"] = {**plan.c["claims"], "min_effect": {k: v for k, v in plan.c["claims"]["min_effect"].items()
                                                         if k in PAPER_CLAIM_IDS}}
     spec["regime"] = plan.c["regime"]
+    # the paper's general-ability claim (MMMU / MMBench) on the first MCQ set configured
+    spec["mcq_column"] = next((f"{n} acc." for n in plan.mcq_sets()), None)
     spec["stability"] = [plan.path("stability", seed=s) for s in plan.stability_seeds()]
     return finish_spec(plan, spec, keys)
 
