@@ -23,7 +23,7 @@ NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]*"
 NAME_RULE = "letters, digits, '_', '.' and '-', starting with a letter or digit"
 # the claims T-paper decides (cwdpo/resources/paper.json: the paper's, and ours)
 PAPER_CLAIM_IDS = ("cider_cw_gt_dpo", "cider_cw_gt_sft", "tv_cw_lt_dpo", "js_cw_lt_dpo", "ece_cw_lt_dpo",
-                   "top1_cw_lt_dpo", "mcq_cw_noninferior_sft", "chair_s_cw_lt_dpo")
+                   "top1_cw_lt_dpo", "mcq_cw_noninferior_sft", "chair_s_cw_lt_dpo", "pope_cw_noninferior_dpo")
 # claims only the open-question tables decide (paper.json "open_claims")
 CLAIM_IDS = PAPER_CLAIM_IDS + ("chair_s_cw_lt_sft", "top1_dpo_gt_sft")
 # tables that decide claims side by side in several arms (the open questions: config/scale.yaml, modality.yaml,
@@ -149,10 +149,10 @@ def stage1_recipe(config: dict, name: str) -> dict:
 
 def name_keys(config: dict) -> list:
     """(key, name) of every config value that becomes part of an output path: the experiment and the names
-    of recipes, tables, figures, evaluation sets, MCQ sets and negative sets."""
+    of recipes, tables, figures, evaluation sets, MCQ sets, POPE sets and negative sets."""
     c = config
     keys = [("experiment", c["experiment"])]
-    for section in ("stage1.recipes", "stage2.recipes", "tables", "figures", "eval_sets", "mcq_sets",
+    for section in ("stage1.recipes", "stage2.recipes", "tables", "figures", "eval_sets", "mcq_sets", "pope_sets",
                     "negatives.sets"):
         node = c
         for part in section.split("."):

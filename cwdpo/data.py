@@ -28,6 +28,7 @@ class ImageRecord:
     attributes: dict | None = None
     domain: str | None = None
     extra: dict = field(default_factory=dict)
+    qa: list = field(default_factory=list)  # instruction turns {kind, prompt, answer, negative} (`shapes` qa)
 
 
 @dataclass
@@ -246,11 +247,12 @@ def load_karpathy(json_path: str, image_root: str | None = None, splits=None, on
             _fail_or_skip(on_bad_input, bad_log, where, problem[1], str(ident), kind=problem[0])
             continue
         extra = {k: v for k, v in img.items() if k not in
-                 ("filename", "filepath", "split", "sentences", "attributes", "domain", "sentids")}
+                 ("filename", "filepath", "split", "sentences", "attributes", "domain", "sentids", "qa")}
         if all(isinstance(s, dict) and "template" in s for s in sentences):
             extra["sentence_meta"] = [{"template": s["template"], "slots": s["slots"]} for s in sentences]
         out.append(ImageRecord(image_id=str(ident), path=path, split=img["split"], captions=captions,
-                               attributes=img.get("attributes"), domain=img.get("domain"), extra=extra))
+                               attributes=img.get("attributes"), domain=img.get("domain"), extra=extra,
+                               qa=list(img.get("qa") or [])))
     if not_utf8 and not n_undecodable and bad_log is not None:  # the bytes are outside every image entry
         bad_log.add(*not_utf8)
     return out

@@ -155,6 +155,9 @@ def run(spec, captions_out: str, measures_out: str, threads: int = 0) -> None:
     for m in spec.mcq_sets:  # multiple-choice VQA accuracy with the loaded model
         from .mcq import evaluate_set
         write_json(m.out, evaluate_set(model, processor, m, on_bad_input=spec.data.on_bad_input), indent=None)
+    for p in spec.pope_sets:  # POPE: object-existence questions, answered greedily
+        from .pope import evaluate_pope
+        write_json(p.out, evaluate_pope(model, encoder, p), indent=None)
     l_floor, tau = cooling_settings(spec)
     measures = {"heldout": pair_measures(model, encoder, read_pairs(spec.heldout_pairs, spec.vlm.prompt),
                                          l_floor=l_floor, tau=tau,

@@ -11,6 +11,7 @@ at a fraction of the cost when many rows share an image and the prompt is long.
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, fields
 
 import torch
@@ -174,6 +175,20 @@ class Encoder:
         self._pixel_cache: dict = {}
         self._pixel_cache_bytes = 0
         self.pixel_cache_bytes = int(pixel_cache_mb * 2 ** 20)
+        self._by_prompt: OrderedDict = OrderedDict()
+
+    def for_prompt(self, prompt: str | None) -> "Encoder":
+        """The Encoder of another prompt (an item's own: a question–answer turn), with this one's processor,
+        response limit and scene texts; `None` or this prompt: this Encoder. The last 512 are kept."""
+        if prompt is None or prompt == self.prompt:
+            return self
+        if prompt in self._by_prompt:
+            self._by_prompt.move_to_end(prompt)
+        else:
+            self._by_prompt[prompt] = Encoder(self.processor, prompt, self.max_response_tokens, scenes=self.scenes)
+            if len(self._by_prompt) > 512:
+                self._by_prompt.popitem(last=False)
+        return self._by_prompt[prompt]
 
     # ---- images ----
     def load_image(self, path: str):
@@ -303,19 +318,22 @@ class Collator:
     """Turns dataset items into one `SeqBatch` of rows sharing each image once.
 
     kinds: "sft" items {image, response}; "sft_c" items {image, positive, negative} → rows [pos; neg];
-    "pair" items {image, chosen, rejected, ref_*} → rows [chosen; rejected].
+    "pair" items {image, chosen, rejected, ref_*} → rows [chosen; rejected]. An item with a "prompt" (a
+    question–answer turn) is asked that prompt instead of the encoder's: its rows share a slot with the other
+    rows of the same image and prompt only.
     """
 
     def __init__(self, encoder: Encoder, kind: str):
         self.encoder, self.kind = encoder, kind
 
     def __call__(self, items: list) -> dict:
-        images, index = [], {}
+        slots, index = [], {}
         for it in items:
-            if it["image"] not in index:
-                index[it["image"]] = len(images)
-                images.append(it["image"])
-        idx = [index[it["image"]] for it in items]
+            key = (it["image"], it.get("prompt"))
+            if key not in index:
+                index[key] = len(slots)
+                slots.append(key)
+        idx = [index[(it["image"], it.get("prompt"))] for it in items]
         if self.kind == "sft":
             rows = [(i, it["response"]) for i, it in zip(idx, items)]
         elif self.kind == "sft_c":
@@ -326,7 +344,15 @@ class Collator:
                    [(i, it["rejected"]) for i, it in zip(idx, items)]
         else:
             raise ValueError(self.kind)
-        out = {"batch": self.encoder.build(images, rows).as_dict(), "n": torch.tensor(len(items))}
+        images = [image for image, _ in slots]
+        if all(prompt is None for _, prompt in slots):
+            batch = self.encoder.build(images, rows)
+        else:
+            pixel_values, grids = self.encoder.encode_images(images)
+            prompts = [self.encoder.for_prompt(prompt).prompts([image], grids[k:k + 1])[0]
+                       for k, (image, prompt) in enumerate(slots)]
+            batch = self.encoder.build_encoded(pixel_values, grids, rows, prompts=prompts)
+        out = {"batch": batch.as_dict(), "n": torch.tensor(len(items))}
         if self.kind == "pair":
             for key in ("ref_chosen_logps", "ref_rejected_logps"):
                 if key in items[0]:

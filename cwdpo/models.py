@@ -277,9 +277,12 @@ def mrope_section(head_dim: int) -> list:
 
 def build_base_init(spec, out_dir: str) -> dict:
     """`cwdpo build-model`: the tiny model of `spec` (a `BuildModelSpec`) with its tokenizer trained on the
-    captions of `spec.data`; writes the folder and its build_info.json, returns the summary."""
+    captions of `spec.data` and, where the records have them, their question–answer turns (prompts, answers);
+    writes the folder and its build_info.json, returns the summary."""
     from .data import load_records, write_json
-    corpus = [c for r in load_records(spec.data) for c in r.captions]
+    records = load_records(spec.data)
+    corpus = [c for r in records for c in r.captions]
+    corpus += [text for r in records for t in r.qa for text in (t["prompt"], t["answer"])]
     info = build_tiny(out_dir, corpus, {**spec.tiny, "min_pixels": spec.min_pixels, "max_pixels": spec.max_pixels},
                       spec.prompt, seed=spec.seed)
     write_json(os.path.join(out_dir, "build_info.json"), info)

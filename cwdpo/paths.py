@@ -46,6 +46,7 @@ TEMPLATES = {
     "set_captions": EVAL + "/captions_{evalset}.json",
     "set_scores": EVAL + "/scores_{evalset}.json",
     "mcq": EVAL + "/mcq_{mcqset}.json",
+    "pope": EVAL + "/pope_{popeset}.json",
     "heldout_pairs": "{out}/eval/heldout_pairs.jsonl",
     "heldout_summary": "{out}/eval/heldout_pairs_summary.json",
     # the calibration rule's outcome of a sweep table (the lr of recipes with `lr: calibrated`)

@@ -18,8 +18,8 @@ from .config import (ARMS_KINDS, CALIBRATED, arm_runs, onpolicy_share, stage1_re
 from .methods import REGISTRY
 from .paths import KEY_TEMPLATES, TRIVIAL, Layout, ModelKey
 from .specs import (BeamSpec, BuildModelSpec, CocoObjectsSpec, DataSpec, EvalSetSpec, EvalSpec, McqSpec,
-                    NegativesSpec, PairsSpec, ProbeSetSpec, ProbesSpec, RefSpec, SampleSpec, StabilitySpec, TrainSpec,
-                    TrivialSpec, ValidateSpec, Vlm)
+                    NegativesSpec, PairsSpec, PopeSpec, ProbeSetSpec, ProbesSpec, RefSpec, SampleSpec, StabilitySpec,
+                    TrainSpec, TrivialSpec, ValidateSpec, Vlm)
 
 # The held-out pairs' w_c column of a model that is not a Stage-2 run uses stage2.defaults.l_floor; when
 # that is "mean" (resolved per Stage-2 run from its reference pass) there is no single number, and the
@@ -119,7 +119,8 @@ class Plan:
         return ShapesSpec(splits=s["splits"], seed=s["seed"], image_size=s["image_size"],
                           heldout=tuple(tuple(x) for x in s["heldout_combos"]),
                           ood={k: v for k, v in s["ood"].items() if v}, p_counts=tuple(s["object_counts"]),
-                          counts_by_split={k: tuple(v) for k, v in s["object_counts_by_split"].items()} or None)
+                          counts_by_split={k: tuple(v) for k, v in s["object_counts_by_split"].items()} or None,
+                          qa=s["qa"])
 
     def negatives_spec(self, external: bool = True) -> NegativesSpec:
         """The dataset-negative settings of a data job; the held-out (colour, shape) combinations of the
@@ -250,9 +251,9 @@ class Plan:
 
     def eval_file(self, kind: str) -> str:
         """The template of one evaluation file of a model key, `{key}` left in: kind "captions", "measures",
-        "scores", "scores_<evalset>", "captions_<evalset>" or "mcq_<mcqset>"."""
+        "scores", "scores_<evalset>", "captions_<evalset>", "mcq_<mcqset>" or "pope_<popeset>"."""
         for prefix, name, wildcard in (("scores_", "set_scores", "evalset"), ("captions_", "set_captions", "evalset"),
-                                       ("mcq_", "mcq", "mcqset")):
+                                       ("mcq_", "mcq", "mcqset"), ("pope_", "pope", "popeset")):
             if kind.startswith(prefix):
                 return self.pattern(name).replace("{" + wildcard + "}", kind[len(prefix):])
         return self.pattern(kind)
@@ -315,6 +316,9 @@ class Plan:
 
     def mcq_sets(self) -> dict:
         return {k: v for k, v in self.c["mcq_sets"].items() if v["enabled"]}
+
+    def pope_sets(self) -> dict:
+        return {k: v for k, v in self.c["pope_sets"].items() if v["enabled"]}
 
     def eval_set_data(self, name: str) -> DataSpec:
         es = self.eval_sets()[name]
@@ -440,7 +444,8 @@ class Plan:
             return pattern.replace("{key}", key)
         return {"captions": fill(self.pattern("captions")), "measures": fill(self.pattern("measures")),
                 "sets": [fill(self.eval_file(f"captions_{n}")) for n in self.eval_sets()],
-                "mcq": [fill(self.eval_file(f"mcq_{n}")) for n in self.mcq_sets()]}
+                "mcq": [fill(self.eval_file(f"mcq_{n}")) for n in self.mcq_sets()],
+                "pope": [fill(self.eval_file(f"pope_{n}")) for n in self.pope_sets()]}
 
     def evaluated_apart(self) -> str:
         """The model keys the `evaluate` rule makes: all, or only the base model when training jobs
@@ -463,7 +468,8 @@ class Plan:
         k = ModelKey.parse(key)
         inputs = {"data": self.data_inputs(), "heldout": self.path("heldout_pairs"), "hub": self.model_inputs()}
         inputs["sets"] = [es["json"] for es in self.eval_sets().values() if es["source"] == "karpathy"] + \
-            [m["path"] for m in self.mcq_sets().values() if m["path"] and "*" not in m["path"]]
+            [m["path"] for m in self.mcq_sets().values() if m["path"] and "*" not in m["path"]] + \
+            [f for p in self.pope_sets().values() for f in (p["files"] or {}).values()]
         inputs["objects"] = self.objects_files()
         if k.kind != "base" or self.tiny:
             inputs["model"] = self.model_dir(k)
@@ -481,10 +487,11 @@ class Plan:
                               min_pixels=m["min_pixels"], max_pixels=m["max_pixels"], seed=self.c["pretrain_seed"])
 
     def pretrain_spec(self) -> TrainSpec:
-        hp = {k: v for k, v in self.c["pretrain"].items() if k not in ("enabled", "stability_seeds")}
+        hp = {k: v for k, v in self.c["pretrain"].items() if k not in ("enabled", "stability_seeds", "qa_share")}
         return TrainSpec(method="sft", init=self.path("base_init"), seed=self.c["pretrain_seed"], vlm=self.vlm(),
                          data=self.data_spec("pretrain"), hparams=hp, train=self.c["train"], lora=None, probes=None,
-                         negatives=None, data_seed=None, pairs=None, ref_logps=None)
+                         negatives=None, data_seed=None, pairs=None, ref_logps=None,
+                         qa_share=self.c["pretrain"]["qa_share"])
 
     def stability_seeds(self) -> list:
         """Other pretraining seeds of the tiny base model (T-regime's stability row); none for a given model."""
@@ -509,12 +516,14 @@ class Plan:
     def stage1_spec(self, recipe: str, seed) -> TrainSpec:
         hp = stage1_recipe(self.c, recipe)
         method = hp.pop("method")
+        qa_share = hp.pop("qa_share")
         sft_c = REGISTRY[method].reads_negatives  # only SFT-C does: others do not rerun when negatives change
         return TrainSpec(method=method, init=self.base_model(), seed=int(seed), vlm=self.vlm(),
                          data=self.data_spec("finetune", stage="stage1"), hparams=hp, train=self.c["train"],
                          lora=self.c["model"]["lora"], probes=self.probes_spec("base", seed, stage=1),
                          negatives=self.negatives_spec() if sft_c else None,
-                         data_seed=self.c["data"]["shapes"]["seed"] if sft_c else None, pairs=None, ref_logps=None)
+                         data_seed=self.c["data"]["shapes"]["seed"] if sft_c or qa_share else None, pairs=None,
+                         ref_logps=None, qa_share=qa_share)
 
     def stage2_spec(self, stage1: str, seed, stage2: str) -> TrainSpec:
         hp = stage2_recipe(self.c, stage2)
@@ -540,6 +549,12 @@ class Plan:
         for name, m in self.mcq_sets().items():
             data = dataclasses.replace(self.data_spec("test"), splits=m["splits"]) if m["format"] == "shapes" else None
             mcq.append(McqSpec(name=name, out=self.path("mcq", key=key, mcqset=name), data=data, **m))
+        pope = tuple(PopeSpec(name=name, out=self.path("pope", key=key, popeset=name),
+                              data=dataclasses.replace(self.data_spec("test"), splits=p["splits"]) if p["format"] ==
+                              "shapes" else None,
+                              train=self.data_spec("pretrain") if p["format"] == "shapes" else None,
+                              **{k: v for k, v in p.items() if k not in ("enabled", "splits")})
+                     for name, p in self.pope_sets().items())
         return EvalSpec(vlm=self.vlm(), model=self.model_dir(k), data=self.data_spec("test"),
                         num_beams=e["num_beams"], max_new_tokens=e["max_new_tokens"], batch_size=e["batch_size"],
                         forward_batch_size=e["forward_batch_size"],
@@ -549,7 +564,7 @@ class Plan:
                         run_metrics=self.run_file(k, "metrics") if k.kind == "stage2" else None,
                         tau=self.c["stage2"]["defaults"]["tau"], reference=self.reference_of(k),
                         n_bins=self.c["probes"]["n_bins"], pixel_cache_mb=self.c["train"]["pixel_cache_mb"],
-                        eval_sets=sets, mcq_sets=mcq, objects=self.objects_file("data"))
+                        eval_sets=sets, mcq_sets=mcq, objects=self.objects_file("data"), pope_sets=pope)
 
     def sample_spec(self, stage1: str, seed) -> SampleSpec:
         o = self.c["negatives"]["onpolicy"]

@@ -13,7 +13,7 @@ scores (docs/method.md § POPE).
 - Scores with "yes" the positive class: accuracy, precision, recall, F1, the yes-ratio (share of answers
   parsed "yes") and the number of unparsed answers; an unparsed answer is wrong, and a miss when the truth
   is "yes".
-No torch import.
+torch is imported only by the answering functions (`answer_questions`, `evaluate_pope`).
 """
 from __future__ import annotations
 
@@ -182,3 +182,67 @@ def load_pope_file(path: str, image_root: str, limit: int | None = None) -> list
             if limit is not None and len(out) >= limit:
                 break
     return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# answering (imports torch)
+
+def answer_questions(model, encoder, items: list, batch_size: int = 64, max_new_tokens: int = 8) -> list:
+    """The model's greedy answer to each item's question (its own prompt: the question text, through
+    `encoder.for_prompt`: the image, or its scene text under text input), whitespace normalised; explicit
+    greedy decoding, never the model's generation_config."""
+    import torch
+    from .generation import decoding_settings, neutral_generation_config, prompt_batch
+    model.eval()
+    base = encoder
+    settings = decoding_settings(num_beams=1, max_new_tokens=max_new_tokens)
+    out = []
+    for s in range(0, len(items), max(1, int(batch_size))):
+        run = items[s:s + max(1, int(batch_size))]
+        encs = [base.for_prompt(q["text"]) for q in run]
+        inputs = {k: v.to(model.device) for k, v in prompt_batch(encs, [q["image"] for q in run]).items()}
+        with torch.no_grad(), neutral_generation_config(model, encs[0]):
+            seqs = model.generate(**inputs, **settings, eos_token_id=encs[0].eos_id, pad_token_id=encs[0].pad_id)
+        texts = encs[0].tokenizer.batch_decode(seqs[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        out += [" ".join(t.split()) for t in texts]
+    return out
+
+
+def pope_questions(spec) -> tuple[dict, dict]:
+    """({setting: items}, notes) of a `PopeSpec`: generated over `shapes` records, or read from the release's
+    files; notes say how far the popular / adversarial settings differ from random (shapes)."""
+    from .data import load_records
+    if spec.format == "shapes":
+        from .shapes import COLOURS, SHAPES
+        records = load_records(spec.data)[: spec.images or None]
+        train = [r.attributes for r in load_records(spec.train)]
+        universe = [f"{c} {s}" for c in COLOURS for s in SHAPES]
+        by = {s: shapes_pope(records, train, universe, s, seed=spec.seed) for s in spec.settings}
+        return by, {"no_questions_shared_with_random": setting_overlap(records, train, universe, seed=spec.seed)}
+    files = spec.files or {}
+    missing = [s for s in spec.settings if s not in files]
+    if missing:
+        from .data import DataError
+        raise DataError(f"pope set {spec.name}: no file for setting(s) {', '.join(missing)} (pope_sets.{spec.name}"
+                        ".files)")
+    return {s: load_pope_file(files[s], spec.image_root, limit=spec.images) for s in spec.settings}, {}
+
+
+def evaluate_pope(model, encoder, spec) -> dict:
+    """`spec` (a `PopeSpec`) answered by `model` (`encoder`: the evaluation's, whose processor and input mode
+    the questions use): per setting its scores (`pope_scores`) and every answer; the mean over settings of
+    accuracy, F1 and yes-ratio."""
+    by, notes = pope_questions(spec)
+    doc = {"parser": spec.parser, "settings": {}, **notes}
+    for setting, items in by.items():
+        answers = answer_questions(model, encoder, items, batch_size=spec.batch_size,
+                                   max_new_tokens=spec.max_new_tokens)
+        doc["settings"][setting] = {**pope_scores([q["label"] for q in items], answers, spec.parser),
+                                    "answers": [{"question_id": q["question_id"], "label": q["label"], "answer": a}
+                                                for q, a in zip(items, answers)]}
+    mean = {}
+    for key in ("accuracy", "f1", "yes_ratio"):
+        vals = [d[key] for d in doc["settings"].values()]
+        mean[key] = None if any(v is None for v in vals) or not vals else sum(vals) / len(vals)
+    doc["mean"] = mean
+    return doc

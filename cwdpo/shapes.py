@@ -19,6 +19,7 @@ import re
 from dataclasses import dataclass
 
 from .data import caption_tokens, load_karpathy, write_atomically, write_json
+from .specs import optional
 
 SHAPES = ("circle", "square", "triangle", "star", "cross")
 COLOURS = ("red", "green", "blue", "yellow", "purple", "orange", "black")
@@ -116,7 +117,9 @@ def scene_texts(json_path: str) -> dict:
 class ShapesSpec:
     """Sizes of one `shapes` dataset (splits in generation order) and its seed.
 
-    `heldout` (colour, shape) combinations never occur in the regular splits. The `ood` split
+    `heldout` (colour, shape) combinations never occur in the regular splits. `qa`: each image also gets
+    its question–answer turns (entry "qa": `cwdpo.mcq.shapes_set.qa_turns`), drawn from an RNG of their own
+    (the images and captions do not change). The `ood` split
     ({domain: count}) is a NoCaps-style test set of images labelled by domain: "in-domain" (only seen
     combinations), "near-domain" (exactly one object with a held-out combination) and "out-of-domain"
     (every object a held-out combination). Each colour and each shape alone is seen in training; only
@@ -132,6 +135,7 @@ class ShapesSpec:
     refs_per_image: int = 5
     heldout: tuple = ()
     ood: dict | None = None
+    qa: bool = optional(False)  # also write each image's instruction turns (`cwdpo.mcq.shapes_set.qa_turns`)
 
 
 DOMAINS = ("in-domain", "near-domain", "out-of-domain")
@@ -255,6 +259,9 @@ def generate(out_dir: str, spec: ShapesSpec, progress: bool = True) -> str:
             jobs.append(("ood", k, domain))
             k += 1
     images, imgid, sentid = [], 0, 0
+    if spec.qa:
+        from .mcq.shapes_set import qa_turns
+        universe = [f"{c} {s}" for c in COLOURS for s in SHAPES]  # every nameable object (POPE's)
     for split in sorted({j[0] for j in jobs}):
         os.makedirs(os.path.join(out_dir, "images", split), exist_ok=True)
     for split, i, domain in tqdm(jobs, desc="shapes", disable=not progress, mininterval=1.0):
@@ -274,6 +281,8 @@ def generate(out_dir: str, spec: ShapesSpec, progress: bool = True) -> str:
                  "sentences": sentences, "attributes": attributes}
         if domain is not None:
             entry["domain"] = domain
+        if spec.qa:
+            entry["qa"] = qa_turns(attributes, random.Random(f"shapes-qa:{spec.seed}:{split}:{i}"), universe)
         images.append(entry)
         imgid += 1
     path = os.path.join(out_dir, "dataset_shapes.json")

@@ -187,7 +187,8 @@ class TrainSpec:
     `train` the config's `train` settings. Stage 2 reads `pairs` and their cached `ref_logps`; SFT-C
     builds its gentle negatives from `negatives` with `data_seed`. `lr_choice`: the calibration-choice file
     a recipe with `lr: calibrated` takes its learning rate from (`cwdpo.report.calibrate.write_calibration_choice`).
-    `pairs_summary`: the summary make_pairs wrote beside `pairs`, whose count the pairs file must match."""
+    `pairs_summary`: the summary make_pairs wrote beside `pairs`, whose count the pairs file must match.
+    `qa_share`: the share of the examples that are the records' question–answer turns (SFT / SFT-C)."""
     method: str
     init: str
     seed: int
@@ -203,6 +204,7 @@ class TrainSpec:
     ref_logps: str | None
     lr_choice: str | None = optional(None)
     pairs_summary: str | None = optional(None)
+    qa_share: float = optional(0.0)
 
 
 @dataclass(frozen=True)
@@ -248,9 +250,29 @@ class McqSpec:
 
 
 @dataclass(frozen=True)
+class PopeSpec:
+    """One POPE set (config `pope_sets.<name>`): `shapes` questions over the test split `data`, their popular /
+    adversarial objects counted on the training split `train`; or the POPE release's `files` ({setting: path})
+    over `image_root` (COCO)."""
+    name: str
+    out: str
+    format: str
+    settings: list
+    files: dict | None
+    image_root: str | None
+    images: int | None
+    parser: str
+    batch_size: int
+    max_new_tokens: int
+    seed: int
+    data: DataSpec | None
+    train: DataSpec | None
+
+
+@dataclass(frozen=True)
 class EvalSpec:
     """Evaluation of one model: captions of the test split and the evaluation sets, MCQ accuracy, and the
-    teacher-forced measures. `l_floor`/`tau` give the held-out pairs' w_c; a Stage-2 run's own (a resolved
+    teacher-forced measures, POPE. `l_floor`/`tau` give the held-out pairs' w_c; a Stage-2 run's own (a resolved
     ℓ_floor, a recipe's τ) are read from `run_metrics` instead. `objects`: the test images' COCO categories,
     for CHAIR."""
     vlm: Vlm
@@ -271,6 +293,7 @@ class EvalSpec:
     eval_sets: list[EvalSetSpec]
     mcq_sets: list[McqSpec]
     objects: str | None
+    pope_sets: tuple[PopeSpec, ...] = optional(())
 
 
 @dataclass(frozen=True)

@@ -436,8 +436,33 @@ def build_dataset(spec) -> tuple[list, str, dict]:
     else:  # SFT-C: each reference with a gentle negative
         from .negatives import sft_c_items
         items = sft_c_items(records, spec.negatives, seed=spec.data_seed)
-    summary["examples"] = len(items)
-    return items, kind, summary
+    qa = qa_items(records, len(items), spec.qa_share, kind, seed=spec.data_seed or 0)
+    summary["examples"] = len(items) + len(qa)
+    if qa:
+        summary["qa_examples"] = len(qa)
+    return items + qa, kind, summary
+
+
+def qa_items(records: list, n_captions: int, share: float, kind: str, seed: int = 0) -> list:
+    """The question–answer turns of `records` (data.shapes.qa) as training items, `share` of all examples:
+    round(share / (1 − share) × n_captions) turns, drawn without repeats from a seeded shuffle of every turn
+    (cycled when more are needed). SFT items {image, prompt, response}; SFT-C items add the turn's negative (a
+    wrong answer) as the gentle negative its penalty pushes down."""
+    if not share:
+        return []
+    turns = [(r.path, t) for r in records for t in r.qa]
+    if not turns:
+        from .data import DataError
+        raise DataError(f"qa_share {share} asks for question–answer turns, but the training records have none: "
+                        "set data.shapes.qa: true (the `shapes` generator writes them)")
+    n = round(share / (1.0 - share) * n_captions)
+    order = list(range(len(turns)))
+    random.Random(f"qa:{seed}").shuffle(order)
+    picked = [turns[order[i % len(order)]] for i in range(n)]
+    if kind == "sft":
+        return [{"image": path, "prompt": t["prompt"], "response": t["answer"]} for path, t in picked]
+    return [{"image": path, "prompt": t["prompt"], "positive": t["answer"], "negative": t["negative"],
+             "kind": f"qa:{t['kind']}"} for path, t in picked]
 
 
 def make_probe_callback(spec, encoder: Encoder, out_dir: str):

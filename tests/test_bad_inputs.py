@@ -374,6 +374,7 @@ NAME_SECTIONS = {
     "figures": {"enabled": False},
     "eval_sets": {"source": "shapes", "splits": ["test"]},
     "mcq_sets": {"format": "shapes"},
+    "pope_sets": {"format": "shapes"},
     "negatives.sets": {"rho": 1.0},
 }
 HOSTILE_NAMES = ["../../../../tmp/ESCAPED", "/tmp/ESCAPED", "a/b", "nl\n", "\n", "cr\r", "..", ".hidden", "",
@@ -394,11 +395,11 @@ def test_every_name_bearing_key_is_known_and_every_path_wildcard_comes_from_one(
     from cwdpo.paths import TEMPLATES
     assert {k for k, _ in name_keys(specs.config())} == set(NAME_SECTIONS)
     wildcards = {w for t in TEMPLATES.values() for w in re.findall(r"{(\w+)}", t)}
-    # stage1/stage2: recipes; negset: negatives.sets; evalset/mcqset: eval_sets/mcq_sets; table/figure:
-    # tables/figures; key: a model key of recipes and a seed; seed: an integer; out: results/<experiment>;
+    # stage1/stage2: recipes; negset: negatives.sets; evalset/mcqset/popeset: eval_sets/mcq_sets/pope_sets;
+    # table/figure: tables/figures; key: a model key of recipes and a seed; seed: an integer; out: results/<experiment>;
     # source: "data" or an eval_sets name (the COCO objects of a data source)
-    assert wildcards == {"out", "stage1", "seed", "stage2", "key", "negset", "evalset", "mcqset", "table", "figure",
-                         "source"}
+    assert wildcards == {"out", "stage1", "seed", "stage2", "key", "negset", "evalset", "mcqset", "popeset", "table",
+                         "figure", "source"}
 
 
 @pytest.mark.slow

@@ -94,3 +94,26 @@ def test_the_pope_release_format_is_read_and_bad_lines_are_named(tmp_path):
         path.write_text(json.dumps(lines[0]) + "\n" + json.dumps(bad) + "\n")
         with pytest.raises(DataError, match=f":2: .*{msg}"):
             pope.load_pope_file(str(path), str(root))
+
+
+def test_a_model_answers_every_setting_and_the_scores_are_those_of_its_answers(shapes_dir, tiny_model_dir, encoder):
+    """evaluate_pope on the (untrained) tiny model: every question answered, each setting scored from its own
+    answers by the configured parser, the mean over settings, and how far popular/adversarial differ from
+    random."""
+    from micro_specs import data as data_spec
+    from cwdpo.models import load_model
+    from cwdpo.specs import PopeSpec
+    path = os.path.join(shapes_dir, "dataset_shapes.json")
+    spec = PopeSpec(name="p", out="", format="shapes", settings=["random", "adversarial"], files=None, image_root=None,
+                    images=4, parser="yes_xor_no", batch_size=5, max_new_tokens=3, seed=0,
+                    data=data_spec(path, ["test"]), train=data_spec(path, ["train"]))
+    doc = pope.evaluate_pope(load_model(tiny_model_dir), encoder, spec)
+    assert set(doc["settings"]) == {"random", "adversarial"} and doc["parser"] == "yes_xor_no"
+    for setting, d in doc["settings"].items():
+        labels, answers = [a["label"] for a in d["answers"]], [a["answer"] for a in d["answers"]]
+        assert len(answers) == d["n"] > 0 and labels.count("yes") == labels.count("no")
+        assert {k: d[k] for k in ("accuracy", "f1", "yes_ratio", "unparsed")} == {
+            k: pope.pope_scores(labels, answers, "yes_xor_no")[k] for k in ("accuracy", "f1", "yes_ratio", "unparsed")}
+    acc = [d["accuracy"] for d in doc["settings"].values()]
+    assert doc["mean"]["accuracy"] == pytest.approx(sum(acc) / len(acc))
+    assert set(doc["no_questions_shared_with_random"]) == {"popular", "adversarial"}

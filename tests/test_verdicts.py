@@ -172,7 +172,7 @@ def test_t_paper_decides_claims_with_delta_and_t_regime_shows_the_preconditions(
         p = tmp_path / f"stab{seed}.json"
         p.write_text(json.dumps({"corpus": {"1-obj shape acc.": acc}}))
         stability.append(str(p))
-    spec = _spec(root, {"main": rows}, probes, stability)
+    spec = _with_mcq(root, _spec(root, {"main": rows}, probes, stability), {"base": 0.85})
     spec["regime"] = {**spec["regime"], "control_calibration": {"met_both": True, "swept": "lr 1e-4 … 1e-3",
                                                                  "setting": "lr 1e-3, the rule's choice"}}
     out = paper_table(spec)
@@ -192,6 +192,23 @@ def test_t_paper_decides_claims_with_delta_and_t_regime_shows_the_preconditions(
     out = paper_table(_spec(root, {"main": rows}, probes, stability))
     vision = [r for r in csv.reader(io.StringIO(out["csv"])) if r[0] == "regime" and "shape of" in r[1]]
     assert vision[0][6] == "fail" and vision[0][4] == "50.0%"
+    # a base model that cannot answer questions fails the MCQ row; without an MCQ set the row says n/a
+    out = paper_table(_with_mcq(root, _spec(root, {"main": rows}, probes, stability), {"base": 0.31}))
+    assert _row(_regime_rows(out), "questions:") == ("31.0%", "fail")
+    assert _row(_regime_rows(paper_table(_spec(root, {"main": rows}, probes, stability))), "questions:") == (
+        "n/a", "fail")
+
+
+def _with_mcq(root: str, spec: dict, accuracy: dict) -> dict:
+    """`spec` reading MCQ set shapes_mcq, whose accuracy per model key is `accuracy`."""
+    for key, acc in accuracy.items():
+        d = os.path.join(root, "eval", key)
+        os.makedirs(d, exist_ok=True)
+        json.dump({"accuracy": acc}, open(os.path.join(d, "mcq_shapes_mcq.json"), "w"))
+    spec["files"]["mcq_shapes_mcq"] = os.path.join(root, "eval", "{key}", "mcq_shapes_mcq.json")
+    spec["extra_columns"] = {"shapes_mcq acc.": ["mcq_shapes_mcq", ["accuracy"], True, 1, None]}
+    spec["mcq_column"] = "shapes_mcq acc."
+    return spec
 
 
 def _regime_rows(out) -> dict:

@@ -88,3 +88,33 @@ def shapes_mcq(records: list, seed: int = 0, per_image: int | None = None,
                                  options=options, answer=options.index(answer), category=kind,
                                  meta={"image_id": rec.image_id, "kind": kind}))
     return items
+
+
+def qa_turns(attributes: dict, rng: random.Random, universe: list) -> list:
+    """The instruction turns of one `shapes` scene, for training: {kind, prompt, answer, negative}.
+
+    - every question of `shapes_questions`, shown as the MCQ scorer shows an item (`mcq_prompt`: the question,
+      4 lettered options — the answer and 3 distractors of its vocabulary, shuffled — and the answer
+      instruction); the answer is "<letter>. <option>" (what the scorer's log-likelihood reads), the negative
+      the same for a wrong option (SFT-C's gentle negative of the turn);
+    - existence ("Is there a {colour} {shape} in the image?", POPE's question): "Yes" for each object of the
+      scene and "No" for as many absent objects of `universe` drawn uniformly (never POPE's popular or
+      adversarial sampling: those are evaluation settings); the negative is the other answer.
+    """
+    from ..pope import question, shapes_objects
+    from .items import mcq_prompt, option_responses
+    out = []
+    for kind, _, text, answer, vocab in shapes_questions(attributes):
+        options = [answer] + rng.sample([v for v in vocab if v != answer], 3)
+        rng.shuffle(options)
+        item = MCQItem(id="", images=[""], question=text, options=options, answer=options.index(answer),
+                       category=kind)
+        responses = option_responses(item, list(range(4)))
+        wrong = rng.choice([r for j, r in enumerate(responses) if j != item.answer])
+        out.append({"kind": kind, "prompt": mcq_prompt(item), "answer": responses[item.answer], "negative": wrong})
+    present = shapes_objects(attributes)
+    absent = rng.sample([o for o in universe if o not in present], min(len(present), len(universe) - len(present)))
+    for obj, yes in [(o, True) for o in present] + [(o, False) for o in absent]:
+        out.append({"kind": "existence", "prompt": question(obj), "answer": "Yes" if yes else "No",
+                    "negative": "No" if yes else "Yes"})
+    return out

@@ -235,7 +235,10 @@ def _runs(data: RunData, keys: list, col: str, scale: float) -> list:
 QUANTITY_COLUMN = {"CIDEr": "CIDEr", "BLEU-4": "BLEU-4", "METEOR": "METEOR", "SPICE": "SPICE", "TV": "TV", "JS": "JS",
                    "ECE": "ECE", "top-1 mass": "top-1", "CIDEr (ablation)": "CIDEr", "top-1": "top-1",
                    "MMMU acc.": "mmmu acc.", "MMBench1.1 acc.": "mmbench acc.", "CHAIR_s": "CHAIR_s"}
-MCQ_QUANTITY = "MCQ acc."  # a claim's quantity: the accuracy on the experiment's first MCQ set (T-paper's spec)
+# a claim's quantity read on the experiment's first set of a kind: (the key of its column in T-paper's spec, why
+# the claim is n/a without one)
+SET_QUANTITIES = {"MCQ acc.": ("mcq_column", "no MCQ set configured (config mcq_sets)"),
+                  "POPE F1": ("pope_column", "no POPE set configured (config pope_sets)")}
 
 
 def claim_difference(data: RunData, a: list, b: list, col: str, interval: str) -> dict:
@@ -272,14 +275,20 @@ def _fmt_diff(d: dict, digits: int) -> str:
 # table specs (built from the plan at workflow parse time; no torch)
 
 def eval_set_columns(plan) -> dict:
-    """Columns of the evaluation sets: '<set> <metric>' (and '<set> CIDEr (<domain>)' per domain), and
-    '<mcq set> acc.' (circular when configured) / '<mcq set> acc. (plain)'."""
+    """Columns of the evaluation sets: '<set> <metric>' (and '<set> CIDEr (<domain>)' per domain),
+    '<mcq set> acc.' (circular when configured) / '<mcq set> acc. (plain)', and per POPE set '<set> F1' (the mean
+    over its settings) with '<set> F1 (<setting>)' and '<set> yes-ratio (<setting>)'."""
     from ..shapes import DOMAINS
     cols = {}
     for name, m in plan.mcq_sets().items():
         cols[f"{name} acc."] = [f"mcq_{name}", ["accuracy"], True, 1, None]  # percent (× evaluate.scale)
         if m["circular"]:
             cols[f"{name} acc. (plain)"] = [f"mcq_{name}", ["accuracy_plain"], True, 1, None]
+    for name, p in plan.pope_sets().items():
+        cols[f"{name} F1"] = [f"pope_{name}", ["mean", "f1"], True, 1, None]
+        for s in p["settings"]:
+            cols[f"{name} F1 ({s})"] = [f"pope_{name}", ["settings", s, "f1"], True, 1, None]
+            cols[f"{name} yes-ratio ({s})"] = [f"pope_{name}", ["settings", s, "yes_ratio"], True, 1, None]
     for name, es in plan.eval_sets().items():
         for m in es["metrics"]:
             if m == "SPICE" and "SPICE" not in plan.c["evaluate"]["metrics"]:
@@ -339,7 +348,7 @@ def base_spec(plan, name: str, t: dict) -> dict:
     calibrate): its name, kind, title, caption scale, the evaluation sets' columns and the file templates. The
     kind adds its rows; `finish_spec` then adds the probes and training-run files of the keys they read."""
     extra = eval_set_columns(plan)
-    kinds = ["scores", "measures", "captions"] + [spec[0] for spec in extra.values()]
+    kinds = ["scores", "measures", "captions"] + [spec[0] for spec in extra.values()]  # (pope_<set> included)
     return {"name": name, "kind": t["kind"], "title": t.get("title") or name,
             "scale": plan.c["evaluate"]["scale"], "experiment": plan.c["experiment"], "extra_columns": extra,
             "files": {kind: plan.eval_file(kind) for kind in dict.fromkeys(kinds)}}
@@ -362,7 +371,8 @@ def row_inputs(plan, name: str, with_run_files: bool = False) -> list:
         columns = table.get("columns") or []
         kinds = ["scores", "measures"]
         if _carries_eval_sets(tname, table):
-            kinds += [f"scores_{n}" for n in plan.eval_sets()] + [f"mcq_{n}" for n in plan.mcq_sets()]
+            kinds += [f"scores_{n}" for n in plan.eval_sets()] + [f"mcq_{n}" for n in plan.mcq_sets()] + \
+                [f"pope_{n}" for n in plan.pope_sets()]
         for row in table_rows(plan, table):
             if row.get("trivial"):
                 files.append(plan.path("scores", key=TRIVIAL))

@@ -9,7 +9,7 @@ No torch import.
 from __future__ import annotations
 
 from ..config import PAPER_CLAIM_IDS
-from .common import (COLUMNS, MCQ_QUANTITY, QUANTITY_COLUMN, RunData, _fmt_diff, base_spec, cell_stats,
+from .common import (COLUMNS, QUANTITY_COLUMN, SET_QUANTITIES, RunData, _fmt_diff, base_spec, cell_stats,
                      claim_difference, decide, digits_of, finish_spec, fmt, load_paper, row_inputs, table_rows,
                      tables_read_by)
 from .render import Document, Table
@@ -45,11 +45,11 @@ def _claims(spec: dict, data: RunData, paper: dict) -> list:
     rows = []
     for c in paper["claims"] + paper["our_claims"]:
         whose = "ours (not the paper's)" if c in paper["our_claims"] else "paper"
-        col = spec.get("mcq_column") if c["quantity"] == MCQ_QUANTITY else QUANTITY_COLUMN.get(c["quantity"],
-                                                                                              c["quantity"])
+        col = spec.get(SET_QUANTITIES[c["quantity"]][0]) if c["quantity"] in SET_QUANTITIES else \
+            QUANTITY_COLUMN.get(c["quantity"], c["quantity"])
         a, b = main.get(c["a"]), main.get(c["b"])
         if not a or not b or col is None:
-            why = f"rows {c['a']}/{c['b']} not configured" if col else "no MCQ set configured (config mcq_sets)"
+            why = f"rows {c['a']}/{c['b']} not configured" if col else SET_QUANTITIES[c["quantity"]][1]
             rows.append([c["claim"], whose, c["paper"], "n/a", "—", "inconclusive", why])
             continue
         d = claim_difference(data, a, b, col, cfg["interval"])
@@ -95,6 +95,10 @@ def _regime(spec: dict, data: RunData, claim_rows: list) -> list:
         v = g.get(f"1-obj {attr} acc.")
         rows.append([f"vision: the base model names the {attr} of a one-object image", pct(v), f"≥ {pct(target)}",
                      _pass(v is not None and v >= target)])
+    mcq = spec.get("mcq_column")
+    v = data.value(base[0], mcq)[0] / float(spec["scale"]) if base and mcq else None
+    rows.append([f"questions: the base model's accuracy on {mcq or 'an MCQ set'} (chance 25%)", pct(v),
+                 f"≥ {pct(r['mcq_accuracy'])}", _pass(v is not None and v >= r["mcq_accuracy"])])
     s1 = main.get(r["stage1_row"]) or []
     chair = cell_stats([data.value(k, "CHAIR_s")[0] for k in s1], [])
     lo_h, hi_h = r["headroom"]
@@ -249,8 +253,9 @@ def spec(plan, name: str, t: dict) -> dict:
     spec["claims"] = {**plan.c["claims"], "min_effect": {k: v for k, v in plan.c["claims"]["min_effect"].items()
                                                         if k in PAPER_CLAIM_IDS}}
     spec["regime"] = plan.c["regime"]
-    # the paper's general-ability claim (MMMU / MMBench) on the first MCQ set configured
+    # the paper's general-ability claim (MMMU / MMBench) on the first MCQ set configured; ours on the first POPE set
     spec["mcq_column"] = next((f"{n} acc." for n in plan.mcq_sets()), None)
+    spec["pope_column"] = next((f"{n} F1" for n in plan.pope_sets()), None)
     spec["stability"] = [plan.path("stability", seed=s) for s in plan.stability_seeds()]
     return finish_spec(plan, spec, keys)
 
