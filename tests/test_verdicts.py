@@ -172,7 +172,7 @@ def test_t_paper_decides_claims_with_delta_and_t_regime_shows_the_preconditions(
         p = tmp_path / f"stab{seed}.json"
         p.write_text(json.dumps({"corpus": {"1-obj shape acc.": acc}}))
         stability.append(str(p))
-    spec = _with_mcq(root, _spec(root, {"main": rows}, probes, stability), {"base": 0.85})
+    spec = _with_questions(root, _spec(root, {"main": rows}, probes, stability), {"base": 0.85}, {"base": 0.52})
     spec["regime"] = {**spec["regime"], "control_calibration": {"met_both": True, "swept": "lr 1e-4 … 1e-3",
                                                                  "setting": "lr 1e-3, the rule's choice"}}
     out = paper_table(spec)
@@ -192,22 +192,30 @@ def test_t_paper_decides_claims_with_delta_and_t_regime_shows_the_preconditions(
     out = paper_table(_spec(root, {"main": rows}, probes, stability))
     vision = [r for r in csv.reader(io.StringIO(out["csv"])) if r[0] == "regime" and "shape of" in r[1]]
     assert vision[0][6] == "fail" and vision[0][4] == "50.0%"
-    # a base model that cannot answer questions fails the MCQ row; without an MCQ set the row says n/a
-    out = paper_table(_with_mcq(root, _spec(root, {"main": rows}, probes, stability), {"base": 0.31}))
-    assert _row(_regime_rows(out), "questions:") == ("31.0%", "fail")
-    assert _row(_regime_rows(paper_table(_spec(root, {"main": rows}, probes, stability))), "questions:") == (
+    # a base model that cannot answer questions — chance on the MCQ, "yes" to every POPE question — fails both
+    # rows; without the sets the rows say n/a
+    out = paper_table(_with_questions(root, _spec(root, {"main": rows}, probes, stability), {"base": 0.31},
+                                      {"base": 1.0}))
+    assert _row(_regime_rows(out), "questions: the base model's accuracy") == ("31.0%", "fail")
+    assert _row(_regime_rows(out), "questions: the base model's POPE") == ("100.0%", "fail")
+    bare = _regime_rows(paper_table(_spec(root, {"main": rows}, probes, stability)))
+    assert _row(bare, "questions: the base model's accuracy") == _row(bare, "questions: the base model's POPE") == (
         "n/a", "fail")
 
 
-def _with_mcq(root: str, spec: dict, accuracy: dict) -> dict:
-    """`spec` reading MCQ set shapes_mcq, whose accuracy per model key is `accuracy`."""
-    for key, acc in accuracy.items():
-        d = os.path.join(root, "eval", key)
-        os.makedirs(d, exist_ok=True)
-        json.dump({"accuracy": acc}, open(os.path.join(d, "mcq_shapes_mcq.json"), "w"))
-    spec["files"]["mcq_shapes_mcq"] = os.path.join(root, "eval", "{key}", "mcq_shapes_mcq.json")
-    spec["extra_columns"] = {"shapes_mcq acc.": ["mcq_shapes_mcq", ["accuracy"], True, 1, None]}
-    spec["mcq_column"] = "shapes_mcq acc."
+def _with_questions(root: str, spec: dict, accuracy: dict, yes_ratio: dict) -> dict:
+    """`spec` reading MCQ set shapes_mcq and POPE set shapes_pope, whose accuracy and mean yes-ratio per model
+    key are `accuracy` and `yes_ratio`."""
+    for name, kind, values in (("mcq_shapes_mcq", "accuracy", accuracy), ("pope_shapes_pope", "yes", yes_ratio)):
+        for key, v in values.items():
+            d = os.path.join(root, "eval", key)
+            os.makedirs(d, exist_ok=True)
+            doc = {"accuracy": v} if kind == "accuracy" else {"mean": {"yes_ratio": v, "f1": 0.7}}
+            json.dump(doc, open(os.path.join(d, f"{name}.json"), "w"))
+        spec["files"][name] = os.path.join(root, "eval", "{key}", f"{name}.json")
+    spec["extra_columns"] = {"shapes_mcq acc.": ["mcq_shapes_mcq", ["accuracy"], True, 1, None],
+                             "shapes_pope F1": ["pope_shapes_pope", ["mean", "f1"], True, 1, None]}
+    spec["mcq_column"], spec["pope_column"] = "shapes_mcq acc.", "shapes_pope F1"
     return spec
 
 

@@ -99,6 +99,13 @@ def _regime(spec: dict, data: RunData, claim_rows: list) -> list:
     v = data.value(base[0], mcq)[0] / float(spec["scale"]) if base and mcq else None
     rows.append([f"questions: the base model's accuracy on {mcq or 'an MCQ set'} (chance 25%)", pct(v),
                  f"≥ {pct(r['mcq_accuracy'])}", _pass(v is not None and v >= r["mcq_accuracy"])])
+    pope = spec.get("pope_column")  # "<set> F1", read from the set's file
+    doc = data.doc(base[0], spec["extra_columns"][pope][0]) if base and pope else None
+    ratio = (doc or {}).get("mean", {}).get("yes_ratio")
+    lo_y, hi_y = r["pope_yes_ratio"]
+    name = pope[: -len(" F1")] if pope else "a POPE set"
+    rows.append([f"questions: the base model's POPE yes-ratio on {name} (half the true answers are yes)",
+                 pct(ratio), f"{pct(lo_y)}–{pct(hi_y)}", _pass(ratio is not None and lo_y <= ratio <= hi_y)])
     s1 = main.get(r["stage1_row"]) or []
     chair = cell_stats([data.value(k, "CHAIR_s")[0] for k in s1], [])
     lo_h, hi_h = r["headroom"]
