@@ -399,6 +399,18 @@ class Plan:
             inputs["onpolicy"] = self.path("onpolicy", stage1=start, seed=seed)
         return inputs
 
+    def train_inputs(self, stage: str, wildcards) -> dict:
+        """The inputs of a training rule (`stage` "stage1" / "stage2") for its job's wildcards."""
+        if stage == "stage1":
+            return self.stage1_inputs(wildcards.stage1, wildcards.seed)
+        return self.stage2_inputs(wildcards.stage1, wildcards.seed, wildcards.stage2)
+
+    def train_spec(self, stage: str, wildcards) -> TrainSpec:
+        """The spec of a training rule's job (`stage` "stage1" / "stage2") for its wildcards."""
+        if stage == "stage1":
+            return self.stage1_spec(wildcards.stage1, wildcards.seed)
+        return self.stage2_spec(wildcards.stage1, wildcards.seed, wildcards.stage2)
+
     def stage1_inputs(self, recipe: str, seed) -> dict:
         inputs = {"data": self.data_inputs(), "hub": self.model_inputs()}
         if self.tiny:
