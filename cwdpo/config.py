@@ -498,6 +498,14 @@ def _check_paths(c: dict) -> None:
                 raise ConfigError(f"mcq_sets.{name}.path: required for format {m['format']}")
             if "*" not in m["path"]:
                 paths.append((f"mcq_sets.{name}.path", m["path"]))
+    for name, p in c["pope_sets"].items():
+        if p["enabled"] and p["format"] == "pope":
+            missing = [s for s in p["settings"] if s not in (p.get("files") or {})]
+            if missing or not p.get("image_root"):
+                raise ConfigError(f"pope_sets.{name}: format pope needs `files` for every setting (missing: "
+                                  f"{', '.join(missing) or 'none'}) and `image_root`")
+            paths += [(f"pope_sets.{name}.files.{s}", p["files"][s]) for s in p["settings"]]
+            paths.append((f"pope_sets.{name}.image_root", p["image_root"]))
     for name, es in c["eval_sets"].items():
         if es["enabled"] and es["source"] == "karpathy":
             if not es.get("json"):

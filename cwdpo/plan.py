@@ -481,7 +481,7 @@ class Plan:
         inputs = {"data": self.data_inputs(), "heldout": self.path("heldout_pairs"), "hub": self.model_inputs()}
         inputs["sets"] = [es["json"] for es in self.eval_sets().values() if es["source"] == "karpathy"] + \
             [m["path"] for m in self.mcq_sets().values() if m["path"] and "*" not in m["path"]] + \
-            [f for p in self.pope_sets().values() for f in (p["files"] or {}).values()]
+            [p["files"][s] for p in self.pope_sets().values() if p["format"] == "pope" for s in p["settings"]]
         inputs["objects"] = self.objects_files()
         if k.kind != "base" or self.tiny:
             inputs["model"] = self.model_dir(k)

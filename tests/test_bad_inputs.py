@@ -115,6 +115,12 @@ CONFIG_CASES = [
      r"invalid config: tables\.c\.sweep\.method: 'ppo' is not one of dpo, .*", "'ppo'"),
     ("sweep-unknown-stage1", "tables: {c: {kind: calibrate, sweep: {stage1: sftc, method: dpo, grids: [{lr: [1]}]}}}",
      r"invalid config: tables\.c\.sweep\.stage1: unknown Stage-1 recipe 'sftc'; known: .*", "'sftc'"),
+    # a POPE set of the release's files: each setting's file and the image folder must be there
+    ("pope-files-missing", "pope_sets: {p: {format: pope, settings: [random, popular]}}",
+     r"invalid config: pope_sets\.p: format pope needs `files` for every setting \(missing: random, popular\) and "
+     r"`image_root`", "needs `files`"),
+    ("pope-file-not-found", "pope_sets: {p: {format: pope, settings: [random], files: {random: nope.json}, "
+     "image_root: .}}", r"invalid config: pope_sets\.p\.files\.random: 'nope\.json' does not exist", "nope.json"),
     ("model-source-unknown", "model: {source: 'not a model'}\npretrain: {enabled: false}",
      r"invalid config: model\.source: 'not a model' is neither tiny, a hub id \(org/name\) nor an existing model "
      r"folder", "neither tiny"),

@@ -105,6 +105,11 @@ def test_gpu_configs_validate_and_dry_run_with_placeholder_paths(tmp_path, name)
     os.makedirs(os.path.join(wf, "data", "mmmu", "validation"))
     os.makedirs(os.path.join(wf, "data", "mmbench"))
     open(os.path.join(wf, "data", "mmbench", "MMBench_DEV_EN_V11.tsv"), "w").write("index\tquestion\n")
+    os.makedirs(os.path.join(wf, "data", "pope"))  # the paper config's POPE files (the release's COCO sets)
+    os.makedirs(os.path.join(coco, "val2014"))
+    for setting in ("random", "popular", "adversarial"):
+        open(os.path.join(wf, "data", "pope", f"coco_pope_{setting}.json"), "w").write(
+            '{"question_id": 1, "image": "x.jpg", "text": "Is there a cat in the image?", "label": "yes"}\n')
     cfg = os.path.join("config", f"{name}.yaml")
     run(["cwdpo", "validate-config", "--configfile", cfg], cwd=wf)
     out = run([sys.executable, "-m", "snakemake", "-n", "--configfile", cfg], cwd=wf)
