@@ -96,7 +96,8 @@ def _regime(spec: dict, data: RunData, claim_rows: list) -> list:
         rows.append([f"vision: the base model names the {attr} of a one-object image", pct(v), f"≥ {pct(target)}",
                      _pass(v is not None and v >= target)])
     mcq = spec.get("mcq_column")
-    v = data.value(base[0], mcq)[0] / float(spec["scale"]) if base and mcq else None
+    v = data.value(base[0], mcq)[0] if base and mcq else None
+    v = None if v is None else v / float(spec["scale"])
     rows.append([f"questions: the base model's accuracy on {mcq or 'an MCQ set'} (chance 25%)", pct(v),
                  f"≥ {pct(r['mcq_accuracy'])}", _pass(v is not None and v >= r["mcq_accuracy"])])
     pope = spec.get("pope_column")  # "<set> F1", read from the set's file
