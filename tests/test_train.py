@@ -180,7 +180,7 @@ def test_a_recipe_is_evaluated_with_the_tau_and_floor_it_trained_with(tiny_model
     assert default.tau == 1.0 and default.l_floor == -5.0  # what the config alone would give
     ev = dataclasses.replace(default, model=os.path.join(out, "model"), data=specs.data(data_json, ("test",)),
                              heldout_pairs=pairs_file, run_metrics=os.path.join(out, "metrics.json"),
-                             reference=None, eval_sets=[], mcq_sets=[], objects=None, topk_beams=0,
+                             reference=None, eval_sets=[], mcq_sets=[], pope_sets=(), objects=None, topk_beams=0,
                              max_new_tokens=8)
     E.run(ev, str(tmp_path / "captions.json"), str(tmp_path / "measures.json"), threads=1)
     held = read_json(str(tmp_path / "measures.json"))["heldout"]
