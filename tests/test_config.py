@@ -45,3 +45,21 @@ def test_an_overlay_cuts_the_sweep_and_gives_its_rows_seeds():
                    "tests/configs/micro_scale.yaml")
     assert scale["tables"]["calibrate"]["rows"][1:] == [
         {"name": "DPO, lr 1e-3", "stage1": "sft_c", "stage2": "dpo_lr1e-3", "seeds": [0]}]
+
+
+def test_the_qa_overlay_pretrains_every_base_model_on_turns_in_an_experiment_of_its_own():
+    """config/qa.yaml: QA turns in the data, half the pretraining examples for 9000 steps — the base model and
+    the stability seeds alike — in results/tiny_qa, with no calibration record of the captions-only model."""
+    from cwdpo.plan import Plan
+    c = _stack("config/config.yaml", "config/qa.yaml")
+    assert c["experiment"] == "tiny_qa" and c["data"]["shapes"]["qa"] is True
+    assert c["regime"]["control_calibration"] is None
+    plan = Plan(c)
+    assert plan.shapes_spec().qa is True
+    spec = plan.pretrain_spec()
+    assert spec.qa_share == 0.5 and spec.hparams["steps"] == 9000
+    for seed in plan.stability_seeds():
+        assert plan.stability_spec(seed).train.qa_share == 0.5
+        assert plan.stability_spec(seed).train.hparams == spec.hparams
+    default = Plan(_stack("config/config.yaml"))
+    assert default.pretrain_spec().qa_share == 0 and not default.shapes_spec().qa
