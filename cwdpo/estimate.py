@@ -13,6 +13,13 @@ from __future__ import annotations
 import json
 import os
 
+# A question–answer turn of the `shapes` generator (data.shapes.qa), measured on its train-split turns with the
+# tiny tokenizer: the question (the MCQ's four lettered options and answer instruction, or an existence
+# question) is this many tokens longer than the caption prompt "Describe the image.", the answer
+# ("<letter>. <option>", "Yes", "No") this many tokens long before <|im_end|> and the newline.
+QA_EXTRA_PROMPT_TOKENS = 21.3
+QA_ANSWER_TOKENS = 2.2
+
 # Published Qwen2.5-VL configurations (config.json of the hub repos), so the paper config is priced
 # without downloading anything. A local folder or a tiny config is read instead when given.
 KNOWN = {
@@ -169,6 +176,8 @@ def _estimate_plan(plan, mfu: float, peak_flops: float, image_hw=None) -> dict:
     prefix = img_tok + prompt_text_tokens
     cap_tokens = ds["caption_words"] * (1.0 if m["source"] == "tiny" else 1.3) + 2  # + <|im_end|>\n
     cap_tokens = min(cap_tokens, m["max_response_tokens"])
+    turn_tokens = QA_ANSWER_TOKENS + 2
+    turn = prefix + QA_EXTRA_PROMPT_TOKENS + turn_tokens  # one turn: its own prompt, never a shared prefix
     shared = config["train"]["forward"] == "shared_prefix"
     train_mult = 4 if lora else 6
     f1 = config["stage1"]["fraction"]
@@ -197,17 +206,24 @@ def _estimate_plan(plan, mfu: float, peak_flops: float, image_hw=None) -> dict:
     starts = sorted({(s1, s) for s1, s, _ in stage2_runs})
     negsets = sorted({(s1, s, plan.stage2_negset(s2)) for s1, s, s2 in stage2_runs})
 
+    def mixed(per_caption, per_turn, share):
+        """Tokens per example when a share of the examples are question–answer turns."""
+        return (1 - share) * per_caption + share * per_turn
+
     if plan.tiny and config["pretrain"]["enabled"]:
         hp = config["pretrain"]
-        add("pretrain", 1, hp["steps"] * hp["batch_size"] * (prefix + cap_tokens), 6 * n, "full finetune, 6N/token")
+        per = mixed(prefix + cap_tokens, turn, hp["qa_share"])
+        how = "full finetune, 6N/token" + (f"; {hp['qa_share']:.0%} question–answer turns" if hp["qa_share"] else "")
+        add("pretrain", 1, hp["steps"] * hp["batch_size"] * per, 6 * n, how)
+        if plan.stability_seeds():  # the same pretraining from other seeds, then a captioning of the test split
+            add("stability", len(plan.stability_seeds()), hp["steps"] * hp["batch_size"] * per, 6 * n,
+                "the pretraining again per seed, 6N/token")
     for recipe in sorted({s1 for s1, _ in stage1_runs}):
         r = stage1_recipe(config, recipe)
         jobs = sum(1 for s1, _ in stage1_runs if s1 == recipe)
-        if r["method"] == "sft_c":
-            frac = float(r["penalty_fraction"])
-            per = prefix + (1 + frac) * cap_tokens if shared else (1 + frac) * (prefix + cap_tokens)
-        else:
-            per = prefix + cap_tokens
+        frac = float(r["penalty_fraction"]) if r["method"] == "sft_c" else 0.0  # SFT-C: a negative per example
+        per = mixed(prefix + (1 + frac) * cap_tokens if shared else (1 + frac) * (prefix + cap_tokens),
+                    turn + frac * (turn_tokens if shared else turn), r["qa_share"])
         add(f"stage1 ({recipe})", jobs, examples(r) * per, train_mult * n, f"{'LoRA 4N' if lora else '6N'}/token")
     o = config["negatives"]["onpolicy"]
     n_probe = min(ds["images"].get("probe", 0), config["probes"]["images"]) if config["probes"]["enabled"] else 0

@@ -68,12 +68,39 @@ def test_estimate_matches_a_hand_computation_for_the_tiny_config():
     assert pre["tokens"] == pytest.approx(tokens)
     assert pre["flops"] == pytest.approx(6 * n * tokens)
     assert pre["gpu_hours"] == pytest.approx(6 * n * tokens / (1e12 * 0.5) / 3600)
+    stability = next(r for r in est["rules"] if r["rule"] == "stability")  # seeds 1 and 2: the pretraining again
+    assert stability["jobs"] == 2 and stability["tokens"] == pytest.approx(2 * tokens)
     s2 = next(r for r in est["rules"] if r["rule"] == "stage2 (cw_dpo)")
     # shared prefix: one prefix + chosen + rejected per pair; steps x batch pairs per run
     hp = cfg["stage2"]["defaults"]
     per_pair = est["prefix_tokens"] + 2 * 13.8
     assert s2["tokens"] == pytest.approx(s2["jobs"] * hp["steps"] * hp["batch_size"] * per_pair)
     assert est["total"]["gpu_hours"] == pytest.approx(sum(r["gpu_hours"] for r in est["rules"]))
+
+
+def test_estimate_counts_the_question_answer_turns_of_the_qa_overlay():
+    """config/qa.yaml: half the pretraining and Stage-1 examples are turns, each with its own prompt (≈ 21.3
+    tokens longer than the caption prompt) and a 2.2-token answer + <|im_end|> and the newline; SFT-C adds the
+    wrong answer of a turn (its penalty fraction of them) after the shared prefix."""
+    from cwdpo.config import load_config
+    from cwdpo.estimate import estimate
+    cfg = load_config(os.path.join(REPO, "config", "qa.yaml"), check_paths=False)  # merged over config.yaml
+    est = estimate(cfg, mfu=0.5, peak_flops=1e12)
+    prefix, caption = est["prefix_tokens"], est["caption_tokens"]
+    turn = prefix + 21.3 + 4.2
+    per_sft = 0.5 * (prefix + caption) + 0.5 * turn
+    pre_cfg = cfg["pretrain"]
+    pre = next(r for r in est["rules"] if r["rule"] == "pretrain")
+    assert pre["tokens"] == pytest.approx(pre_cfg["steps"] * pre_cfg["batch_size"] * per_sft)
+    hp = cfg["stage1"]["defaults"]
+    sft = next(r for r in est["rules"] if r["rule"] == "stage1 (sft)")
+    assert sft["tokens"] == pytest.approx(sft["jobs"] * hp["steps"] * hp["batch_size"] * per_sft)
+    sft_c = next(r for r in est["rules"] if r["rule"] == "stage1 (sft_c)")
+    per_sft_c = 0.5 * (prefix + 2 * caption) + 0.5 * (turn + 4.2)
+    assert sft_c["tokens"] == pytest.approx(sft_c["jobs"] * hp["steps"] * hp["batch_size"] * per_sft_c)
+    default = estimate(load_config(os.path.join(REPO, "config", "config.yaml"), check_paths=False), mfu=0.5,
+                       peak_flops=1e12)
+    assert pre["tokens"] > next(r for r in default["rules"] if r["rule"] == "pretrain")["tokens"]
 
 
 @pytest.mark.slow
