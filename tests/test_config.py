@@ -48,8 +48,9 @@ def test_an_overlay_cuts_the_sweep_and_gives_its_rows_seeds():
 
 
 def test_the_qa_overlay_pretrains_every_base_model_on_turns_in_an_experiment_of_its_own():
-    """config/qa.yaml: QA turns in the data, half the pretraining examples for 9000 steps — the base model and
-    the stability seeds alike — in results/tiny_qa, with no calibration record of the captions-only model."""
+    """config/qa.yaml: QA turns in the data, half the pretraining examples for 6000 steps at lr 1e-3 — the base
+    model and the stability seeds alike — and half of every Stage-1 recipe's, in results/tiny_qa, with no
+    calibration record of the captions-only model."""
     from cwdpo.plan import Plan
     c = _stack("config/config.yaml", "config/qa.yaml")
     assert c["experiment"] == "tiny_qa" and c["data"]["shapes"]["qa"] is True
@@ -57,9 +58,12 @@ def test_the_qa_overlay_pretrains_every_base_model_on_turns_in_an_experiment_of_
     plan = Plan(c)
     assert plan.shapes_spec().qa is True
     spec = plan.pretrain_spec()
-    assert spec.qa_share == 0.5 and spec.hparams["steps"] == 9000
+    assert spec.qa_share == 0.5 and spec.hparams["steps"] == 6000 and spec.hparams["lr"] == 1e-3
+    for recipe in c["stage1"]["recipes"]:
+        assert plan.stage1_spec(recipe, 0).qa_share == 0.5
     for seed in plan.stability_seeds():
         assert plan.stability_spec(seed).train.qa_share == 0.5
         assert plan.stability_spec(seed).train.hparams == spec.hparams
     default = Plan(_stack("config/config.yaml"))
     assert default.pretrain_spec().qa_share == 0 and not default.shapes_spec().qa
+    assert all(default.stage1_spec(recipe, 0).qa_share == 0 for recipe in c["stage1"]["recipes"])
