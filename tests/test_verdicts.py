@@ -464,3 +464,18 @@ def test_t_paper_decides_the_mcq_claim_as_non_inferiority_on_the_first_mcq_set(t
     spec["mcq_column"] = None  # no MCQ set configured: n/a with the reason
     row = {r[0]: r for r in _claims(spec, RunData(spec), load_paper())}[row[0]]
     assert (row[3], row[5], row[6]) == ("n/a", "inconclusive", "no MCQ set configured (config mcq_sets)")
+
+
+def test_convergence_is_the_step_from_which_validation_cider_stays_near_its_final_value_or_na_with_why(tmp_path):
+    """RunData.convergence reads probes.csv's val_cider rows (within 5% of the final value from step 150 on,
+    not at 100); without such rows (no validation interval or images) it is n/a, and the reason names both."""
+    from cwdpo.report import RunData
+    with_val, without = tmp_path / "with.csv", tmp_path / "without.csv"
+    with_val.write_text("step,val_cider,top1\n25,,0.5\n50,0.2,0.5\n100,0.9,0.6\n150,1.0,0.6\n")
+    without.write_text("step,val_cider,top1\n25,,0.5\n50,nan,0.5\n")
+    data = RunData({"probes": {"a": str(with_val), "b": str(without)}})
+    step, why = data.convergence("a")
+    assert why is None and step == 150.0
+    assert data.convergence("b") == (
+        None, "probes.csv has no validation CIDEr-D (probes.val_interval or val_images is 0)")
+    assert data.convergence("missing")[0] is None

@@ -173,7 +173,8 @@ class RunData:
         with open(probes) as f:
             rows = [r for r in csv.DictReader(f) if r.get("val_cider") not in (None, "", "nan")]
         if not rows:
-            return None, "probes.csv has no validation CIDEr-D (probes.val_interval = 0)"
+            # a probe takes it every val_interval steps and at the last step: none with no interval or no image
+            return None, "probes.csv has no validation CIDEr-D (probes.val_interval or val_images is 0)"
         step = convergence_step([int(r["step"]) for r in rows], [float(r["val_cider"]) for r in rows])
         return (None, "validation CIDEr-D never positive") if step is None else (float(step), None)
 
