@@ -429,6 +429,13 @@ def grounding_of(doc: dict, chair: str = "reference") -> dict:
                                 "data.karpathy.instances / eval_sets.<name>.instances) for these images"}}
 
 
+def caption_words(captions: dict) -> dict:
+    """Caption length beside CHAIR (which falls as captions get shorter): words per caption (its Karpathy
+    tokens, punctuation dropped), {"mean": corpus mean, "per_image": {id: words}}."""
+    per = {str(i): len(caption_tokens(c)) for i, c in captions.items()}
+    return {"mean": float(np.mean(list(per.values()))) if per else None, "per_image": per}
+
+
 def caption_quality(doc: dict, chair: str = "reference") -> dict:
     """What the control's calibration rule reads of a captions file, without Java — so its job never waits for
     the scoring job, which scores the runs that wait for the rule: CIDEr-D with the Java-free tokenizer and
@@ -475,6 +482,7 @@ def _score_files(caption_paths: list, out_paths: list, metrics, chair: str) -> N
             results[n].setdefault("domains", {})[domain] = scored
     for cap_path, out_path, doc, result in zip(caption_paths, out_paths, docs, results):
         result.update(grounding_of(doc, chair))
+        result["words"] = caption_words(doc["captions"])
         if doc.get("beams"):
             result["beams"] = score_beams(doc["references"], doc["beams"],
                                           [m for m in ("CIDEr", "SPICE") if m in metrics])

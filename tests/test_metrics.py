@@ -1,4 +1,5 @@
 """Caption scoring: our CIDEr-D and PTB wrapper against pycocoevalcap; corpus document frequencies; SPICE n/a."""
+import json
 import os
 
 import numpy as np
@@ -129,7 +130,6 @@ def test_one_spice_parse_cache_per_scoring_job(monkeypatch, tmp_path):
     """`cwdpo score` gives every SPICE run of the job (every model's captions, every beam) one parse cache, so
     CoreNLP parses each reference once per job, not once per model and beam; the next job starts clean. (SPICE
     itself cannot run here — no CoreNLP models: its runs are recorded and answered.)"""
-    import json
     import subprocess
     real_run, seen = subprocess.run, []
 
@@ -161,3 +161,22 @@ def test_one_spice_parse_cache_per_scoring_job(monkeypatch, tmp_path):
     seen.clear()
     metrics.score_files(docs[:1], outs[:1], metrics=["SPICE"])
     assert len({c for c, _ in seen}) == 1 and seen[0][0] != first
+
+
+def test_caption_words_are_counted_per_caption_written_by_the_scoring_job_and_read_beside_chair(tmp_path):
+    """Caption length beside CHAIR: words per caption (Karpathy tokens: punctuation is not a word), its mean
+    in scores.json's `words`, and the report's `caption words` column with its per-image values."""
+    from cwdpo.report import RunData
+    captions = {"1": "a big red star.", "2": "two shapes: a small black star and a big orange cross", "3": ""}
+    words = metrics.caption_words(captions)
+    assert words == {"mean": 5.0, "per_image": {"1": 4, "2": 11, "3": 0}}
+    assert metrics.caption_words({}) == {"mean": None, "per_image": {}}
+    path = tmp_path / "captions.json"
+    path.write_text(json.dumps({"references": {k: ["a big red star", "a red star"] for k in captions},
+                                "captions": captions}))
+    metrics.score_files([str(path)], [str(tmp_path / "scores.json")], metrics=["CIDEr"])
+    assert json.load(open(tmp_path / "scores.json"))["words"] == words
+    run = RunData({"files": {"scores": str(tmp_path / "scores.json").replace("scores.json", "{key}.json")},
+                   "scale": 100})
+    value, per_image, why = run.value("scores", "caption words")
+    assert (value, per_image, why) == (5.0, [4, 11, 0], None)

@@ -29,6 +29,7 @@ def test_main_table_has_finite_numbers_for_every_computable_metric(micro_run):
     for r in rows:
         for m in ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr"):
             assert math.isfinite(float(r[m])), (r["method"], m)
+        assert float(r["caption words"]) >= 0, r["method"]  # mean words per caption, beside CHAIR
         if spice_ok:
             assert math.isfinite(float(r["SPICE"]))
         else:

@@ -43,6 +43,7 @@ COLUMNS = {
     **{name: ("scores", ["grounding", "corpus", key], True, 1,
               ["grounding", "per_image", key] if key in ("CHAIR_s", "recall", "count acc.", "broken") else None)
        for name, key in GROUNDING_COLUMNS.items()},
+    "caption words": ("scores", ["words", "mean"], False, 1, ["words", "per_image"]),  # beside CHAIR
     "mean w_c": ("measures", ["heldout", "w_c"], False, 3, None),
     "pref. acc.": ("measures", ["heldout", "pref_acc"], False, 3, None),
     # what a Stage-2 run trained on: its preference set (pairs summary) and how often it went over it (metrics.json)
