@@ -212,12 +212,11 @@ def _estimate_plan(plan, mfu: float, peak_flops: float, image_hw=None) -> dict:
 
     if plan.tiny and config["pretrain"]["enabled"]:
         hp = config["pretrain"]
-        per = mixed(prefix + cap_tokens, turn, hp["qa_share"])
+        tokens = hp["steps"] * hp["batch_size"] * mixed(prefix + cap_tokens, turn, hp["qa_share"])
         how = "full finetune, 6N/token" + (f"; {hp['qa_share']:.0%} question–answer turns" if hp["qa_share"] else "")
-        add("pretrain", 1, hp["steps"] * hp["batch_size"] * per, 6 * n, how)
+        add("pretrain", 1, tokens, 6 * n, how)
         if plan.stability_seeds():  # the same pretraining from other seeds, then a captioning of the test split
-            add("stability", len(plan.stability_seeds()), hp["steps"] * hp["batch_size"] * per, 6 * n,
-                "the pretraining again per seed, 6N/token")
+            add("stability", len(plan.stability_seeds()), tokens, 6 * n, "the pretraining again per seed, 6N/token")
     for recipe in sorted({s1 for s1, _ in stage1_runs}):
         r = stage1_recipe(config, recipe)
         jobs = sum(1 for s1, _ in stage1_runs if s1 == recipe)
