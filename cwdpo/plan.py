@@ -480,7 +480,7 @@ class Plan:
         k = ModelKey.parse(key)
         inputs = {"data": self.data_inputs(), "heldout": self.path("heldout_pairs"), "hub": self.model_inputs()}
         inputs["sets"] = [es["json"] for es in self.eval_sets().values() if es["source"] == "karpathy"] + \
-            [m["path"] for m in self.mcq_sets().values() if m["path"] and "*" not in m["path"]] + \
+            self.mcq_inputs() + \
             [p["files"][s] for p in self.pope_sets().values() if p["format"] == "pope" for s in p["settings"]]
         inputs["objects"] = self.objects_files()
         if k.kind != "base" or self.tiny:
@@ -514,7 +514,8 @@ class Plan:
         return StabilitySpec(seed=int(seed), build=dataclasses.replace(self.build_model_spec(), seed=int(seed)),
                              train=dataclasses.replace(self.pretrain_spec(), seed=int(seed), init=""),
                              test=self.data_spec("test"), num_beams=e["num_beams"],
-                             max_new_tokens=e["max_new_tokens"], batch_size=e["batch_size"])
+                             max_new_tokens=e["max_new_tokens"], batch_size=e["batch_size"],
+                             mcq_sets=tuple(self.mcq_specs(lambda name: "")))
 
     def probes_spec(self, start: str, seed, stage: int) -> ProbesSpec | None:
         p = self.c["probes"]
@@ -550,6 +551,18 @@ class Plan:
                          lr_choice=self.calibration_choice_file() if self.calibrated(stage2) else None,
                          pairs_summary=self.path("pairs_summary", stage1=stage1, seed=seed, negset=negset))
 
+    def mcq_inputs(self) -> list:
+        """The MCQ sets' files a job that answers them reads (a glob path is checked by the config instead)."""
+        return [m["path"] for m in self.mcq_sets().values() if m["path"] and "*" not in m["path"]]
+
+    def mcq_specs(self, out) -> list:
+        """The enabled MCQ sets as `McqSpec`s, each written to `out(name)`."""
+        mcq = []
+        for name, m in self.mcq_sets().items():
+            data = dataclasses.replace(self.data_spec("test"), splits=m["splits"]) if m["format"] == "shapes" else None
+            mcq.append(McqSpec(name=name, out=out(name), data=data, **m))
+        return mcq
+
     def eval_spec(self, key: str) -> EvalSpec:
         k = ModelKey.parse(key)
         e = self.c["evaluate"]
@@ -557,10 +570,7 @@ class Plan:
         sets = [EvalSetSpec(name=n, data=self.eval_set_data(n), domains=es["domains"],
                             out=self.path("set_captions", key=key, evalset=n), objects=self.objects_file(n))
                 for n, es in self.eval_sets().items()]
-        mcq = []
-        for name, m in self.mcq_sets().items():
-            data = dataclasses.replace(self.data_spec("test"), splits=m["splits"]) if m["format"] == "shapes" else None
-            mcq.append(McqSpec(name=name, out=self.path("mcq", key=key, mcqset=name), data=data, **m))
+        mcq = self.mcq_specs(lambda name: self.path("mcq", key=key, mcqset=name))
         pope = tuple(PopeSpec(name=name, out=self.path("pope", key=key, popeset=name),
                               data=dataclasses.replace(self.data_spec("test"), splits=p["splits"]) if p["format"] ==
                               "shapes" else None,

@@ -209,7 +209,8 @@ class TrainSpec:
 
 @dataclass(frozen=True)
 class StabilitySpec:
-    """One more pretraining seed of the tiny base model, measured by its test captions' grounding."""
+    """One more pretraining seed of the tiny base model, measured by its test captions' grounding and its
+    accuracy on the configured MCQ sets (`mcq_sets`, their `out` unused: the results go into the seed's file)."""
     seed: int
     build: BuildModelSpec
     train: TrainSpec
@@ -217,6 +218,7 @@ class StabilitySpec:
     num_beams: int
     max_new_tokens: int
     batch_size: int
+    mcq_sets: tuple[McqSpec, ...] = optional(())
 
 
 @dataclass(frozen=True)

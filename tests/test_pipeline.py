@@ -166,6 +166,13 @@ def test_paper_table_has_the_papers_numbers_and_a_verdict_per_claim(micro_run):
     assert all(r["verdict"] in ("pass", "fail") and r["ours"] and r["paper_or_target"] for r in regime)
     stability = [r for r in regime if r["quantity_or_claim"].startswith("stability")]
     assert "over 3 pretraining seeds" in stability[0]["quantity_or_claim"]
+    # the MCQ precondition over the same seeds: every seed's job answered the MCQ set (its file holds it)
+    assert stability[1]["quantity_or_claim"] == "stability: the lowest accuracy on shapes_mcq over 3 pretraining seeds"
+    for seed in (1, 2):
+        seed_file = os.path.join(res, "base", "stability", f"s{seed}", "grounding.json")
+        seed_mcq = json.load(open(seed_file))["mcq"]["shapes_mcq"]
+        assert seed_mcq["n"] == 12 and 0 <= seed_mcq["accuracy"] <= 1
+        assert f"{100 * seed_mcq['accuracy']:.1f}%" in stability[1]["ours"]
     main = list(csv.DictReader(open(os.path.join(res, "tables", "main.csv"))))
     for col in ("ECE", "TV", "JS", "top-1", "win-rate vs SFT", "conv. step", "broken captions"):
         assert col in main[0]

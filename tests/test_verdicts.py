@@ -168,9 +168,9 @@ def test_t_paper_decides_claims_with_delta_and_t_regime_shows_the_preconditions(
         # whatever the noise draws, and far inside δ); CHAIR_s equal
         _write(root, f"cw/{s}", 260, 0.755, 0.10, 0.30, fill=1.0, passes=3.2)
     stability = []
-    for seed, acc in ((1, 0.94), (2, 0.96)):
+    for seed, acc, mcq in ((1, 0.94, 0.82), (2, 0.96, 0.88)):  # each seed's file: grounding and MCQ accuracy
         p = tmp_path / f"stab{seed}.json"
-        p.write_text(json.dumps({"corpus": {"1-obj shape acc.": acc}}))
+        p.write_text(json.dumps({"corpus": {"1-obj shape acc.": acc}, "mcq": {"shapes_mcq": {"accuracy": mcq}}}))
         stability.append(str(p))
     spec = _with_questions(root, _spec(root, {"main": rows}, probes, stability), {"base": 0.85}, {"base": 0.52})
     spec["regime"] = {**spec["regime"], "control_calibration": {"met_both": True, "swept": "lr 1e-4 … 1e-3",
@@ -186,6 +186,8 @@ def test_t_paper_decides_claims_with_delta_and_t_regime_shows_the_preconditions(
     regime = [r for r in csv.reader(io.StringIO(out["csv"])) if r[0] == "regime"]
     verdicts = {r[1].split(":")[0] + ":" + r[1].split(":")[1][:20]: r[6] for r in regime}
     assert all(x == "pass" for x in verdicts.values()), regime
+    assert _row(_regime_rows(out), "stability: the lowest accuracy on shapes_mcq over 3 pretraining seeds") == (
+        "82.0% (85.0%, 82.0%, 88.0%)", "pass")
     assert out["md"].index("T-regime") < out["md"].index("T-paper")
     # a base model that cannot see fails the vision row (and says so, it is not hidden)
     _write(root, "base", 200, 0.70, 0.0, 0.3, shape_acc=0.5)
@@ -201,6 +203,14 @@ def test_t_paper_decides_claims_with_delta_and_t_regime_shows_the_preconditions(
     bare = _regime_rows(paper_table(_spec(root, {"main": rows}, probes, stability)))
     assert _row(bare, "questions: the base model's accuracy") == _row(bare, "questions: the base model's POPE") == (
         "n/a", "fail")
+    assert _row(bare, "stability: the lowest accuracy") == ("n/a", "fail")
+    # one pretraining seed that does not answer questions fails the MCQ stability row, though the base passes
+    (tmp_path / "stab2.json").write_text(json.dumps({"corpus": {"1-obj shape acc.": 0.96},
+                                                     "mcq": {"shapes_mcq": {"accuracy": 0.4}}}))
+    out = _regime_rows(paper_table(_with_questions(root, _spec(root, {"main": rows}, probes, stability),
+                                                   {"base": 0.85}, {"base": 0.52})))
+    assert _row(out, "questions: the base model's accuracy")[1] == "pass"
+    assert _row(out, "stability: the lowest accuracy on shapes_mcq") == ("40.0% (85.0%, 82.0%, 40.0%)", "fail")
 
 
 def _with_questions(root: str, spec: dict, accuracy: dict, yes_ratio: dict) -> dict:

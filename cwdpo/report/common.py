@@ -167,6 +167,13 @@ class RunData:
             return None
         return read_json(path)["corpus"].get("1-obj shape acc.")
 
+    def stability_mcq(self, path: str, mcq_set: str):
+        """Accuracy (0–1) of another pretraining seed's base model on MCQ set `mcq_set` (its stability file;
+        None when the file, or its MCQ results, are missing)."""
+        if not os.path.isfile(path):
+            return None
+        return read_json(path).get("mcq", {}).get(mcq_set, {}).get("accuracy")
+
     def convergence(self, key: str):
         probes = self.spec["probes"].get(key)
         if not probes or not os.path.isfile(probes):

@@ -96,10 +96,10 @@ def _regime(spec: dict, data: RunData, claim_rows: list) -> list:
         rows.append([f"vision: the base model names the {attr} of a one-object image", pct(v), f"≥ {pct(target)}",
                      _pass(v is not None and v >= target)])
     mcq = spec.get("mcq_column")
-    v = data.value(base[0], mcq)[0] if base and mcq else None
-    v = None if v is None else v / float(spec["scale"])
-    rows.append([f"questions: the base model's accuracy on {mcq or 'an MCQ set'} (chance 25%)", pct(v),
-                 f"≥ {pct(r['mcq_accuracy'])}", _pass(v is not None and v >= r["mcq_accuracy"])])
+    base_mcq = data.value(base[0], mcq)[0] if base and mcq else None
+    base_mcq = None if base_mcq is None else base_mcq / float(spec["scale"])
+    rows.append([f"questions: the base model's accuracy on {mcq or 'an MCQ set'} (chance 25%)", pct(base_mcq),
+                 f"≥ {pct(r['mcq_accuracy'])}", _pass(base_mcq is not None and base_mcq >= r["mcq_accuracy"])])
     pope = spec.get("pope_column")  # "<set> F1", read from the set's file
     doc = data.doc(base[0], spec["extra_columns"][pope][0]) if base and pope else None
     ratio = (doc or {}).get("mean", {}).get("yes_ratio")
@@ -137,6 +137,14 @@ def _regime(spec: dict, data: RunData, claim_rows: list) -> list:
                  "n/a" if spread is None else f"{100 * spread:.1f} pts ({', '.join(pct(x) for x in shape)})",
                  f"≤ {100 * r['stability_spread']:.1f} pts",
                  _pass(spread is not None and spread <= r["stability_spread"] + 1e-12)])
+    # the MCQ precondition over the same seeds: a testbed that answers questions only on a lucky seed fails
+    mcq_set = mcq[: -len(" acc.")] if mcq else None
+    known = [x for x in [base_mcq] + [data.stability_mcq(p, mcq_set) for p in spec["stability"] if mcq_set]
+             if x is not None]
+    low = min(known) if len(known) > 1 else None
+    rows.append([f"stability: the lowest accuracy on {mcq_set or 'an MCQ set'} over {len(known)} pretraining seeds",
+                 "n/a" if low is None else f"{pct(low)} ({', '.join(pct(x) for x in known)})",
+                 f"≥ {pct(r['mcq_accuracy'])}", _pass(low is not None and low >= r["mcq_accuracy"])])
     main_claims = [c for c in claim_rows if c[1] == "paper" and not c[0].startswith("full > ")]
     decided = sum(c[5] != "inconclusive" for c in main_claims)
     rows.append(["decidedness: the paper's main claims decided", f"{decided} of {len(main_claims)}",

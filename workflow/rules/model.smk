@@ -81,6 +81,7 @@ for SFX, Q in PLANS:
                 f"stability{SFX}"
             input:
                 data=Q.data_inputs(),
+                mcq=Q.mcq_inputs(),
                 after=Q.pattern("pretrain_dir", "metrics"),
             output:
                 Q.pattern("stability"),
