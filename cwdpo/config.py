@@ -552,11 +552,12 @@ def expand_sweeps(config: dict) -> bool:
             raise ConfigError(f"tables.{tname}.sweep.stage1: unknown Stage-1 recipe {sweep['stage1']!r}; known: "
                               f"{', '.join(stage1)}")
         label = REGISTRY[sweep["method"]].label
+        pinned = {} if sweep.get("beta") is None else {"beta": sweep["beta"]}  # of a grid without βs
         for grid in sweep["grids"]:
             for beta in grid.get("beta", [None]):
                 for lr in grid["lr"]:
                     name = f"{sweep['method']}_lr{_short(lr)}" + ("" if beta is None else f"_b{_short(beta)}")
-                    recipe = {"method": sweep["method"], "lr": lr, **({} if beta is None else {"beta": beta})}
+                    recipe = {"method": sweep["method"], "lr": lr, **(pinned if beta is None else {"beta": beta})}
                     have = recipes.get(name)
                     if have is not None and {k: have.get(k) for k in recipe} != recipe:
                         raise ConfigError(f"tables.{tname}.sweep: it makes Stage-2 recipe {name!r} ({recipe}), "

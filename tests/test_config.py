@@ -1,6 +1,7 @@
 """cwdpo/config.py: what reading a config adds to it — a calibrate table's `sweep` written once and expanded into
 Stage-2 recipes and rows."""
 import copy
+import dataclasses
 import os
 
 from cwdpo.config import deep_merge, read_config_file, stage2_recipe, validate_config
@@ -35,6 +36,30 @@ def test_a_sweep_becomes_one_recipe_and_one_row_per_setting_beta_outer_lr_inner(
     assert again["tables"] == c["tables"] and again["stage2"]["recipes"] == c["stage2"]["recipes"]
 
 
+def test_a_sweep_pins_its_beta_so_an_overlay_that_moves_the_default_beta_sweeps_the_same_rows():
+    """config/qa.yaml sets every Stage-2 method's β to 0.3 (its calibration outcome); the sweep over it still
+    runs its first grid at the sweep's β 0.1, with the same recipe names and the same training specs as over
+    the default config."""
+    from cwdpo.plan import Plan
+    from cwdpo.specs import to_json
+    over_qa = _stack("config/config.yaml", "config/qa.yaml", "config/calibrate.yaml")
+    over_default = _stack("config/config.yaml", "config/calibrate.yaml")
+    assert stage2_recipe(over_qa, "dpo")["beta"] == 0.3 and stage2_recipe(over_default, "dpo")["beta"] == 0.1
+    assert over_qa["tables"]["calibrate"]["rows"] == over_default["tables"]["calibrate"]["rows"]
+    qa_plan, default_plan = Plan(over_qa), Plan(over_default)
+    for row in over_qa["tables"]["calibrate"]["rows"][1:]:
+        beta = float(row["name"].split("β ")[1]) if "β" in row["name"] else 0.1
+        assert stage2_recipe(over_qa, row["stage2"])["beta"] == beta
+        assert stage2_recipe(over_default, row["stage2"])["beta"] == beta
+        qa_spec = qa_plan.stage2_spec("sft_c", 0, row["stage2"])
+        assert qa_spec.hparams == default_plan.stage2_spec("sft_c", 0, row["stage2"]).hparams, row
+    # the default config's sweep recipes pin β 0.1 as its default had it: their specs (and runs) are unchanged
+    unpinned = _stack("config/config.yaml", "config/calibrate.yaml")
+    del unpinned["stage2"]["recipes"]["dpo_lr1e-4"]["beta"]
+    assert to_json(Plan(unpinned).stage2_spec("sft_c", 0, "dpo_lr1e-4")) == \
+        to_json(default_plan.stage2_spec("sft_c", 0, "dpo_lr1e-4"))
+
+
 def test_an_overlay_cuts_the_sweep_and_gives_its_rows_seeds():
     micro = _stack("config/config.yaml", "tests/configs/micro.yaml", "config/calibrate.yaml",
                    "tests/configs/micro_calibrate.yaml")
@@ -49,13 +74,21 @@ def test_an_overlay_cuts_the_sweep_and_gives_its_rows_seeds():
 
 def test_the_qa_overlay_pretrains_every_base_model_on_turns_in_an_experiment_of_its_own():
     """config/qa.yaml: QA turns in the data, half the pretraining examples for 6000 steps at lr 1e-3 — the base
-    model and the stability seeds alike — and half of every Stage-1 recipe's, in results/tiny_qa, with no
-    calibration record of the captions-only model."""
+    model and the stability seeds alike — and half of every Stage-1 recipe's, in results/tiny_qa; Stage 2 at its
+    own calibration's outcome (lr 2e-4, β 0.3, every method), recorded for T-regime in place of the
+    captions-only model's."""
     from cwdpo.plan import Plan
+    from cwdpo.specs import StabilitySpec, from_json, to_json
     c = _stack("config/config.yaml", "config/qa.yaml")
     assert c["experiment"] == "tiny_qa" and c["data"]["shapes"]["qa"] is True
-    assert c["regime"]["control_calibration"] is None
+    default_config = _stack("config/config.yaml")
+    record = c["regime"]["control_calibration"]
+    assert record != default_config["regime"]["control_calibration"] and record["met_both"] is False
+    assert "lr 2e-4, β 0.3" in record["setting"]
     plan = Plan(c)
+    for recipe in c["stage2"]["recipes"]:  # the ablations and sweeps differ from it in their own setting only
+        hp = plan.stage2_spec("sft_c", 0, recipe).hparams
+        assert (hp["lr"], hp["beta"]) == (2e-4, 0.3), recipe
     assert plan.shapes_spec().qa is True
     spec = plan.pretrain_spec()
     assert spec.qa_share == 0.5 and spec.hparams["steps"] == 6000 and spec.hparams["lr"] == 1e-3
@@ -64,6 +97,11 @@ def test_the_qa_overlay_pretrains_every_base_model_on_turns_in_an_experiment_of_
     for seed in plan.stability_seeds():
         assert plan.stability_spec(seed).train.qa_share == 0.5
         assert plan.stability_spec(seed).train.hparams == spec.hparams
-    default = Plan(_stack("config/config.yaml"))
+        # each seed answers the MCQ set the base model answers (T-regime's MCQ stability row)
+        (mcq,) = plan.stability_spec(seed).mcq_sets
+        (base_mcq,) = plan.eval_spec("base").mcq_sets
+        assert dataclasses.replace(mcq, out=base_mcq.out) == base_mcq
+        assert from_json(StabilitySpec, to_json(plan.stability_spec(seed))) == plan.stability_spec(seed)
+    default = Plan(default_config)
     assert default.pretrain_spec().qa_share == 0 and not default.shapes_spec().qa
     assert all(default.stage1_spec(recipe, 0).qa_share == 0 for recipe in c["stage1"]["recipes"])
