@@ -161,18 +161,10 @@ class RunData:
             rows = [r for r in csv.DictReader(f) if r.get(column) not in (None, "", "nan")]
         return float(rows[-1][column]) if rows else None
 
-    def stability(self, path: str):
-        """One-object shape accuracy of another pretraining seed's base model (its stability file)."""
-        if not os.path.isfile(path):
-            return None
-        return read_json(path)["corpus"].get("1-obj shape acc.")
-
-    def stability_mcq(self, path: str, mcq_set: str):
-        """Accuracy (0–1) of another pretraining seed's base model on MCQ set `mcq_set` (its stability file;
-        None when the file, or its MCQ results, are missing)."""
-        if not os.path.isfile(path):
-            return None
-        return read_json(path).get("mcq", {}).get(mcq_set, {}).get("accuracy")
+    def stability(self, path: str) -> dict:
+        """What another pretraining seed's base model measured (its stability file: grounding under "corpus",
+        MCQ accuracy under "mcq"); {} when the file is missing."""
+        return read_json(path) if os.path.isfile(path) else {}
 
     def convergence(self, key: str):
         probes = self.spec["probes"].get(key)

@@ -130,7 +130,8 @@ def _regime(spec: dict, data: RunData, claim_rows: list) -> list:
                  fmt(dls, 3), "< 0", _pass(dls["mean"] is not None and dls["mean"] < 0)])
     rows += _control_quality_rows(spec, data, ctrl, s1)
     rows.append(_calibration_row(r))
-    shape = [g.get("1-obj shape acc.")] + [data.stability(p) for p in spec["stability"]]
+    seeds = [data.stability(p) for p in spec["stability"]]  # each seed's file, read once for both rows
+    shape = [g.get("1-obj shape acc.")] + [s["corpus"].get("1-obj shape acc.") for s in seeds if s]
     shape = [x for x in shape if x is not None]
     spread = max(shape) - min(shape) if len(shape) > 1 else None
     rows.append([f"stability: spread of one-object shape accuracy over {len(shape)} pretraining seeds",
@@ -139,7 +140,7 @@ def _regime(spec: dict, data: RunData, claim_rows: list) -> list:
                  _pass(spread is not None and spread <= r["stability_spread"] + 1e-12)])
     # the MCQ precondition over the same seeds: a testbed that answers questions only on a lucky seed fails
     mcq_set = mcq[: -len(" acc.")] if mcq else None
-    known = [x for x in [base_mcq] + [data.stability_mcq(p, mcq_set) for p in spec["stability"] if mcq_set]
+    known = [x for x in [base_mcq] + [s.get("mcq", {}).get(mcq_set, {}).get("accuracy") for s in seeds if mcq_set]
              if x is not None]
     low = min(known) if len(known) > 1 else None
     rows.append([f"stability: the lowest accuracy on {mcq_set or 'an MCQ set'} over {len(known)} pretraining seeds",
