@@ -136,6 +136,9 @@ def make_encoder(processor, vlm, pixel_cache_mb: float = 0) -> "Encoder":
     return Encoder(processor, vlm.prompt, vlm.max_response_tokens, pixel_cache_mb=pixel_cache_mb, scenes=scenes)
 
 
+PROMPT_ENCODERS_KEPT = 16384  # > the distinct prompts of a tiny-scale training set (4,216 turns' prompts; ≈ 7 KB each)
+
+
 class Encoder:
     """Builds `SeqBatch`es for one processor and one prompt.
 
@@ -179,14 +182,15 @@ class Encoder:
 
     def for_prompt(self, prompt: str | None) -> "Encoder":
         """The Encoder of another prompt (an item's own: a question–answer turn), with this one's processor,
-        response limit and scene texts; `None` or this prompt: this Encoder. The last 512 are kept."""
+        response limit and scene texts; `None` or this prompt: this Encoder. The last `PROMPT_ENCODERS_KEPT` are
+        kept."""
         if prompt is None or prompt == self.prompt:
             return self
         if prompt in self._by_prompt:
             self._by_prompt.move_to_end(prompt)
         else:
             self._by_prompt[prompt] = Encoder(self.processor, prompt, self.max_response_tokens, scenes=self.scenes)
-            if len(self._by_prompt) > 512:
+            if len(self._by_prompt) > PROMPT_ENCODERS_KEPT:
                 self._by_prompt.popitem(last=False)
         return self._by_prompt[prompt]
 
@@ -409,20 +413,68 @@ class CompletionLogps:
 
 
 def completion_logps(model, batch: SeqBatch, image_token_id: int, keep_logits: bool = False) -> CompletionLogps:
-    """One forward over all rows of `batch`; log-probs at the response positions only.
+    """One forward over all rows of `batch` (the language model in two, when `length_groups` splits the rows);
+    log-probs at the response positions only.
 
     The LM head runs only on the hidden states that predict a response token (position t predicts token
     t+1), so a 400-token image prompt costs no vocabulary-sized logits.
     """
     core = unwrap(model)
     inputs_embeds = input_embeddings(core, batch, image_token_id)
-    out = core.model.language_model(inputs_embeds=inputs_embeds, attention_mask=batch.attention_mask,
-                                    position_ids=batch.position_ids, use_cache=False)
-    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     target_mask = batch.completion_mask[:, 1:]
     rows, cols = target_mask.nonzero(as_tuple=True)
-    h = hidden[rows.to(hidden.device), cols.to(hidden.device)]  # hidden state at t predicts token t+1
+    lengths = batch.attention_mask.sum(-1).tolist()
+    groups = length_groups(lengths)
+    if groups is None:
+        hidden = language_model_hidden(core, inputs_embeds, batch.attention_mask, batch.position_ids)
+        h = hidden[rows.to(hidden.device), cols.to(hidden.device)]  # hidden state at t predicts token t+1
+    else:  # each group padded to its own longest row: the same hidden states, fewer padding positions
+        where = torch.empty(batch.n_rows, dtype=torch.long, device=rows.device)  # a row's index in its group
+        picked, parts = [], []
+        for g in groups:
+            g_rows = torch.as_tensor(g, dtype=torch.long, device=rows.device)
+            where[g_rows] = torch.arange(len(g), device=rows.device)
+            width = max(lengths[r] for r in g)
+            hidden = language_model_hidden(core, inputs_embeds[g_rows.to(inputs_embeds.device), :width],
+                                           batch.attention_mask[g_rows, :width],
+                                           batch.position_ids[:, g_rows, :width])
+            sel = torch.isin(rows, g_rows).nonzero(as_tuple=True)[0]  # this group's scored positions
+            picked.append(sel)
+            parts.append(hidden[where[rows[sel]].to(hidden.device), cols[sel].to(hidden.device)])
+        h = torch.cat(parts)[torch.argsort(torch.cat(picked)).to(parts[0].device)]  # back in (row, col) order
     return logps_from_hidden(core, h, batch.input_ids[rows, cols + 1], rows, batch.n_rows, keep_logits)
+
+
+def language_model_hidden(core, inputs_embeds, attention_mask, position_ids) -> torch.Tensor:
+    """The language model's last hidden states [N, L, H] of `inputs_embeds` (no cache)."""
+    out = core.model.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                    position_ids=position_ids, use_cache=False)
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+
+LENGTH_GROUP_SAVING = 0.15  # split a batch's forward when it skips at least this share of the padded positions
+
+
+def length_groups(lengths: list, min_saving: float | None = None) -> list | None:
+    """Rows of a right-padded batch split in two by length (the shorter rows, the longer ones; each a list of
+    row indices) when padding each group to its own longest row computes at least `min_saving` fewer positions
+    than padding all N rows to the longest (N·max L); None: one forward is as good. A batch that mixes long
+    question–answer prompts with short caption prompts pads every caption to the longest question; the
+    hidden states of the real positions do not depend on the padding (causal attention, right padding)."""
+    min_saving = LENGTH_GROUP_SAVING if min_saving is None else min_saving
+    n = len(lengths)
+    if n < 2:
+        return None
+    order = sorted(range(n), key=lambda i: lengths[i])
+    full = n * lengths[order[-1]]
+    best, split = full, None
+    for k in range(1, n):  # the k shortest rows padded to the k-th length, the rest to the longest
+        cost = k * lengths[order[k - 1]] + (n - k) * lengths[order[-1]]
+        if cost < best:
+            best, split = cost, k
+    if split is None or best > (1.0 - min_saving) * full:
+        return None
+    return [order[:split], order[split:]]
 
 
 def logps_from_hidden(core, h: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor, n_rows: int,

@@ -198,11 +198,48 @@ def load_model(path: str, *, base: str | None = None, dtype: str = "float32", tr
         if lora:
             from peft import LoraConfig, get_peft_model
             model = get_peft_model(model, LoraConfig(**lora))
+    if device_map is None and not cuda_available():
+        patch_embeds_as_matmul(model)
     if not trainable:
         model.eval()
         for p in model.parameters():
             p.requires_grad_(False)
     return model
+
+
+def patch_embeds_as_matmul(model) -> int:
+    """On a CPU, run each vision patch embedding (Qwen2.5-VL's `...PatchEmbed`: a Conv3d whose kernel is its
+    stride, over pixels already cut into patches of C·T·P·P values) as the matrix product it is:
+    x [n, C·T·P·P] @ Wᵀ with W [E, C, T, P, P] flattened to [E, C·T·P·P]. The same map (the patch's values
+    are in the kernel's C, T, P, P order), ≈ 2.7× faster than torch's CPU Conv3d forward and backward at the
+    tiny scale, where it was ≈ 6% of a pretraining step. Only each module's forward changes: weights, state
+    dict and checkpoints are the Conv3d's. Not under DeepSpeed ZeRO-3, which gathers a weight only for its own
+    module's forward. Returns the number of modules changed (0 when done already)."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+    if is_deepspeed_zero3_enabled():
+        return 0
+    import types
+
+    import torch
+    changed = 0
+    for module in unwrap(model).modules():
+        conv = getattr(module, "proj", None)
+        if getattr(module, "_patches_as_matmul", False):
+            continue
+        if not (type(module).__name__.endswith("PatchEmbed") and isinstance(conv, torch.nn.Conv3d)
+                and tuple(conv.kernel_size) == tuple(conv.stride) and set(conv.padding) == {0}
+                and set(conv.dilation) == {1} and conv.groups == 1):
+            continue
+
+        def forward(self, hidden_states):
+            w = self.proj.weight
+            x = hidden_states.to(dtype=w.dtype).reshape(-1, w[0].numel())
+            return torch.nn.functional.linear(x, w.reshape(w.shape[0], -1), self.proj.bias)
+
+        module.forward = types.MethodType(forward, module)
+        module._patches_as_matmul = True
+        changed += 1
+    return changed
 
 
 def keep_used_weight_conversions(model):

@@ -100,3 +100,70 @@ def test_processor_type_is_asserted_and_model_reloads_offline(tiny_model_dir, tm
             shutil.copy(os.path.join(tiny_model_dir, name), tok_only / name)
     with pytest.raises((TypeError, OSError, ValueError)):
         load_processor(str(tok_only))
+
+
+def test_length_groups_split_only_when_it_saves_padding():
+    from cwdpo.logprobs import length_groups
+    # 3 rows of 10 and 3 of 40: all padded to 40 = 240 positions; split: 3·10 + 3·40 = 150 (37.5% fewer)
+    assert length_groups([40, 10, 40, 10, 10, 40]) == [[1, 3, 4], [0, 2, 5]]
+    # every split pads more than 85% of N·max: one forward
+    assert length_groups([38, 40, 39, 40]) is None
+    assert length_groups([12]) is None
+    # the best split point, not the first: [5, 6, 30, 31, 32] → {5, 6} / {30, 31, 32} = 2·6 + 3·32 = 108 of 160
+    assert length_groups([30, 5, 31, 6, 32]) == [[1, 3], [0, 2, 4]]
+    assert length_groups([30, 5, 31, 6, 32], min_saving=0.5) is None
+
+
+def test_a_forward_split_by_length_gives_the_same_log_probs_and_gradients(tiny_model_dir, encoder, shapes_records,
+                                                                        monkeypatch):
+    """Question–answer prompts are ≈ 20 tokens longer than the caption prompt: a batch mixing them runs the
+    language model on two groups, each padded to its own longest row — the same log-probs and gradients as
+    one forward over all rows padded to the longest."""
+    import cwdpo.logprobs as lp
+    recs = shapes_records[:4]
+    long_prompt = "Which shape is in the image?\nA. circle\nB. square\nC. star\nD. cross\nAnswer with the letter."
+    enc_long = encoder.for_prompt(long_prompt)
+    px, grids = encoder.encode_images([r.path for r in recs])
+    prompts = [enc_long.prompts([recs[0].path], grids[0:1])[0], enc_long.prompts([recs[1].path], grids[1:2])[0]] + \
+        [encoder.prompts([r.path], grids[k:k + 1])[0] for k, r in enumerate(recs[2:], start=2)]
+    rows = [(0, "A. circle"), (1, "B. square"), (2, recs[2].captions[0]), (3, recs[3].captions[1]),
+            (2, "a red")]
+    batch = encoder.build_encoded(px, grids, rows, prompts=prompts)
+    lengths = batch.attention_mask.sum(-1).tolist()
+    assert lp.length_groups(lengths) is not None  # this batch is split
+    results = []
+    for saving in (lp.LENGTH_GROUP_SAVING, 2.0):  # split; one forward (no split saves 200%)
+        monkeypatch.setattr(lp, "LENGTH_GROUP_SAVING", saving)
+        model = load_model(tiny_model_dir, dtype="float64", trainable=True)
+        out = completion_logps(model, batch, encoder.image_token_id)
+        out.sums.sum().backward()
+        results.append((out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (split, g_split), (whole, g_whole) = results
+    torch.testing.assert_close(split.sums, whole.sums, atol=1e-10, rtol=0)
+    torch.testing.assert_close(split.token_logps, whole.token_logps, atol=1e-10, rtol=0)
+    assert torch.equal(split.row, whole.row) and torch.equal(split.counts, whole.counts)
+    assert g_split.keys() == g_whole.keys() and any("visual" in n for n in g_split)
+    for n in g_whole:
+        torch.testing.assert_close(g_split[n], g_whole[n], atol=1e-9, rtol=1e-7)
+
+
+def test_the_patch_embedding_as_a_matrix_product_equals_torchs_conv3d(tiny_model_dir, encoder, shapes_records):
+    """On a CPU `load_model` runs the vision patch embedding (a Conv3d with kernel = stride) as x @ Wᵀ: the
+    same features and weight gradients as the stock Conv3d forward, and the same weights and state dict."""
+    from transformers import AutoModelForImageTextToText
+    from cwdpo.logprobs import image_features
+    from cwdpo.models import patch_embeds_as_matmul
+    ours = load_model(tiny_model_dir, dtype="float64", trainable=True)
+    stock = AutoModelForImageTextToText.from_pretrained(tiny_model_dir, dtype=torch.float64)
+    assert ours.model.visual.patch_embed._patches_as_matmul  # load_model changed it; stock is the Conv3d
+    assert patch_embeds_as_matmul(ours) == 0  # once
+    assert ours.state_dict().keys() == stock.state_dict().keys()
+    assert ours.model.visual.patch_embed.proj.weight.shape == stock.model.visual.patch_embed.proj.weight.shape
+    px, grids = encoder.encode_images([r.path for r in shapes_records[:3]])
+    feats = []
+    for model in (ours, stock):
+        out = torch.cat(image_features(model, px.double(), grids))
+        out.pow(2).sum().backward()
+        feats.append((out, model.model.visual.patch_embed.proj.weight.grad.clone()))
+    torch.testing.assert_close(feats[0][0], feats[1][0], atol=1e-10, rtol=0)
+    torch.testing.assert_close(feats[0][1], feats[1][1], atol=1e-9, rtol=1e-9)
