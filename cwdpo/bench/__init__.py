@@ -22,7 +22,8 @@ from tqdm import tqdm
 
 from ..data import write_json, write_text
 from .pipeline import dag_timings, pipeline_costs
-from .steps import Workbench, generation_throughput, method_step_times, scoring_throughput, trl_comparison
+from .steps import (Workbench, generation_throughput, method_step_times, qa_mix_step_times, scoring_throughput,
+                    trl_comparison)
 
 # a larger random-init Qwen2.5-VL (≈ 9.7M parameters) with 224×224 images (64 image tokens)
 LARGE = dict(vocab_size=512, min_pixels=224 * 224, max_pixels=224 * 224, hidden_size=256, num_attention_heads=4,
@@ -51,7 +52,7 @@ def run_bench(out_dir: str, quick: bool = False, threads: int = 0, large: bool =
         torch.set_num_threads(int(threads))
     torch.manual_seed(0)
     steps, warmup = (5, 2) if quick else (20, 5)
-    tasks = 9 * (2 if large and not quick else 1) + 5
+    tasks = 9 * (2 if large and not quick else 1) + 6
     progress = tqdm(total=tasks, desc="cwdpo bench", mininterval=0.5)
     report: dict = {"quick": quick, "threads": torch.get_num_threads(), "steps": steps, "warmup": warmup,
                     "device": "cuda" if torch.cuda.is_available() else "cpu", "torch": torch.__version__}
@@ -61,6 +62,7 @@ def run_bench(out_dir: str, quick: bool = False, threads: int = 0, large: bool =
         if large and not quick:
             wbl = Workbench(os.path.join(tmp, "large"), LARGE, 224, 16)
             report["large"] = method_step_times(wbl, 8, max(5, steps // 2), 2, progress)
+        report["qa_mix"] = qa_mix_step_times(wb, 16, steps, warmup, progress)
         report["trl"] = trl_comparison(wb, 8, steps, warmup)
         progress.update(1)
         report["generation_captions_per_s"] = generation_throughput(wb, 32 if quick else 128)
@@ -75,7 +77,7 @@ def run_bench(out_dir: str, quick: bool = False, threads: int = 0, large: bool =
     report["pipeline"] = pipeline_costs(experiment_dir)
     progress.update(1)
     progress.close()
-    t = report["tiny"]
+    t, q = report["tiny"], report["qa_mix"]
     report["ratios"] = {
         "cw_dpo_over_dpo": t["cw_dpo"] / t["dpo"],
         "focal_dpo_over_dpo": t["focal_dpo"] / t["dpo"],
@@ -88,6 +90,9 @@ def run_bench(out_dir: str, quick: bool = False, threads: int = 0, large: bool =
         "dpo_over_trl_no_checkpointing": report["trl"]["ours_s"] / report["trl"]["trl_no_checkpointing_s"],
         "shared_prefix_over_concat": report["shared_prefix"]["shared_prefix_over_concat"],
         "tiny_shared_prefix_over_concat": t["dpo"] / t["dpo_concat"],
+        "qa_mix_length_groups_over_one_forward": q["length_groups_matmul"] / q["one_forward_matmul"],
+        "patch_embed_matmul_over_conv3d": q["one_forward_matmul"] / q["one_forward_conv3d"],
+        "qa_mix_both_over_neither": q["length_groups_matmul"] / q["one_forward_conv3d"],
     }
     if "large" in report:
         lg = report["large"]
@@ -121,6 +126,12 @@ def render_markdown(r: dict) -> str:
             rows = [[k, f"{v * 1000:.1f}", f"{v / t['sft']:.2f}"] for k, v in t.items()]
             lines += [f"## Step time, {label} model (fwd + bwd + AdamW, identical batch of 8)", "",
                       tabulate(rows, headers=["method", "ms/step", "× SFT"], tablefmt="github"), ""]
+    q = r["qa_mix"]
+    lines += ["## SFT step on the default's mix (half question–answer turns, batch of 16: "
+              f"{100 * q['real_positions']:.0f}% of the padded positions real)", "",
+              tabulate([[f"{fwd}, patch embedding as {patch}", f"{q[f'{fwd}_{patch}'] * 1000:.1f}"]
+                        for fwd in ("one_forward", "length_groups") for patch in ("conv3d", "matmul")],
+                       headers=["language model, vision", "ms/step"], tablefmt="github"), ""]
     lines += ["## Ratios", "", tabulate([[k, f"{v:.3f}"] for k, v in r["ratios"].items()], headers=["ratio", "value"],
                                         tablefmt="github"), ""]
     lines += ["## Targets", "", tabulate([[k, "n/a" if v["value"] is None else f"{v['value']:.3f}", v["limit"],

@@ -54,10 +54,12 @@ class Workbench:
             m = self.config["model"]
             spec = {**m["tiny"], "min_pixels": m["min_pixels"], "max_pixels": m["max_pixels"]}
         data = shapes.generate(os.path.join(root, "data"), shapes.ShapesSpec(
-            splits={"finetune": n_images}, seed=seed, image_size=image_size), progress=False)
+            splits={"finetune": n_images}, seed=seed, image_size=image_size, qa=True), progress=False)
         self.records = load_karpathy(data)
         self.model_dir = os.path.join(root, "model")
-        build_tiny(self.model_dir, [c for r in self.records for c in r.captions], spec, PROMPT, seed)
+        corpus = [c for r in self.records for c in r.captions] + \
+            [text for r in self.records for t in r.qa for text in (t["prompt"], t["answer"])]
+        build_tiny(self.model_dir, corpus, spec, PROMPT, seed)
         self.vlm = Vlm(base=None, prompt=PROMPT, min_pixels=spec["min_pixels"], max_pixels=spec["max_pixels"],
                        dtype="float32", max_response_tokens=40, trust_remote_code=False)
         self.processor = load_processor(self.model_dir)
@@ -137,6 +139,51 @@ def method_step_times(wb: Workbench, batch_size: int, steps: int, warmup: int, p
                 times[name].append(time.perf_counter() - t)
     progress.update(len(steppers))
     return {name: statistics.median(v) for name, v in times.items()}
+
+
+def qa_mix_step_times(wb: Workbench, batch_size: int, steps: int, warmup: int, progress) -> dict:
+    """Median fwd+bwd+AdamW SFT step on the default pretraining's and Stage 1's mix — half question–answer turns
+    (each its own, longer prompt), half captions — with the language model run once over every row or on two
+    length groups (`cwdpo.logprobs.length_groups`), and the vision patch embedding as torch's Conv3d or as
+    the matrix product `cwdpo.models.patch_embeds_as_matmul` makes it on a CPU; interleaved as
+    `method_step_times`. Also the share of real (unpadded) positions of the batch."""
+    from .. import logprobs
+    turns = [{"image": r.path, "prompt": t["prompt"], "response": t["answer"]} for r in wb.records for t in r.qa]
+    items = [x for pair in zip(turns[::5], wb.sft_items) for x in pair][:batch_size]
+    base = load_model(wb.model_dir, trainable=True)  # on a CPU: the patch embedding as a matrix product
+    steppers = {}
+    for patch in ("matmul", "conv3d"):
+        for forward, saving in (("one_forward", 2.0), ("length_groups", logprobs.LENGTH_GROUP_SAVING)):
+            model = copy.deepcopy(base)
+            if patch == "conv3d":  # back to the class's own (Conv3d) forward
+                module = model.model.visual.patch_embed
+                module.__dict__.pop("forward", None)
+                module.__dict__.pop("_patches_as_matmul", None)
+            tr = wb.trainer("sft", model, wb.hparams("sft"))
+            inputs = tr.data_collator(items)
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+
+            def step(tr=tr, model=model, inputs=inputs, opt=opt, saving=saving):
+                kept = logprobs.LENGTH_GROUP_SAVING
+                logprobs.LENGTH_GROUP_SAVING = saving  # 2.0: no split saves 200%, one forward
+                try:
+                    tr.compute_loss(model, inputs).backward()
+                finally:
+                    logprobs.LENGTH_GROUP_SAVING = kept
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            steppers[f"{forward}_{patch}"] = step
+    times = {name: [] for name in steppers}
+    for r in range(warmup + steps):
+        for name, step in steppers.items():
+            t = time.perf_counter()
+            step()
+            if r >= warmup:
+                times[name].append(time.perf_counter() - t)
+    progress.update(1)
+    mask = inputs["batch"]["attention_mask"]
+    return {**{name: statistics.median(v) for name, v in times.items()},
+            "real_positions": float(mask.sum()) / mask.numel()}
 
 
 def trl_comparison(wb: Workbench, batch_size: int, steps: int, warmup: int) -> dict:
