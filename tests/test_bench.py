@@ -10,7 +10,8 @@ import pytest
 from conftest import REPO, copy_workflow, run
 
 RATIO_KEYS = ("cw_dpo_over_dpo", "focal_dpo_over_dpo", "sft_c_over_sft", "dpo_over_sft", "cached_ref_over_recompute",
-              "dpo_over_trl", "shared_prefix_over_concat")
+              "dpo_over_trl", "shared_prefix_over_concat", "qa_mix_length_groups_over_one_forward",
+              "patch_embed_matmul_over_conv3d", "qa_mix_both_over_neither")
 
 
 @pytest.mark.slow
@@ -31,10 +32,13 @@ def test_bench_quick_writes_every_field(tmp_path):
     assert abs(r["trl"]["trl_default_first_loss"] - 0.693147) < 1e-3
     assert abs(r["trl"]["ours_first_loss"] - 0.693147) < 1e-3
     assert r["generation_captions_per_s"] > 0 and r["scoring"]["cider_only_captions_per_s"] > 0
+    assert all(r["qa_mix"][f"{fwd}_{patch}"] > 0 for fwd in ("one_forward", "length_groups")
+               for patch in ("conv3d", "matmul"))
+    assert 0 < r["qa_mix"]["real_positions"] < 1  # the mixed batch pads: what the length groups skip
     assert r["peak_rss_mb"] > 0 and r["dag"]["dry_run_s"] > 0
     assert "noop_rerun_na" in r["dag"]  # no finished run in the fresh folder: said so, no number invented
     md = open(out / "bench.md").read()
-    assert "## Targets" in md and "TRL" in md
+    assert "## Targets" in md and "TRL" in md and "half question–answer turns" in md
 
 
 def _tiny_params_by_hand(t):
@@ -51,10 +55,15 @@ def _tiny_params_by_hand(t):
     return text + vision, vision
 
 
+CAPTIONS_ONLY = {"data": {"shapes": {"qa": False}}, "pretrain": {"qa_share": 0.0},
+                 "stage1": {"defaults": {"qa_share": 0.0}}}
+
+
 def test_estimate_matches_a_hand_computation_for_the_tiny_config():
+    """The tiny config trained on captions alone (the turns' share: the next test)."""
     from cwdpo.config import load_config
     from cwdpo.estimate import estimate
-    cfg = load_config(os.path.join(REPO, "config", "config.yaml"), check_paths=False)
+    cfg = load_config(os.path.join(REPO, "config", "config.yaml"), CAPTIONS_ONLY, check_paths=False)
     est = estimate(cfg, mfu=0.5, peak_flops=1e12)
     n, vision = _tiny_params_by_hand(cfg["model"]["tiny"])
     assert est["parameters"]["total"] == n and est["parameters"]["vision"] == vision
@@ -78,13 +87,14 @@ def test_estimate_matches_a_hand_computation_for_the_tiny_config():
     assert est["total"]["gpu_hours"] == pytest.approx(sum(r["gpu_hours"] for r in est["rules"]))
 
 
-def test_estimate_counts_the_question_answer_turns_of_the_qa_overlay():
-    """config/qa.yaml: half the pretraining and Stage-1 examples are turns, each with its own prompt (≈ 21.3
+def test_estimate_counts_the_question_answer_turns_of_the_default():
+    """The default: half the pretraining and Stage-1 examples are turns, each with its own prompt (≈ 21.3
     tokens longer than the caption prompt) and a 2.2-token answer + <|im_end|> and the newline; SFT-C adds the
     wrong answer of a turn (its penalty fraction of them) after the shared prefix."""
     from cwdpo.config import load_config
     from cwdpo.estimate import estimate
-    cfg = load_config(os.path.join(REPO, "config", "qa.yaml"), check_paths=False)  # merged over config.yaml
+    cfg = load_config(os.path.join(REPO, "config", "config.yaml"), check_paths=False)
+    assert cfg["pretrain"]["qa_share"] == 0.5 and cfg["stage1"]["defaults"]["qa_share"] == 0.5
     est = estimate(cfg, mfu=0.5, peak_flops=1e12)
     prefix, caption = est["prefix_tokens"], est["caption_tokens"]
     turn = prefix + 21.3 + 4.2
@@ -98,9 +108,9 @@ def test_estimate_counts_the_question_answer_turns_of_the_qa_overlay():
     sft_c = next(r for r in est["rules"] if r["rule"] == "stage1 (sft_c)")
     per_sft_c = 0.5 * (prefix + 2 * caption) + 0.5 * (turn + 4.2)
     assert sft_c["tokens"] == pytest.approx(sft_c["jobs"] * hp["steps"] * hp["batch_size"] * per_sft_c)
-    default = estimate(load_config(os.path.join(REPO, "config", "config.yaml"), check_paths=False), mfu=0.5,
-                       peak_flops=1e12)
-    assert pre["tokens"] > next(r for r in default["rules"] if r["rule"] == "pretrain")["tokens"]
+    captions_only = estimate(load_config(os.path.join(REPO, "config", "config.yaml"), CAPTIONS_ONLY,
+                                         check_paths=False), mfu=0.5, peak_flops=1e12)
+    assert pre["tokens"] > next(r for r in captions_only["rules"] if r["rule"] == "pretrain")["tokens"]
 
 
 @pytest.mark.slow

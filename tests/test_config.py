@@ -25,39 +25,42 @@ def test_a_sweep_becomes_one_recipe_and_one_row_per_setting_beta_outer_lr_inner(
     assert [r["name"] for r in rows[1:4]] == ["DPO, lr 5e-5", "DPO, lr 1e-4", "DPO, lr 2e-4"]
     assert [r["name"] for r in rows[8:11]] == ["DPO, lr 1e-2", "DPO, lr 5e-5, β 0.3", "DPO, lr 1e-4, β 0.3"]
     assert rows[-1] == {"name": "DPO, lr 1e-2, β 1", "stage1": "sft_c", "stage2": "dpo_lr1e-2_b1"}
-    default_beta = stage2_recipe(c, "dpo")["beta"]
     for row in rows[1:]:
         r = stage2_recipe(c, row["stage2"])
         assert r["method"] == "dpo"
         assert f"lr {row['name'].split('lr ')[1].split(',')[0]}" in row["name"]
-        assert r["beta"] == (float(row["name"].split("β ")[1]) if "β" in row["name"] else default_beta)
+        # a row without β runs at the sweep's pinned β, 0.1 (config/calibrate.yaml), not the default's 0.3
+        assert r["beta"] == (float(row["name"].split("β ")[1]) if "β" in row["name"] else 0.1)
     assert stage2_recipe(c, "dpo_lr5e-4_b0.3")["lr"] == 5e-4
     again = validate_config(copy.deepcopy(c), check_paths=False)
     assert again["tables"] == c["tables"] and again["stage2"]["recipes"] == c["stage2"]["recipes"]
 
 
 def test_a_sweep_pins_its_beta_so_an_overlay_that_moves_the_default_beta_sweeps_the_same_rows():
-    """config/qa.yaml sets every Stage-2 method's β to 0.3 (its calibration outcome); the sweep over it still
-    runs its first grid at the sweep's β 0.1, with the same recipe names and the same training specs as over
-    the default config."""
+    """stage2.defaults' β is 0.3 (the default's calibration outcome); the sweep runs its first grid at its own
+    β 0.1 over it and over an overlay that moves the default β, with the same recipe names and training specs."""
     from cwdpo.plan import Plan
     from cwdpo.specs import to_json
-    over_qa = _stack("config/config.yaml", "config/qa.yaml", "config/calibrate.yaml")
-    over_default = _stack("config/config.yaml", "config/calibrate.yaml")
-    assert stage2_recipe(over_qa, "dpo")["beta"] == 0.3 and stage2_recipe(over_default, "dpo")["beta"] == 0.1
-    assert over_qa["tables"]["calibrate"]["rows"] == over_default["tables"]["calibrate"]["rows"]
-    qa_plan, default_plan = Plan(over_qa), Plan(over_default)
-    for row in over_qa["tables"]["calibrate"]["rows"][1:]:
+    default = _stack("config/config.yaml", "config/calibrate.yaml")
+    moved = deep_merge(read_config_file(os.path.join(REPO, "config/config.yaml")),
+                       {"stage2": {"defaults": {"beta": 1.0}}})  # an overlay that moves the default β
+    moved = validate_config(deep_merge(moved, read_config_file(os.path.join(REPO, "config/calibrate.yaml"))),
+                            check_paths=False)
+    assert stage2_recipe(default, "dpo")["beta"] == 0.3 and stage2_recipe(moved, "dpo")["beta"] == 1.0
+    assert moved["tables"]["calibrate"]["rows"] == default["tables"]["calibrate"]["rows"]
+    moved_plan, default_plan = Plan(moved), Plan(default)
+    for row in default["tables"]["calibrate"]["rows"][1:]:
         beta = float(row["name"].split("β ")[1]) if "β" in row["name"] else 0.1
-        assert stage2_recipe(over_qa, row["stage2"])["beta"] == beta
-        assert stage2_recipe(over_default, row["stage2"])["beta"] == beta
-        qa_spec = qa_plan.stage2_spec("sft_c", 0, row["stage2"])
-        assert qa_spec.hparams == default_plan.stage2_spec("sft_c", 0, row["stage2"]).hparams, row
-    # the default config's sweep recipes pin β 0.1 as its default had it: their specs (and runs) are unchanged
+        assert stage2_recipe(default, row["stage2"])["beta"] == beta
+        assert stage2_recipe(moved, row["stage2"])["beta"] == beta
+        spec = default_plan.stage2_spec("sft_c", 0, row["stage2"])
+        assert spec.hparams == moved_plan.stage2_spec("sft_c", 0, row["stage2"]).hparams, row
+    # without the pin a first-grid recipe would run at the default's β 0.3: another run than the sweep's
     unpinned = _stack("config/config.yaml", "config/calibrate.yaml")
     del unpinned["stage2"]["recipes"]["dpo_lr1e-4"]["beta"]
-    assert to_json(Plan(unpinned).stage2_spec("sft_c", 0, "dpo_lr1e-4")) == \
-        to_json(default_plan.stage2_spec("sft_c", 0, "dpo_lr1e-4"))
+    unpinned_spec = Plan(unpinned).stage2_spec("sft_c", 0, "dpo_lr1e-4")
+    assert unpinned_spec.hparams["beta"] == 0.3
+    assert to_json(unpinned_spec) != to_json(default_plan.stage2_spec("sft_c", 0, "dpo_lr1e-4"))
 
 
 def test_an_overlay_cuts_the_sweep_and_gives_its_rows_seeds():
@@ -72,19 +75,17 @@ def test_an_overlay_cuts_the_sweep_and_gives_its_rows_seeds():
         {"name": "DPO, lr 1e-3", "stage1": "sft_c", "stage2": "dpo_lr1e-3", "seeds": [0]}]
 
 
-def test_the_qa_overlay_pretrains_every_base_model_on_turns_in_an_experiment_of_its_own():
-    """config/qa.yaml: QA turns in the data, half the pretraining examples for 6000 steps at lr 1e-3 — the base
-    model and the stability seeds alike — and half of every Stage-1 recipe's, in results/tiny_qa; Stage 2 at its
-    own calibration's outcome (lr 2e-4, β 0.3, every method), recorded for T-regime in place of the
-    captions-only model's."""
+def test_the_default_pretrains_every_base_model_on_turns_and_the_gpu_configs_on_captions():
+    """The default: QA turns in the data, half the pretraining examples for 6000 steps at lr 1e-3 — the base
+    model and the stability seeds alike — and half of every Stage-1 recipe's; Stage 2 at its calibration's
+    outcome (lr 2e-4, β 0.3, every method), recorded for T-regime. The GPU configs (COCO captions, no turns)
+    mix none in and keep DPO's common β 0.1."""
     from cwdpo.plan import Plan
     from cwdpo.specs import StabilitySpec, from_json, to_json
-    c = _stack("config/config.yaml", "config/qa.yaml")
-    assert c["experiment"] == "tiny_qa" and c["data"]["shapes"]["qa"] is True
-    default_config = _stack("config/config.yaml")
+    c = _stack("config/config.yaml")
+    assert c["experiment"] == "tiny" and c["data"]["shapes"]["qa"] is True
     record = c["regime"]["control_calibration"]
-    assert record != default_config["regime"]["control_calibration"] and record["met_both"] is False
-    assert "lr 2e-4, β 0.3" in record["setting"]
+    assert record["met_both"] is False and "lr 2e-4, β 0.3" in record["setting"]
     plan = Plan(c)
     for recipe in c["stage2"]["recipes"]:  # the ablations and sweeps differ from it in their own setting only
         hp = plan.stage2_spec("sft_c", 0, recipe).hparams
@@ -102,6 +103,8 @@ def test_the_qa_overlay_pretrains_every_base_model_on_turns_in_an_experiment_of_
         (base_mcq,) = plan.eval_spec("base").mcq_sets
         assert dataclasses.replace(mcq, out=base_mcq.out) == base_mcq
         assert from_json(StabilitySpec, to_json(plan.stability_spec(seed))) == plan.stability_spec(seed)
-    default = Plan(default_config)
-    assert default.pretrain_spec().qa_share == 0 and not default.shapes_spec().qa
-    assert all(default.stage1_spec(recipe, 0).qa_share == 0 for recipe in c["stage1"]["recipes"])
+    for gpu_config in ("config/qwen3b.yaml", "config/paper.yaml"):
+        gpu = _stack("config/config.yaml", gpu_config)
+        assert gpu["data"]["source"] == "karpathy" and gpu["regime"]["control_calibration"] is None
+        assert all(Plan(gpu).stage1_spec(recipe, 0).qa_share == 0 for recipe in gpu["stage1"]["recipes"])
+        assert all(stage2_recipe(gpu, recipe)["beta"] == 0.1 for recipe in ("dpo", "focal_dpo", "cw_dpo"))
