@@ -130,6 +130,14 @@ def method_step_times(wb: Workbench, batch_size: int, steps: int, warmup: int, p
     add("cw_dpo", "cw_dpo", pairs)  # the recipe: with negative filtering
     add("dpo_concat", "dpo", pairs, forward="concat")
     add("dpo_recompute_ref", "dpo", pairs, ref_model=ref_model)
+    medians = interleaved_medians(steppers, steps, warmup)
+    progress.update(len(steppers))
+    return medians
+
+
+def interleaved_medians(steppers: dict, steps: int, warmup: int) -> dict:
+    """{name: median seconds of one call} of each stepper, run one call each per round (`warmup` rounds
+    untimed), so that a change of machine load hits all alike."""
     times = {name: [] for name in steppers}
     for r in range(warmup + steps):
         for name, step in steppers.items():
@@ -137,7 +145,6 @@ def method_step_times(wb: Workbench, batch_size: int, steps: int, warmup: int, p
             step()
             if r >= warmup:
                 times[name].append(time.perf_counter() - t)
-    progress.update(len(steppers))
     return {name: statistics.median(v) for name, v in times.items()}
 
 
@@ -146,7 +153,7 @@ def qa_mix_step_times(wb: Workbench, batch_size: int, steps: int, warmup: int, p
     (each its own, longer prompt), half captions — with the language model run once over every row or on two
     length groups (`cwdpo.logprobs.length_groups`), and the vision patch embedding as torch's Conv3d or as
     the matrix product `cwdpo.models.patch_embeds_as_matmul` makes it on a CPU; interleaved as
-    `method_step_times`. Also the share of real (unpadded) positions of the batch."""
+    `method_step_times` (`interleaved_medians`). Also the share of real (unpadded) positions of the batch."""
     from .. import logprobs
     turns = [{"image": r.path, "prompt": t["prompt"], "response": t["answer"]} for r in wb.records for t in r.qa]
     items = [x for pair in zip(turns[::5], wb.sft_items) for x in pair][:batch_size]
@@ -173,17 +180,10 @@ def qa_mix_step_times(wb: Workbench, batch_size: int, steps: int, warmup: int, p
                 opt.step()
                 opt.zero_grad(set_to_none=True)
             steppers[f"{forward}_{patch}"] = step
-    times = {name: [] for name in steppers}
-    for r in range(warmup + steps):
-        for name, step in steppers.items():
-            t = time.perf_counter()
-            step()
-            if r >= warmup:
-                times[name].append(time.perf_counter() - t)
+    medians = interleaved_medians(steppers, steps, warmup)
     progress.update(1)
     mask = inputs["batch"]["attention_mask"]
-    return {**{name: statistics.median(v) for name, v in times.items()},
-            "real_positions": float(mask.sum()) / mask.numel()}
+    return {**medians, "real_positions": float(mask.sum()) / mask.numel()}
 
 
 def trl_comparison(wb: Workbench, batch_size: int, steps: int, warmup: int) -> dict:
