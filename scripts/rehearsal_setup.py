@@ -109,7 +109,9 @@ def pretrain(build: str, workdir: str, steps: int, out: str) -> str:
     from cwdpo.specs import DataSpec
     from cwdpo.train import run_training
     cfg = load_config(default_config_path(), check_paths=False, overrides={
-        "pretrain": {"steps": steps, "warmup_steps": min(10, steps - 1)},
+        # COCO-format captions, no question–answer turns: the captions-only pretraining (its lr 3e-3; the
+        # default's 1e-3 is for 6000 steps with half the examples turns)
+        "pretrain": {"steps": steps, "warmup_steps": min(10, steps - 1), "qa_share": 0.0, "lr": 3.0e-3},
         "train": {"progress": False, "save_steps": 10 ** 6, "logging_steps": 25}})
     spec = Plan(cfg).pretrain_spec()
     coco = os.path.join(workdir, "data", "coco")

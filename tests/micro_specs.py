@@ -53,13 +53,14 @@ RECIPES = {"sft": ("stage1", "sft"), "sft_c": ("stage1", "sft_c"), "dpo": ("stag
 def train(method: str, init: str, data_json: str, *, hparams: dict | None = None, train: dict | None = None,
           splits=("finetune",), stage: str | None = "stage1", **changes):
     """A `TrainSpec` of `method` (its configured recipe) on the test's model and data, without probes;
-    `hparams` / `train` override single settings."""
+    `hparams` / `train` override single settings. Captions only (`qa_share` 0): the tests' shapes data has
+    no question–answer turns (tests/test_instruction_data.py trains on them)."""
     plan = micro_plan()
     which, recipe = RECIPES[method]
     spec = plan.stage1_spec(recipe, 0) if which == "stage1" else plan.stage2_spec("sft_c", 0, recipe)
     settings = {**spec.train, "progress": False, **(train or {})}
     fields = dict(init=init, data=data(data_json, splits, stage), hparams={**spec.hparams, **(hparams or {})},
-                  train=settings, probes=None, pairs=None, ref_logps=None, pairs_summary=None)
+                  train=settings, probes=None, pairs=None, ref_logps=None, pairs_summary=None, qa_share=0.0)
     if method == "sft_c":
         fields.update(negatives=negatives(), data_seed=0)
     fields.update(changes)

@@ -386,11 +386,11 @@ def test_gpu_rules_take_threads_and_data_loader_workers_from_the_config(tmp_path
     (tmp_path / "compute.yaml").write_text("compute: {threads: 6, dataloader_workers: 3}\n")
     jobs, out = _dry_run_jobs(tmp_path, "-p", "--configfile", "micro.yaml", "compute.yaml",
                               env={"HF_HUB_OFFLINE": "1"})
-    for rule in ("pretrain", "stage1", "stage2", "sample_onpolicy", "ref_logps"):
-        assert jobs[rule][1] == (16 if rule == "pretrain" else 6), (rule, jobs[rule])  # pretrain: every core
+    for rule in ("pretrain", "stability", "stage1", "stage2", "sample_onpolicy", "ref_logps"):
+        assert jobs[rule][1] == 6, (rule, jobs[rule])
     assert jobs["make_pairs"][1] == jobs["score"][1] == 1
     trains = re.findall(r"cwdpo train --spec .*? --threads (\d+) --dataloader-workers (\d+)", out)
-    assert trains and {w for _, w in trains} == {"3"} and {t for t, _ in trains} == {"6", "16"}, trains
+    assert trains and {w for _, w in trains} == {"3"} and {t for t, _ in trains} == {"6"}, trains
     assert re.search(r"cwdpo sample-onpolicy --spec .*? --threads 6 ", out)
     # the shipped GPU configs set them (8 threads, 4 workers); the tiny default keeps 1 thread, 0 workers
     from cwdpo.config import load_config
