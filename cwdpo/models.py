@@ -318,12 +318,17 @@ def build_base_init(spec, out_dir: str) -> dict:
     writes the folder and its build_info.json, returns the summary."""
     from .data import load_records, write_json
     records = load_records(spec.data)
-    corpus = [c for r in records for c in r.captions]
-    corpus += [text for r in records for t in r.qa for text in (t["prompt"], t["answer"])]
-    info = build_tiny(out_dir, corpus, {**spec.tiny, "min_pixels": spec.min_pixels, "max_pixels": spec.max_pixels},
-                      spec.prompt, seed=spec.seed)
+    sizes = {**spec.tiny, "min_pixels": spec.min_pixels, "max_pixels": spec.max_pixels}
+    info = build_tiny(out_dir, tokenizer_corpus(records), sizes, spec.prompt, seed=spec.seed)
     write_json(os.path.join(out_dir, "build_info.json"), info)
     return info
+
+
+def tokenizer_corpus(records: list) -> list:
+    """The texts the tiny tokenizer is trained on: every caption of `records` and, where they have them, their
+    question–answer turns' prompts and answers."""
+    return [c for r in records for c in r.captions] + \
+        [text for r in records for t in r.qa for text in (t["prompt"], t["answer"])]
 
 
 def build_tiny(out_dir: str, corpus: list, spec: dict, prompt: str, seed: int = 0) -> dict:

@@ -17,7 +17,7 @@ from ..generation import generate_captions
 from ..logprobs import Collator, Encoder, completion_logps
 from ..methods import REGISTRY
 from ..metrics import CiderD, score_captions, simple_tokenize
-from ..models import build_tiny, load_model, load_processor
+from ..models import build_tiny, load_model, load_processor, tokenizer_corpus
 from ..negatives import build_pairs, read_pairs, sft_c_items, write_pairs
 from ..plan import Plan
 from ..reference import reference_logps
@@ -57,9 +57,7 @@ class Workbench:
             splits={"finetune": n_images}, seed=seed, image_size=image_size, qa=True), progress=False)
         self.records = load_karpathy(data)
         self.model_dir = os.path.join(root, "model")
-        corpus = [c for r in self.records for c in r.captions] + \
-            [text for r in self.records for t in r.qa for text in (t["prompt"], t["answer"])]
-        build_tiny(self.model_dir, corpus, spec, PROMPT, seed)
+        build_tiny(self.model_dir, tokenizer_corpus(self.records), spec, PROMPT, seed)
         self.vlm = Vlm(base=None, prompt=PROMPT, min_pixels=spec["min_pixels"], max_pixels=spec["max_pixels"],
                        dtype="float32", max_response_tokens=40, trust_remote_code=False)
         self.processor = load_processor(self.model_dir)
